@@ -1,0 +1,397 @@
+"""Typed configuration: defaults <- YAML <- CLI ``key=value`` overrides, validated once.
+
+Every component gets its own dataclass and receives only that sub-config. OmegaConf's structured
+mode gives us unknown-key and type errors for free; we re-raise them with the offending key and the
+file (or "command line") they came from, then run the cross-field checks OmegaConf cannot express.
+
+The resolved config is written into every run folder and checkpoint (``save_config``) and reloads to
+an equal object (``load_config(saved)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for YAML-less callers)
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the source it came from in the message."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """DiT backbone shape. ``vocab_size`` counts real tokens; the MASK id is ``vocab_size``."""
+
+    vocab_size: int = 64
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    cond_dim: int = 128
+    mlp_ratio: int = 4
+    max_seq_len: int = 128
+    dropout: float = 0.0
+    # MDLM/SDTT feed sigma = 0 to the network: the denoiser is time-agnostic, which is also what
+    # makes prediction caching valid during sampling.
+    time_conditioning: bool = False
+    rope_base: float = 10000.0
+
+
+@dataclass
+class SyntheticConfig:
+    """A seeded sparse first-order Markov chain: sequences have an exactly computable likelihood."""
+
+    vocab_size: int = 64
+    branching: int = 6  # successors per state
+    concentration: float = 0.6  # Dirichlet concentration of the transition weights
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | text | hf
+    seq_len: int = 64
+    tokenizer: str = "byte"  # "byte" or a local directory holding a Hugging Face tokenizer
+    paths: list[str] = field(default_factory=list)  # globs of .txt / .jsonl files (source=text)
+    text_field: str = "text"  # jsonl / hf field that holds the text
+    hf_name: str = ""
+    hf_config: str = ""
+    hf_split: str = "train"
+    num_train_sequences: int = 20000  # synthetic: how many to draw; text: cap (0 = all)
+    num_valid_sequences: int = 512
+    seed: int = 0  # split / ordering seed
+    cache_dir: str = ""  # where prepared token data lives; "" = <run>/data
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class DiffusionConfig:
+    """Log-linear MDLM schedule: move_chance(t) = (1 - eps) t."""
+
+    noise_eps: float = 1e-3
+    train_eps: float = 1e-3  # t ~ U(train_eps, 1) during training
+    sampling_eps: float = 1e-5  # end of the sampling time grid
+    antithetic: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 128
+    batch_size: int = 64
+    cache: bool = True  # reuse the denoiser output when no token changed (time-agnostic models)
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 2500
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed ZeRO and batch geometry. micro x accumulation x world = global batch."""
+
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    global_batch_size: int = 512
+    micro_batch_size: int = 0  # per rank; 0 = global / world (no accumulation)
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by the pretraining and distillation jobs."""
+
+    steps: int = 1000000
+    log_every: int = 10
+    eval_every: int = 1000
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    ema: float = 0.9999
+    eval_batches: int = 8
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    source: str = "pretrain"  # pretrain | import
+    import_path: str = ""  # local directory in the published MDLM layout (source=import)
+
+
+@dataclass
+class TargetsConfig:
+    """Offline SDTT targets written by the sharded teacher-inference job."""
+
+    num_samples: int = 4096
+    teacher_steps: int = 2  # m ancestral teacher steps per student step
+    codec: str = "topk"  # topk | sampled | dense
+    k: int = 16
+    samples_per_shard: int = 256
+    shard_max_bytes: int = 256 * 1024 * 1024
+    batch_size: int = 32
+    use_ema: bool = True  # load the teacher's EMA weights (else the raw ones)
+    verify: str = "fail"  # reader policy on a bad checksum: fail | skip
+
+
+@dataclass
+class DistillConfig:
+    """SDTT rounds. The paper's recipe lives in the optimiser/engine defaults of the distill stage."""
+
+    rounds: int = 7
+    start_steps: int = 1024  # sampling steps of the round-1 teacher; halves every round
+    steps_per_round: int = 10000
+    divergence: str = "rkl"  # rkl | fkl | mse | tvd
+    mode: str = "offline"  # offline (target shards) | online (teacher in the loop, dense)
+    resample: bool = False  # infinite resampled stream instead of exact epochs
+    lr: float = 6e-5
+    warmup_steps: int = 500
+    global_batch_size: int = 128
+    ema: float = 0.9999
+    ema_as_teacher: bool = False
+    reset_optimizer: bool = False
+
+
+@dataclass
+class EvalConfig:
+    steps: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512, 1024])
+    num_samples: int = 256
+    batch_size: int = 64
+    judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
+    ar_path: str = ""
+    seed: int = 1
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_min: int = 240
+    gpus_per_node: int = 8
+    cpus_per_task: int = 8
+    mem_gb_per_task: int = 64
+    signal_lead_s: int = 120  # USR2 this long before the time limit
+    max_requeues: int = 10
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def _merge(base, layer, source: str):
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:  # unknown key, wrong type, ...
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{source}: bad config key '{key}': {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build the run config from typed defaults, an optional YAML file and ``key=value`` overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors
+            raise ConfigError(f"{path}: cannot parse YAML: {_first_line(e)}") from None
+        cfg = _merge(cfg, layer, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command line: bad override '{item}': {_first_line(e)}") from None
+        cfg = _merge(cfg, layer, f"command line ('{item}')")
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    source = str(path) if path else "defaults"
+    if overrides:
+        source += " + command line"
+    validate(run, source=source)
+    return run
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Rebuild a RunConfig from ``to_dict`` output (e.g. read from a checkpoint), validated."""
+    cfg = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(d), "stored config")
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run, source="stored config")
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: everything OmegaConf's types cannot say
+# --------------------------------------------------------------------------------------------------
+def _check(ok: bool, source: str, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: bad config key '{key}': {why}")
+
+
+def _choice(value: str, allowed: tuple[str, ...], source: str, key: str) -> None:
+    _check(value in allowed, source, key, f"'{value}' is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: RunConfig, source: str = "config") -> None:
+    m, d = cfg.model, cfg.data
+    for key in ("vocab_size", "n_layers", "d_model", "n_heads", "cond_dim", "mlp_ratio", "max_seq_len"):
+        _check(getattr(m, key) > 0, source, f"model.{key}", "must be positive")
+    _check(m.d_model % m.n_heads == 0, source, "model.n_heads",
+           f"{m.n_heads} heads do not divide model.d_model={m.d_model}")
+    _check((m.d_model // m.n_heads) % 2 == 0, source, "model.n_heads",
+           "the head dimension must be even for rotary embeddings")
+    _check(0.0 <= m.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
+
+    _choice(d.source, ("synthetic", "text", "hf"), source, "data.source")
+    _check(d.seq_len > 1, source, "data.seq_len", "must be at least 2")
+    _check(d.seq_len <= m.max_seq_len, source, "data.seq_len",
+           f"{d.seq_len} is longer than the model's context model.max_seq_len={m.max_seq_len}")
+    _check(d.num_valid_sequences > 0, source, "data.num_valid_sequences", "must be positive")
+    if d.source == "synthetic":
+        s = d.synthetic
+        _check(s.vocab_size >= 2, source, "data.synthetic.vocab_size", "must be at least 2")
+        _check(s.vocab_size == m.vocab_size, source, "model.vocab_size",
+               f"{m.vocab_size} must equal data.synthetic.vocab_size={s.vocab_size}")
+        _check(1 <= s.branching <= s.vocab_size, source, "data.synthetic.branching",
+               f"must be in [1, data.synthetic.vocab_size={s.vocab_size}]")
+        _check(s.concentration > 0, source, "data.synthetic.concentration", "must be positive")
+        _check(d.num_train_sequences > 0, source, "data.num_train_sequences", "must be positive")
+    if d.source == "text":
+        _check(len(d.paths) > 0, source, "data.paths", "data.source=text needs at least one glob")
+    if d.source == "hf":
+        _check(bool(d.hf_name), source, "data.hf_name", "data.source=hf needs a dataset name")
+
+    df = cfg.diffusion
+    _check(0 < df.noise_eps < 1, source, "diffusion.noise_eps", "must be in (0, 1)")
+    _check(0 < df.train_eps < 1, source, "diffusion.train_eps", "must be in (0, 1)")
+    _check(0 < df.sampling_eps < 1, source, "diffusion.sampling_eps", "must be in (0, 1)")
+    _check(cfg.sampling.steps >= 1, source, "sampling.steps", "must be at least 1")
+    _check(cfg.sampling.batch_size >= 1, source, "sampling.batch_size", "must be at least 1")
+
+    o = cfg.optim
+    _check(o.lr > 0, source, "optim.lr", "must be positive")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
+           "must be two numbers in [0, 1)")
+    _check(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
+    _choice(o.schedule, ("constant", "cosine"), source, "optim.schedule")
+    _check(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+
+    e = cfg.engine
+    _check(e.zero_stage in (0, 1, 2, 3), source, "engine.zero_stage", f"{e.zero_stage} is not 0, 1, 2 or 3")
+    _choice(e.precision, ("auto", "fp32", "bf16"), source, "engine.precision")
+    _check(e.global_batch_size >= 1, source, "engine.global_batch_size", "must be positive")
+    _check(e.micro_batch_size >= 0, source, "engine.micro_batch_size", "must be >= 0")
+
+    t = cfg.train
+    for key in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_batches"):
+        _check(getattr(t, key) >= 1, source, f"train.{key}", "must be at least 1")
+    _check(0 <= t.ema < 1, source, "train.ema", "must be in [0, 1)")
+
+    _choice(cfg.teacher.source, ("pretrain", "import"), source, "teacher.source")
+    if cfg.teacher.source == "import":
+        _check(bool(cfg.teacher.import_path), source, "teacher.import_path",
+               "teacher.source=import needs a local directory")
+
+    g = cfg.targets
+    _check(g.num_samples >= 1, source, "targets.num_samples", "must be positive")
+    _check(g.teacher_steps >= 1, source, "targets.teacher_steps", "must be at least 1")
+    _choice(g.codec, ("topk", "sampled", "dense"), source, "targets.codec")
+    _check(1 <= g.k <= m.vocab_size, source, "targets.k", f"must be in [1, model.vocab_size={m.vocab_size}]")
+    _check(g.samples_per_shard >= 1, source, "targets.samples_per_shard", "must be positive")
+    _check(g.shard_max_bytes >= 1024, source, "targets.shard_max_bytes", "must be at least 1024")
+    _check(g.batch_size >= 1, source, "targets.batch_size", "must be positive")
+    _choice(g.verify, ("fail", "skip"), source, "targets.verify")
+
+    ds = cfg.distill
+    _check(ds.rounds >= 1, source, "distill.rounds", "must be at least 1")
+    _check(ds.start_steps >= 2 ** ds.rounds, source, "distill.start_steps",
+           f"{ds.start_steps} cannot halve distill.rounds={ds.rounds} times to at least one step")
+    _check(ds.steps_per_round >= 1, source, "distill.steps_per_round", "must be positive")
+    _choice(ds.divergence, ("rkl", "fkl", "mse", "tvd"), source, "distill.divergence")
+    _choice(ds.mode, ("offline", "online"), source, "distill.mode")
+    _check(ds.lr > 0, source, "distill.lr", "must be positive")
+    _check(ds.global_batch_size >= 1, source, "distill.global_batch_size", "must be positive")
+    _check(0 <= ds.ema < 1, source, "distill.ema", "must be in [0, 1)")
+
+    ev = cfg.eval
+    _check(len(ev.steps) > 0 and all(s >= 1 for s in ev.steps), source, "eval.steps",
+           "must be a non-empty list of positive step counts")
+    _check(ev.num_samples >= 2, source, "eval.num_samples", "must be at least 2 (for a standard error)")
+    _check(ev.batch_size >= 1, source, "eval.batch_size", "must be positive")
+
+    sl = cfg.slurm
+    _check(sl.time_min >= 1, source, "slurm.time_min", "must be positive")
+    _check(sl.gpus_per_node >= 0, source, "slurm.gpus_per_node", "must be >= 0")
+    _check(sl.cpus_per_task >= 1, source, "slurm.cpus_per_task", "must be positive")
+    _check(0 < sl.signal_lead_s < sl.time_min * 60, source, "slurm.signal_lead_s",
+           "must be positive and shorter than the time limit")
+
+
+def round_steps(cfg: RunConfig, round_idx: int) -> int:
+    """Sampling steps of the student after round ``round_idx`` (1-based): start / 2**round."""
+    return cfg.distill.start_steps // (2 ** round_idx)
+
+
+def batch_geometry(global_batch: int, micro_batch: int, world_size: int, key: str = "engine") -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) for a global batch over ``world_size`` ranks."""
+    if global_batch % world_size:
+        raise ConfigError(f"bad config key '{key}.global_batch_size': {global_batch} is not divisible by "
+                          f"the world size {world_size}")
+    per_rank = global_batch // world_size
+    micro = micro_batch or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"bad config key '{key}.micro_batch_size': {micro} does not divide the per-rank "
+                          f"batch {per_rank} (global {global_batch} / world {world_size})")
+    return micro, per_rank // micro
