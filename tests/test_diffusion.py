@@ -1,0 +1,155 @@
+"""Properties of the pure MDLM math (trainer/diffusion.py)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import diffusion as D
+
+EPS = 1e-3
+MASK = 8  # vocabulary of 8 real tokens
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; p-value from the regularised upper incomplete gamma."""
+    n = counts.sum()
+    expected = probs.double() * n
+    stat = ((counts.double() - expected) ** 2 / expected).sum()
+    df = torch.tensor((len(probs) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, stat / 2))
+
+
+def test_elbo_weight_is_one_over_t():
+    t = torch.linspace(0.01, 1.0, 50, dtype=torch.float64)
+    assert torch.allclose(D.elbo_weight(t, EPS), 1 / t, rtol=1e-9)
+
+
+def test_sample_times_antithetic_covers_strata():
+    n = 64
+    t = D.sample_times(n, gen(), train_eps=1e-3, antithetic=True).double()
+    u = (t - 1e-3) / (1 - 1e-3)
+    strata = torch.floor(u * n).long().sort().values
+    assert torch.equal(strata, torch.arange(n))  # exactly one draw per stratum
+    assert t.min() >= 1e-3 and t.max() <= 1.0
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
+def test_masking_rate_matches_schedule(t):
+    n, L = 400, 256
+    x0 = torch.randint(0, MASK, (n, L), generator=gen(1))
+    xt = D.mask_tokens(x0, torch.full((n,), t), MASK, EPS, gen(2))
+    p = (1 - EPS) * t
+    rate = (xt == MASK).double().mean().item()
+    se = math.sqrt(p * (1 - p) / (n * L))
+    assert abs(rate - p) < 4 * se
+    assert torch.equal(xt[xt != MASK], x0[xt != MASK])  # masking never alters a visible token
+
+
+def test_subs_never_predicts_mask_and_carries_visible_tokens():
+    logits = torch.randn(2, 5, MASK + 1, generator=gen())
+    xt = torch.tensor([[1, MASK, 3, MASK, 0], [MASK, MASK, 2, 2, MASK]])
+    lp = D.subs_log_probs(logits, xt, MASK)
+    assert torch.all(lp[..., MASK] == float("-inf"))
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(2, 5))
+    visible = xt != MASK
+    assert torch.all(lp[visible].argmax(-1) == xt[visible])
+    assert torch.all(lp[visible].max(-1).values == 0)
+
+
+def test_elbo_nll_counts_only_masked_positions():
+    x0 = torch.tensor([[1, 2, 3, 4]])
+    xt = torch.tensor([[1, MASK, 3, MASK]])
+    lp = D.subs_log_probs(torch.zeros(1, 4, MASK + 1), xt, MASK)  # uniform over 8 real tokens
+    t = torch.tensor([0.5])
+    nll = D.elbo_nll(lp, x0, xt, t, MASK, EPS)
+    assert torch.allclose(nll, torch.tensor([2 * math.log(8) * 2 / 4]), rtol=1e-5)  # 2 masked * w=1/t
+
+
+def test_ancestral_step_keeps_visible_tokens_and_unmasks_at_the_right_rate():
+    b, L = 200, 500
+    t, s = 0.8, 0.5
+    xt = torch.randint(0, MASK, (b, L), generator=gen(3))
+    masked = torch.rand(b, L, generator=gen(4)) < 0.6
+    xt = torch.where(masked, torch.full_like(xt, MASK), xt)
+    logits = torch.randn(b, L, MASK + 1, generator=gen(5))
+    lp = D.subs_log_probs(logits, xt, MASK)
+    xs = D.ancestral_step(lp, xt, torch.full((b,), t), torch.full((b,), s), MASK, EPS, gen(6))
+    assert torch.equal(xs[~masked], xt[~masked])
+    stay = (xs[masked] == MASK).double().mean().item()
+    p = D.move_chance(torch.tensor(s), EPS) / D.move_chance(torch.tensor(t), EPS)
+    se = math.sqrt(p * (1 - p) / masked.sum().item())
+    assert abs(stay - p.item()) < 4 * se
+    assert not torch.any(xs[~masked] == MASK)
+
+
+def test_ancestral_step_draws_tokens_from_the_denoiser():
+    b, L = 1, 60000
+    xt = torch.full((b, L), MASK)
+    probs = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.015, 0.005])
+    lp = torch.cat([probs.log(), torch.tensor([float("-inf")])]).expand(b, L, -1)
+    xs = D.ancestral_step(lp, xt, torch.tensor([1.0]), torch.tensor([0.0]), MASK, EPS, gen(7))
+    assert not torch.any(xs == MASK)  # s = 0: nothing can stay masked
+    counts = torch.bincount(xs.flatten(), minlength=MASK)
+    assert chi2_pvalue(counts, probs) > 1e-3
+
+
+def test_float64_gumbel_reproduces_a_very_skewed_categorical():
+    # Probabilities spanning six orders of magnitude; 200k draws.
+    probs = torch.tensor([1 - 1.111e-2, 1e-2, 1e-3, 1e-4, 1e-5], dtype=torch.float64)
+    probs = probs / probs.sum()
+    n = 200_000
+    draws = D.gumbel_argmax(probs.log().expand(n, -1), gen(8))
+    counts = torch.bincount(draws, minlength=len(probs))
+    # Pool the two rarest classes so every expected count is large enough for chi-square.
+    pooled_c = torch.cat([counts[:3], counts[3:].sum(0, keepdim=True)])
+    pooled_p = torch.cat([probs[:3], probs[3:].sum(0, keepdim=True)])
+    assert chi2_pvalue(pooled_c, pooled_p) > 1e-3
+
+
+def _float32_gumbel_tail_probability(log_ratio: float) -> float:
+    """Exact probability that float32 Gumbel-max picks a class whose log-weight is ``log_ratio``
+    below its only competitor, by enumerating all 2**24 values torch.rand(float32) can return."""
+    # u = 0 is excluded, as a careful float32 sampler does (else log(0) gives the dominant class
+    # -inf noise once in 2**24 draws: a different error, in the other direction).
+    u = torch.arange(1, 2**24, dtype=torch.float64) * 2.0**-24
+    g = -torch.log(-torch.log(u.float())).double()  # the float32 sampler's whole noise lattice
+    g_sorted = g.sort().values
+    # P(g_tail + log_ratio > g_dom) = mean over g_tail of the fraction of lattice g_dom below it.
+    below = torch.searchsorted(g_sorted, g + log_ratio)
+    return float(below.double().mean() / len(g))
+
+
+def test_float32_gumbel_truncates_the_tail_where_float64_does_not():
+    # float32 noise lives on a lattice bounded by ~16.6 (u = 1 - 2**-24), so a class 20 nats below
+    # its competitor is never drawn (exact enumeration), and one 17 nats below is drawn visibly too
+    # rarely. In float64 these probabilities are exp(-20) and exp(-17) (the noise is unbounded to
+    # within 2**-53), which the sampler's noise covers: its range must exceed 20 nats.
+    assert _float32_gumbel_tail_probability(-20.0) == 0.0
+    p17 = _float32_gumbel_tail_probability(-17.0)
+    assert p17 < 0.75 * math.exp(-17.0) / (1 + math.exp(-17.0))
+    # Sanity of the enumeration itself: a moderate ratio is reproduced by float32 too.
+    p5 = _float32_gumbel_tail_probability(-5.0)
+    assert abs(p5 - math.exp(-5) / (1 + math.exp(-5))) < 1e-4
+    u_max = torch.tensor(1.0 - 2**-53, dtype=torch.float64)
+    assert -torch.log(-torch.log(u_max)) > 36.0
+
+
+def test_final_step_fills_masks_with_argmax():
+    xt = torch.tensor([[MASK, 2, MASK]])
+    logits = torch.zeros(1, 3, MASK + 1)
+    logits[0, 0, 5] = 3.0
+    logits[0, 2, 1] = 3.0
+    lp = D.subs_log_probs(logits, xt, MASK)
+    assert D.final_step(lp, xt, MASK).tolist() == [[5, 2, 1]]
+
+
+def test_time_grid():
+    grid = D.time_grid(4, 1e-5)
+    assert grid.dtype == torch.float64 and len(grid) == 5
+    assert grid[0] == 1.0 and abs(grid[-1].item() - 1e-5) < 1e-15
+    assert np.allclose(np.diff(grid.numpy()), -(1 - 1e-5) / 4)
