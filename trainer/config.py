@@ -50,6 +50,10 @@ class SyntheticConfig:
     vocab_size: int = 64
     branching: int = 6  # successors per state
     concentration: float = 0.6  # Dirichlet concentration of the transition weights
+    # Probability of a uniform jump at each step, mixed into every row: every sequence then has a
+    # finite likelihood, so the exact NLL of a few-step sampler's output (which pairs neighbours that
+    # are never adjacent in the data) stays a number instead of +inf. 0 gives the purely sparse chain.
+    leak: float = 1e-3
     seed: int = 1234
 
 
@@ -168,6 +172,7 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512, 1024])
     num_samples: int = 256
     batch_size: int = 64
+    weights: str = "ema"  # which exported weights are evaluated: ema | raw
     judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
     ar_path: str = ""
     seed: int = 1
@@ -307,6 +312,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         _check(1 <= s.branching <= s.vocab_size, source, "data.synthetic.branching",
                f"must be in [1, data.synthetic.vocab_size={s.vocab_size}]")
         _check(s.concentration > 0, source, "data.synthetic.concentration", "must be positive")
+        _check(0 <= s.leak < 1, source, "data.synthetic.leak", "must be in [0, 1)")
         _check(d.num_train_sequences > 0, source, "data.num_train_sequences", "must be positive")
     if d.source == "text":
         _check(len(d.paths) > 0, source, "data.paths", "data.source=text needs at least one glob")
@@ -370,6 +376,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
            "must be a non-empty list of positive step counts")
     _check(ev.num_samples >= 2, source, "eval.num_samples", "must be at least 2 (for a standard error)")
     _check(ev.batch_size >= 1, source, "eval.batch_size", "must be positive")
+    _choice(ev.weights, ("ema", "raw"), source, "eval.weights")
+    if ev.judge == "ar":
+        _check(bool(ev.ar_path), source, "eval.ar_path", "eval.judge=ar needs the AR model's export dir")
 
     sl = cfg.slurm
     _check(sl.time_min >= 1, source, "slurm.time_min", "must be positive")

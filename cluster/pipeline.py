@@ -1,0 +1,196 @@
+"""The round DAG, its state file, and running it on this machine.
+
+A pipeline is a list of stages, each one job entry point (``python -m trainer.jobs.<x> --run-dir
+DIR [--round R]``) with the file whose presence means "done" (its *product*). The state file
+``<run>/pipeline_state.json`` records each finished stage with the sha256 of its product, so a
+resubmitted run folder skips what is done (and notices a product changed behind its back) and
+resumes what is not. This module knows job names and files, never models: it imports only the
+config (for the number of rounds and the teacher source).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from trainer.config import RunConfig
+
+STATE_FILE = "pipeline_state.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # unique: prepare, teacher, targets_1, distill_1, eval_1, ..., report
+    module: str  # python -m entry point
+    args: tuple[str, ...] = ()
+    distributed: bool = False  # one task per GPU (per CPU slot without GPUs) across the nodes
+    product: str = ""  # run-relative file that exists exactly when the stage has finished
+    depends: tuple[str, ...] = field(default_factory=tuple)
+
+    def command(self, run_dir: Path, python: str = sys.executable) -> list[str]:
+        return [python, "-m", self.module, "--run-dir", str(run_dir), *self.args]
+
+
+def build_chain(cfg: RunConfig) -> list[Stage]:
+    """prepare -> teacher (-> eval_0) -> for each round: targets -> distill -> eval; then the report.
+
+    Round r's targets need round r-1's student (the teacher for r = 1); eval_r runs beside the next
+    round's targets since both only read student r. eval_0 evaluates the teacher.
+    """
+    stages = [Stage("prepare", "trainer.jobs.prepare", product="data/data.json")]
+    if cfg.teacher.source == "import":
+        stages.append(Stage("teacher", "trainer.jobs.import_teacher", product="teacher/export/export.json",
+                            depends=("prepare",)))
+    else:
+        stages.append(Stage("teacher", "trainer.jobs.pretrain", distributed=True,
+                            product="teacher/export/export.json", depends=("prepare",)))
+    stages.append(Stage("eval_0", "trainer.jobs.evaluate", ("--round", "0"),
+                        product="teacher/eval/metrics.json", depends=("teacher",)))
+    prev = "teacher"
+    evals = ["eval_0"]
+    for r in range(1, cfg.distill.rounds + 1):
+        rr = ("--round", str(r))
+        if cfg.distill.mode == "offline":
+            stages.append(Stage(f"targets_{r}", "trainer.jobs.targets", rr, distributed=True,
+                                product=f"round_{r}/targets/manifest.json", depends=(prev,)))
+            distill_dep: tuple[str, ...] = (f"targets_{r}",)
+        else:
+            distill_dep = (prev,)
+        stages.append(Stage(f"distill_{r}", "trainer.jobs.distill", rr, distributed=True,
+                            product=f"round_{r}/student/export/export.json", depends=distill_dep))
+        stages.append(Stage(f"eval_{r}", "trainer.jobs.evaluate", rr,
+                            product=f"round_{r}/eval/metrics.json", depends=(f"distill_{r}",)))
+        evals.append(f"eval_{r}")
+        prev = f"distill_{r}"
+    stages.append(Stage("report", "trainer.jobs.report", product="report.json", depends=tuple(evals)))
+    return stages
+
+
+# --------------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked_state(run_dir: Path) -> Iterator[dict]:
+    """Read-modify-write of the state file under an exclusive lock (stages may finish together),
+    replaced atomically so a crash never leaves half a file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / (STATE_FILE + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = read_state(run_dir)
+        yield state
+        tmp = run_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        os.replace(tmp, run_dir / STATE_FILE)
+
+
+def read_state(run_dir: Path) -> dict:
+    path = Path(run_dir) / STATE_FILE
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"{path}: corrupt pipeline state ({e}); move it away to rebuild it") from None
+    state.setdefault("stages", {})
+    return state
+
+
+def mark(run_dir: Path, stage: Stage, status: str, **extra) -> None:
+    """Record a stage's status; 'done' also records its product's digest."""
+    entry = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    if status == "done":
+        entry["product"] = stage.product
+        entry["sha256"] = sha256_file(Path(run_dir) / stage.product)
+    with _locked_state(Path(run_dir)) as state:
+        state["stages"][stage.name] = entry
+
+
+def is_done(run_dir: Path, stage: Stage) -> bool:
+    """Done means: recorded as done AND the product is still the file that was recorded."""
+    entry = read_state(run_dir)["stages"].get(stage.name)
+    product = Path(run_dir) / stage.product
+    if not entry or entry.get("status") != "done" or not product.exists():
+        return False
+    return sha256_file(product) == entry.get("sha256")
+
+
+def pending(run_dir: Path, stages: list[Stage]) -> list[Stage]:
+    """The stages still to run: not done, or downstream of something not done."""
+    todo: list[Stage] = []
+    redo: set[str] = set()
+    for st in stages:  # stages are in topological order
+        if any(d in redo for d in st.depends) or not is_done(run_dir, st):
+            todo.append(st)
+            redo.add(st.name)
+    return todo
+
+
+# --------------------------------------------------------------------------------------------------
+# Running on this machine (the demo, CI, and --local)
+# --------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_command(stage: Stage, run_dir: Path, nproc: int, overrides: list[str]) -> list[str]:
+    """torchrun with one process per rank for distributed stages, plain python otherwise."""
+    if stage.distributed and nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                    "-m", stage.module]
+        return [*launcher, "--run-dir", str(run_dir), *stage.args, *overrides]
+    return [*stage.command(run_dir), *overrides]
+
+
+def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: Optional[list[str]] = None,
+              log=print) -> None:
+    """Run the pending stages in order; stop at the first failure, naming the stage and its log."""
+    run_dir = Path(run_dir)
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    todo = pending(run_dir, stages)
+    done = [s.name for s in stages if s not in todo]
+    if done:
+        log(f"already done: {', '.join(done)}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for st in todo:
+        cmd = local_command(st, run_dir, nproc, list(overrides or []))
+        log(f"[{st.name}] {' '.join(cmd)}")
+        t0 = time.time()
+        mark(run_dir, st, "running")
+        with open(logs / f"{st.name}.log", "ab") as out:
+            rc = subprocess.call(cmd, env=env, stdout=out if not _tee() else None,
+                                 stderr=subprocess.STDOUT if not _tee() else None)
+        if rc != 0:
+            mark(run_dir, st, "failed", returncode=rc)
+            raise RuntimeError(f"stage '{st.name}' failed with exit code {rc}; see {logs / (st.name + '.log')}")
+        if not (run_dir / st.product).exists():
+            mark(run_dir, st, "failed", returncode=rc)
+            raise RuntimeError(f"stage '{st.name}' exited 0 but did not write {run_dir / st.product}")
+        mark(run_dir, st, "done", seconds=round(time.time() - t0, 1))
+        log(f"[{st.name}] done in {time.time() - t0:.0f}s")
+
+
+def _tee() -> bool:
+    """SDTT_LOG_TO_CONSOLE=1 shows stage output on the console instead of logs/<stage>.log."""
+    return os.environ.get("SDTT_LOG_TO_CONSOLE") == "1"

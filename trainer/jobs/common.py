@@ -1,0 +1,83 @@
+"""What every job entry point shares: the command line, the run's config, and where things live."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from trainer.config import RunConfig, load_config, save_config
+
+log = logging.getLogger("sdtt")
+
+
+def parse_args(description: str, with_round: bool = False, argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--run-dir", required=True, type=Path, help="the run folder")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML config; defaults to <run-dir>/config.yaml when that exists")
+    if with_round:
+        p.add_argument("--round", type=int, required=True, help="SDTT round (1-based; 0 = the teacher)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p.parse_args(argv)
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    # ZeRO's collectives under torch 2.13 emit FutureWarnings on every call.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def run_config(args: argparse.Namespace, write: bool = False) -> RunConfig:
+    """The run's config: the run folder's config.yaml (the resolved config of the whole pipeline)
+    unless --config names another, plus command-line overrides. ``write`` saves it into the run
+    folder when the folder has none yet (the first stage of a run)."""
+    saved = args.run_dir / "config.yaml"
+    path = args.config if args.config is not None else (saved if saved.exists() else None)
+    cfg = load_config(path, args.overrides)
+    if write and not saved.exists():
+        save_config(cfg, saved)
+    return cfg
+
+
+def teacher_export(run_dir: Path, round_idx: int) -> Path:
+    """The weights round ``round_idx`` distils from: the teacher for round 1, else the previous
+    round's student. Round 0 means the teacher itself."""
+    if round_idx <= 1:
+        return run_dir / "teacher" / "export"
+    return student_export(run_dir, round_idx - 1)
+
+
+def student_export(run_dir: Path, round_idx: int) -> Path:
+    return run_dir / f"round_{round_idx}" / "student" / "export"
+
+
+def model_export(run_dir: Path, round_idx: int) -> Path:
+    """The model evaluated for round ``round_idx``: the teacher for 0, the round's student after."""
+    return run_dir / "teacher" / "export" if round_idx == 0 else student_export(run_dir, round_idx)
+
+
+def eval_dir(run_dir: Path, round_idx: int) -> Path:
+    return run_dir / ("teacher" if round_idx == 0 else f"round_{round_idx}") / "eval"
+
+
+def load_model(export_dir: Path, which: str = "ema", expect_model=None, causal: bool = False):
+    """An exported model, verified (sha256, names, shapes), in eval mode on CPU: (model, its config)."""
+    from trainer.checkpoint import load_exported
+    from trainer.model import DiT
+
+    state, cfg = load_exported(export_dir, which, expect_model)
+    model = DiT(cfg.model, causal=causal)
+    model.load_state_dict(state)
+    return model.eval(), cfg
+
+
+def device() -> "torch.device":  # noqa: F821
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")

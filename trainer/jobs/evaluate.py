@@ -1,0 +1,84 @@
+"""Evaluate one model of the pipeline at several step counts.
+
+    python -m trainer.jobs.evaluate --run-dir DIR --round R [key=value ...]
+
+Round 0 is the teacher, round r >= 1 that round's student. Every model is sampled at the step
+counts of ``eval.steps`` plus every count a round reaches (start, start/2, ...), with the same seed,
+so the report can put the student at N steps beside the teacher at N steps. Writes
+``<model>/eval/metrics.json`` and ``samples.txt``, and the scalars to TensorBoard
+(``eval/<model>/nll@<steps>`` at global step = round).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from trainer.checkpoint import atomic_write_json, atomic_write_text
+from trainer.config import RunConfig
+from trainer.data import MarkovSource
+from trainer.evaluate import evaluate_model, format_table
+from trainer.jobs import common
+from trainer.metrics import MetricsWriter
+
+log = logging.getLogger("sdtt")
+
+
+def step_counts(cfg: RunConfig) -> list[int]:
+    reached = [cfg.distill.start_steps // 2**r for r in range(cfg.distill.rounds + 1)]
+    return sorted(set(cfg.eval.steps) | set(reached))
+
+
+def build_judge(cfg: RunConfig, device):
+    from trainer import metrics_quality as mq
+
+    if not cfg.eval.judge:
+        return None
+    if cfg.eval.judge == "ar":
+        model, _ = common.load_model(common.Path(cfg.eval.ar_path), "ema", causal=True)
+        return mq.OwnARJudge(model.to(device), batch_size=cfg.eval.batch_size)
+    return mq.HFJudge(cfg.eval.judge, device=device, batch_size=cfg.eval.batch_size)
+
+
+def main(argv=None) -> None:
+    common.setup_logging()
+    args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv)
+    cfg = common.run_config(args)
+    r = args.round
+    device = common.device()
+    model, _ = common.load_model(common.model_export(args.run_dir, r), cfg.eval.weights, cfg.model)
+    model.to(device)
+    source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
+    judge = build_judge(cfg, device)
+    name = "teacher" if r == 0 else "student"
+    t0 = time.time()
+    rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True)
+    samples_txt = []
+    for row in rows:
+        x = row.pop("_samples")
+        samples_txt.append(f"# {name} round {r}, {row['steps']} steps")
+        samples_txt += [" ".join(map(str, seq.tolist())) for seq in x[:8]]
+        row.update(model=name, round=r)
+    out = common.eval_dir(args.run_dir, r)
+    result = {
+        "model": name, "round": r, "weights": cfg.eval.weights,
+        "round_steps": cfg.distill.start_steps // 2**r,
+        "entropy_rate": source.entropy_rate if source else None,
+        "nll_floor": source.sequence_entropy_per_token(cfg.data.seq_len) if source else None,
+        "rows": rows, "seconds": round(time.time() - t0, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "samples.txt", "\n".join(samples_txt) + "\n")
+    with MetricsWriter(args.run_dir, enabled=True) as mw:
+        for row in rows:
+            vals = {f"eval/{name}/{k}@{row['steps']}": row[k] for k in ("nll", "entropy", "bigram_kl", "gen_ppl")
+                    if row.get(k) is not None}
+            mw.scalars(r, vals)
+        mw.text(r, f"eval/{name}/samples", "\n\n".join(samples_txt[:3]))
+    atomic_write_json(out / "metrics.json", result)  # last: its presence means the stage is done
+    print(format_table(rows))
+    log.info("wrote %s", out / "metrics.json")
+
+
+if __name__ == "__main__":
+    main()

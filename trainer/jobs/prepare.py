@@ -1,0 +1,52 @@
+"""Prepare token data once for a run: ``python -m trainer.jobs.prepare --run-dir DIR [--config FILE]
+[key=value ...]``.
+
+Writes ``train.npy``/``valid.npy``/``data.json`` under ``data.cache_dir`` (default ``DIR/data``) and
+prints a summary. Running it again with the same inputs does nothing; with different inputs for the
+same folder it refuses (trainer/data.py says why).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer.config import ConfigError, load_config
+from trainer.data import DataError, data_dir, load_data_info, prepare_data
+from trainer.tokenizers import TokenizerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.jobs.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", required=True, help="the run folder")
+    parser.add_argument("--config", default=None, help="YAML config (differences from the defaults)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        out = prepare_data(cfg.data, data_dir(cfg.data, args.run_dir))
+        info = load_data_info(out)
+        if info["vocab_size"] > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
+                              f"vocabulary {info['vocab_size']} (tokenizer {info['tokenizer']})")
+    except (ConfigError, DataError, TokenizerError) as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(summary(out, info))
+    return 0
+
+
+def summary(out: Path, info: dict) -> str:
+    lines = [f"data: {out}",
+             f"  source     {info['source']}",
+             f"  tokenizer  {info['tokenizer']} (vocab {info['vocab_size']})",
+             f"  sequences  train {info['num_train']}, valid {info['num_valid']}, length {info['seq_len']}",
+             f"  digest     {info['digest']}"]
+    if "entropy_rate" in info:
+        lines.append(f"  entropy    rate {info['entropy_rate']:.4f} nats/token; a true sample of length "
+                     f"{info['seq_len']}: {info['sequence_entropy_per_token']:.4f} nats/token")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
