@@ -126,6 +126,9 @@ class TrainConfig:
     ema: float = 0.9999
     eval_batches: int = 8
     seed: int = 0
+    # Stop (with a checkpoint) after this many optimizer steps in this invocation; 0 = run to the end.
+    # For time-sliced allocations, and how tests interrupt a run at an exact step.
+    stop_after: int = 0
 
 
 @dataclass
@@ -344,6 +347,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     for key in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_batches"):
         _check(getattr(t, key) >= 1, source, f"train.{key}", "must be at least 1")
     _check(0 <= t.ema < 1, source, "train.ema", "must be in [0, 1)")
+    _check(t.stop_after >= 0, source, "train.stop_after", "must be >= 0 (0 = no limit)")
 
     _choice(cfg.teacher.source, ("pretrain", "import"), source, "teacher.source")
     if cfg.teacher.source == "import":
@@ -367,6 +371,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(ds.steps_per_round >= 1, source, "distill.steps_per_round", "must be positive")
     _choice(ds.divergence, ("rkl", "fkl", "mse", "tvd"), source, "distill.divergence")
     _choice(ds.mode, ("offline", "online"), source, "distill.mode")
+    # A sampled code is zero off its sampled ids: only forward KL is defined (and unbiased) on it
+    # (trainer/sdtt.py, SUPPORTED).
+    _check(ds.mode != "offline" or g.codec != "sampled" or ds.divergence == "fkl", source, "distill.divergence",
+           f"'{ds.divergence}' cannot be computed from targets.codec=sampled targets; use fkl, or targets.codec=topk")
     _check(ds.lr > 0, source, "distill.lr", "must be positive")
     _check(ds.global_batch_size >= 1, source, "distill.global_batch_size", "must be positive")
     _check(0 <= ds.ema < 1, source, "distill.ema", "must be in [0, 1)")

@@ -25,8 +25,10 @@ def parse_args(description: str, with_round: bool = False, argv: Optional[list[s
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    # Rank 0 tells the story; the others speak up only for warnings and errors.
+    level = logging.INFO if rank == "0" else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
     # ZeRO's collectives under torch 2.13 emit FutureWarnings on every call.
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -81,3 +83,19 @@ def device() -> "torch.device":  # noqa: F821
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def entry(main) -> None:
+    """Run a job's main: bad input (config, data, checkpoint, shards) ends with one clear line
+    naming the key or file and exit code 2, not a traceback; preemption passes its code through."""
+    import sys
+
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+    from trainer.data import DataError
+
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
