@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     report["head_to_head"] = pairs
     fig = plot(report, args.run_dir / "quality_vs_steps.png")
     with MetricsWriter(args.run_dir, enabled=True) as mw:
-        mw._tb.add_figure("report/quality_vs_steps", fig, global_step=cfg.distill.rounds)
+        mw.figure(cfg.distill.rounds, "report/quality_vs_steps", fig)
     atomic_write_text(args.run_dir / "report.md", markdown(report, pairs))
     atomic_write_json(args.run_dir / "report.json", report)  # last: the stage's product
     print(format_table(report["rows"]))
