@@ -1,0 +1,79 @@
+"""Inspect an SDTT target set: ``python tools/inspect_shards.py DIR [--verify] [--samples N]``.
+
+Prints what produced the set (manifest: teacher, data digest, round, dt, codec, K), sample and
+position counts, bytes per stored position (codec payload, and on disk with npy/tar headers), and
+the codec's quality statistics from up to N samples: the teacher mass outside the stored top-K
+(topk) or the distinct ids per position (sampled). ``--verify`` re-reads every shard against the
+manifest (size, sha256) and exits 1 naming each bad one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from trainer import shards  # noqa: E402
+
+
+def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:
+    """Quantiles of the codec's per-position statistics over the first ``max_samples`` samples."""
+    codec, values, n = manifest["codec"], [], 0
+    for s in manifest["shards"]:
+        if n >= max_samples:
+            break
+        try:
+            for sample in shards.iter_samples(out_dir / s["name"]):
+                if codec == "topk":
+                    values.append(np.exp(sample["logtail"].astype(np.float64)))
+                elif codec == "sampled":
+                    values.append(sample["nuniq"].astype(np.float64))
+                n += 1
+                if n >= max_samples:
+                    break
+        except shards.ShardError as e:
+            return [f"  (stopped reading: {e})"]
+    if not values:
+        return []
+    v = np.concatenate(values)
+    if v.size == 0:
+        return []
+    q = np.quantile(v, [0.5, 0.9, 0.99])
+    what = "tail mass" if codec == "topk" else "distinct ids"
+    return [f"  {what:<10} over {v.size} positions of {n} samples: mean {v.mean():.4g}, median {q[0]:.4g}, "
+            f"p90 {q[1]:.4g}, p99 {q[2]:.4g}, max {v.max():.4g}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inspect_shards.py", description=__doc__.split("\n")[0])
+    parser.add_argument("dir", type=Path, help="a target folder (<run>/round_<r>/targets)")
+    parser.add_argument("--verify", action="store_true", help="check every shard's size and sha256")
+    parser.add_argument("--samples", type=int, default=256, help="samples read for the statistics (0: none)")
+    args = parser.parse_args(argv)
+    if args.verify:
+        bad = shards.verify(args.dir)
+        for b in bad:
+            print(f"BAD {b.name}: {b.reason}")
+        if bad:
+            print(f"verify: {len(bad)} bad shard(s) in {args.dir}", file=sys.stderr)
+            return 1
+    try:
+        manifest = shards.read_manifest(args.dir)
+        print("\n".join(shards.summarize(args.dir)))
+    except shards.ShardError as e:
+        print(f"inspect_shards: error: {e}", file=sys.stderr)
+        return 2
+    if args.samples > 0:
+        lines = sample_stats(args.dir, manifest, args.samples)
+        if lines:
+            print("\n".join(lines))
+    if args.verify:
+        print(f"verify: all {len(manifest['shards'])} shards match the manifest")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
