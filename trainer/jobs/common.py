@@ -53,6 +53,15 @@ def teacher_export(run_dir: Path, round_idx: int) -> Path:
     return student_export(run_dir, round_idx - 1)
 
 
+def teacher_weights(cfg: RunConfig, round_idx: int) -> str:
+    """Which exported weights teach round ``round_idx``: the pretrained/imported teacher's EMA (or
+    raw, ``targets.use_ema``) in round 1; after that the previous student's raw weights, or its EMA
+    with ``distill.ema_as_teacher`` (SDTT: "the teacher becomes the student, optionally its EMA")."""
+    if round_idx <= 1:
+        return "ema" if cfg.targets.use_ema else "raw"
+    return "ema" if cfg.distill.ema_as_teacher else "raw"
+
+
 def student_export(run_dir: Path, round_idx: int) -> Path:
     return run_dir / f"round_{round_idx}" / "student" / "export"
 

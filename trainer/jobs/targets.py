@@ -6,7 +6,7 @@
 * Data: the prepared train split (``data.cache_dir`` or ``DIR/data``; trainer/data.py). The job does
   not prepare data: a missing folder is an error naming it.
 * Teacher: round 1 -> ``DIR/teacher/export``; round r > 1 -> ``DIR/round_{r-1}/student/export``;
-  EMA weights if ``targets.use_ema`` else raw (trainer.checkpoint.load_exported, verified).
+  the weights named by ``common.teacher_weights`` (trainer.checkpoint.load_exported, verified).
 * Step size: the round-r student samples with N_r = distill.start_steps / 2**r steps
   (config.round_steps); its one step replaces the teacher's m = targets.teacher_steps steps, so
 
@@ -122,8 +122,9 @@ def build_header(cfg: RunConfig, round_idx: int, *, teacher: str, which: str, te
     }
 
 
-def load_teacher(cfg: RunConfig, tdir: Path, device: torch.device) -> tuple[torch.nn.Module, str, str]:
-    which = "ema" if cfg.targets.use_ema else "raw"
+def load_teacher(cfg: RunConfig, tdir: Path, device: torch.device, round_idx: int
+                 ) -> tuple[torch.nn.Module, str, str]:
+    which = common.teacher_weights(cfg, round_idx)
     if not (tdir / "export.json").is_file():
         raise TargetsError(f"no teacher export at {tdir} (export.json missing): round 1 needs the "
                            "pretrained or imported teacher, round r the student export of round r - 1")
@@ -159,7 +160,7 @@ def run(cfg: RunConfig, run_dir: Path, round_idx: int, info: dist.DistInfo) -> d
         raise TargetsError(f"{ddir}: vocabulary {data_info['vocab_size']} > model.vocab_size={cfg.model.vocab_size}")
 
     tdir = teacher_dir(run_dir, round_idx)
-    model, which, teacher_sha = load_teacher(cfg, tdir, info.device)
+    model, which, teacher_sha = load_teacher(cfg, tdir, info.device, round_idx)
     denoise = make_denoiser(model, cfg.model.vocab_size, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
 
     student_steps = round_steps(cfg, round_idx)
