@@ -61,11 +61,16 @@ def read_env(env: Mapping[str, str]) -> EnvRanks:
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1
         src = "torchrun"
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        # Only inside an srun step: the batch script itself also has SLURM_PROCID=0 and the job's
+        # SLURM_NTASKS, and would wait forever for peers that do not exist. The step's own counts
+        # win over the job's (an `srun -n1` inside a larger allocation).
+        world_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, world_key)
         local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
-        # SLURM_NTASKS_PER_NODE looks like "4" or "4(x2)" or "4,2"; the first count is ours or close.
-        per_node = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0].split(",")[0]
+        # "4", "4(x2)" or "4,2": the first count is ours or close.
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", "1"))
+        per_node = per_node.split("(")[0].split(",")[0]
         local_world = int(per_node) if per_node.isdigit() else 1
         src = "slurm"
     else:
