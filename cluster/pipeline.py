@@ -175,7 +175,7 @@ def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: Opt
     env.setdefault("OMP_NUM_THREADS", "1")
     for st in todo:
         cmd = local_command(st, run_dir, nproc, list(overrides or []))
-        log(f"[{st.name}] {' '.join(cmd)}")
+        log(f"[{st.name}] {' '.join(cmd)}" + ("" if _tee() else f"\n    log: {logs / (st.name + '.log')}"))
         t0 = time.time()
         mark(run_dir, st, "running")
         with open(logs / f"{st.name}.log", "ab") as out:

@@ -166,8 +166,18 @@ class DistillConfig:
     warmup_steps: int = 500
     global_batch_size: int = 128
     ema: float = 0.9999
+    # Which weights of student r become teacher r + 1: its EMA, or (the paper's default) its raw
+    # weights. Round 1's teacher is the pretrained/imported one: targets.use_ema (common.teacher_weights).
     ema_as_teacher: bool = False
     reset_optimizer: bool = False
+    weight_decay: float = 0.0  # the paper's AdamW has none (optim.betas/eps/grad_clip are shared)
+    # The data order is cut into this many streams (each a contiguous part of every epoch's shard
+    # order, read by one DataLoader worker); it fixes the order, so resume with the same value.
+    # 0 = world size x max(1, loader_workers). Must divide distill.global_batch_size.
+    streams: int = 0
+    loader_workers: int = 1  # DataLoader processes per rank reading the shards; 0 = in the training process
+    # Write <run>/round_R/student/consumed/rank-NNNN.jsonl: the sample indices of every step (tests, audits).
+    log_consumed: bool = False
 
 
 @dataclass
@@ -378,6 +388,12 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(ds.lr > 0, source, "distill.lr", "must be positive")
     _check(ds.global_batch_size >= 1, source, "distill.global_batch_size", "must be positive")
     _check(0 <= ds.ema < 1, source, "distill.ema", "must be in [0, 1)")
+    _check(ds.warmup_steps >= 0, source, "distill.warmup_steps", "must be >= 0")
+    _check(ds.weight_decay >= 0, source, "distill.weight_decay", "must be >= 0")
+    _check(ds.streams >= 0, source, "distill.streams", "must be >= 0 (0 = world size x loader workers)")
+    _check(ds.streams == 0 or ds.global_batch_size % ds.streams == 0, source, "distill.streams",
+           f"{ds.streams} streams do not divide distill.global_batch_size={ds.global_batch_size}")
+    _check(ds.loader_workers >= 0, source, "distill.loader_workers", "must be >= 0")
 
     ev = cfg.eval
     _check(len(ev.steps) > 0 and all(s >= 1 for s in ev.steps), source, "eval.steps",
