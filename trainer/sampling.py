@@ -25,7 +25,7 @@ def make_denoiser(model: nn.Module, mask_id: int, noise_eps: float, time_conditi
     On CUDA the forward runs under bf16 autocast (the logits come back in float32 either way).
     """
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def denoise(xt: Tensor, t: Tensor) -> Tensor:
         sigma = diffusion.sigma_of_t(t.float(), noise_eps).to(xt.device) if time_conditioning else None
         use_amp = autocast and xt.device.type == "cuda"
@@ -36,7 +36,7 @@ def make_denoiser(model: nn.Module, mask_id: int, noise_eps: float, time_conditi
     return denoise
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample_diffusion(denoise: Denoiser, batch_size: int, seq_len: int, steps: int, mask_id: int, *,
                      noise_eps: float, sampling_eps: float, generator: torch.Generator,
                      device: torch.device | str = "cpu", cache: bool = True,
@@ -91,7 +91,7 @@ def _prefix_clamp(prefix: Optional[Tensor], batch_size: int, device: torch.devic
     return clamp
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample_ar(model: nn.Module, batch_size: int, seq_len: int, bos_id: int, *, generator: torch.Generator,
               device: torch.device | str = "cpu", use_cache: bool = True, progress: bool = False) -> Tensor:
     """Left-to-right sampling from a causal model (``DiT(cfg, causal=True)``), float64 Gumbel.

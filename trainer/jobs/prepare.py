@@ -7,23 +7,21 @@ same folder it refuses (trainer/data.py says why).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.jobs import common
 from trainer.data import DataError, data_dir, load_data_info, prepare_data
 from trainer.tokenizers import TokenizerError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.jobs.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", required=True, help="the run folder")
-    parser.add_argument("--config", default=None, help="YAML config (differences from the defaults)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    args = common.parse_args("Prepare token data once for a run.", argv=argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        # The run folder's config.yaml when it has one (the pipeline's resolved config), and the
+        # first stage of a new run writes it.
+        cfg = common.run_config(args, write=True)
         out = prepare_data(cfg.data, data_dir(cfg.data, args.run_dir))
         info = load_data_info(out)
         if info["vocab_size"] > cfg.model.vocab_size:
