@@ -94,17 +94,24 @@ def device() -> "torch.device":  # noqa: F821
     return torch.device("cpu")
 
 
-def entry(main) -> None:
+def entry(main, *job_errors: type[Exception]) -> None:
     """Run a job's main: bad input (config, data, checkpoint, shards) ends with one clear line
     naming the key or file and exit code 2, not a traceback; preemption passes its code through."""
     import sys
 
     from trainer.checkpoint import CheckpointError
+    from trainer.codecs import CodecError
     from trainer.config import ConfigError
     from trainer.data import DataError
+    from trainer.mdlm_import import MDLMImportError
+    from trainer.metrics_quality import JudgeError
+    from trainer.shards import ShardError
+    from trainer.tokenizers import TokenizerError
 
+    bad_input = (ConfigError, DataError, CheckpointError, CodecError, ShardError, MDLMImportError, JudgeError,
+                 TokenizerError, FileNotFoundError, *job_errors)
     try:
         sys.exit(main())
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except bad_input as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

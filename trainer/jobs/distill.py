@@ -502,4 +502,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    common.entry(main)
+    common.entry(main, DistillError)
