@@ -71,6 +71,13 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
                             product=f"round_{r}/eval/metrics.json", depends=(f"distill_{r}",)))
         evals.append(f"eval_{r}")
         prev = f"distill_{r}"
+    if cfg.distill.control:
+        last = ("--round", str(cfg.distill.rounds))
+        stages.append(Stage("control", "trainer.jobs.pretrain", ("--control",), distributed=True,
+                            product="control/export/export.json", depends=("teacher",)))
+        stages.append(Stage("eval_control", "trainer.jobs.evaluate", (*last, "--control"),
+                            product="control/eval/metrics.json", depends=("control",)))
+        evals.append("eval_control")
     stages.append(Stage("report", "trainer.jobs.report", product="report.json", depends=tuple(evals)))
     return stages
 

@@ -169,6 +169,9 @@ class DistillConfig:
     # Which weights of student r become teacher r + 1: its EMA, or (the paper's default) its raw
     # weights. Round 1's teacher is the pretrained/imported one: targets.use_ema (common.teacher_weights).
     ema_as_teacher: bool = False
+    # Also train and evaluate the control: the round-1 weights trained on with the MDLM loss for
+    # the students' whole budget. The honest baseline when the teacher is not converged.
+    control: bool = False
     reset_optimizer: bool = False
     weight_decay: float = 0.0  # the paper's AdamW has none (optim.betas/eps/grad_clip are shared)
     # The data order is cut into this many streams (each a contiguous part of every epoch's shard

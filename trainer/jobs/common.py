@@ -13,8 +13,12 @@ from trainer.config import RunConfig, load_config, save_config
 log = logging.getLogger("sdtt")
 
 
-def parse_args(description: str, with_round: bool = False, argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(description: str, with_round: bool = False, argv: Optional[list[str]] = None,
+               flags: Optional[dict[str, str]] = None) -> argparse.Namespace:
+    """The common command line; ``flags`` adds boolean options (name -> help)."""
     p = argparse.ArgumentParser(description=description)
+    for flag, help_text in (flags or {}).items():
+        p.add_argument(flag, action="store_true", help=help_text)
     p.add_argument("--run-dir", required=True, type=Path, help="the run folder")
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config; defaults to <run-dir>/config.yaml when that exists")

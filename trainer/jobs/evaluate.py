@@ -2,7 +2,8 @@
 
     python -m trainer.jobs.evaluate --run-dir DIR --round R [key=value ...]
 
-Round 0 is the teacher, round r >= 1 that round's student. Every model is sampled at the step
+Round 0 is the teacher, round r >= 1 that round's student; ``--control`` evaluates the control
+(trained for all rounds' budget: give it the last round). Every model is sampled at the step
 counts of ``eval.steps`` plus every count a round reaches (start, start/2, ...), with the same seed,
 so the report can put the student at N steps beside the teacher at N steps. Writes
 ``<model>/eval/metrics.json`` and ``samples.txt``, and the scalars to TensorBoard
@@ -42,15 +43,17 @@ def build_judge(cfg: RunConfig, device):
 
 def main(argv=None) -> None:
     common.setup_logging()
-    args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv)
+    args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv,
+                             flags={"--control": "evaluate the control (trainer.jobs.pretrain --control)"})
     cfg = common.run_config(args)
     r = args.round
     device = common.device()
-    model, _ = common.load_model(common.model_export(args.run_dir, r), cfg.eval.weights, cfg.model)
+    export = args.run_dir / "control" / "export" if args.control else common.model_export(args.run_dir, r)
+    model, _ = common.load_model(export, cfg.eval.weights, cfg.model)
     model.to(device)
     source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
     judge = build_judge(cfg, device)
-    name = "teacher" if r == 0 else "student"
+    name = "control" if args.control else "teacher" if r == 0 else "student"
     t0 = time.time()
     rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True)
     samples_txt = []
@@ -59,7 +62,7 @@ def main(argv=None) -> None:
         samples_txt.append(f"# {name} round {r}, {row['steps']} steps")
         samples_txt += [" ".join(map(str, seq.tolist())) for seq in x[:8]]
         row.update(model=name, round=r)
-    out = common.eval_dir(args.run_dir, r)
+    out = args.run_dir / "control" / "eval" if args.control else common.eval_dir(args.run_dir, r)
     result = {
         "model": name, "round": r, "weights": cfg.eval.weights,
         "round_steps": cfg.distill.start_steps // 2**r,

@@ -8,15 +8,22 @@ absent), trains with the MDLM ELBO, keeps an EMA of the weights, reports the val
 a few samples every ``train.eval_every`` steps, checkpoints to ``<run>/teacher/checkpoints`` every
 ``train.ckpt_every`` steps and resumes from the latest one on restart. At the end it exports the
 consolidated raw and EMA weights to ``<run>/teacher/export``: what every later stage loads.
+
+With ``--control`` it trains the *control* instead (``<run>/control/``): the students' starting weights
+trained on with the MDLM loss for the same number of steps, batch size, learning rate and EMA as all
+the distillation rounds together. A student that beats its teacher but not the control has gained
+from the extra training, not from SDTT (shared/notes/sdtt-method.md: an under-trained teacher).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from trainer import diffusion, dist, sampling
-from trainer.checkpoint import export_weights
+
+from trainer.checkpoint import export_weights, load_exported
 from trainer.config import RunConfig
 from trainer.data import MarkovSource, batches, data_dir, load_split, prepare_data
 from trainer.engine import Engine, build_engine
@@ -80,11 +87,33 @@ def sample_report(engine: Engine, cfg: RunConfig, source: MarkovSource | None, n
     return scalars, text
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What this invocation trains: the teacher, or the control (the teacher trained on with its own
+    MDLM loss for the students' whole budget: same steps, batch, lr and EMA as distillation)."""
+
+    name: str
+    total_steps: int
+    global_batch: int
+    engine_kwargs: dict
+
+
+def plan(cfg: RunConfig, control: bool) -> Plan:
+    if not control:
+        return Plan("teacher", cfg.train.steps, cfg.engine.global_batch_size, {"ema_decay": cfg.train.ema})
+    d = cfg.distill
+    return Plan("control", d.rounds * d.steps_per_round, d.global_batch_size,
+                {"lr": d.lr, "warmup_steps": d.warmup_steps, "global_batch_size": d.global_batch_size,
+                 "ema_decay": d.ema, "key": "distill"})
+
+
 def main(argv=None) -> int:
     common.setup_logging()
-    args = common.parse_args(__doc__.splitlines()[1], argv=argv)
+    args = common.parse_args(__doc__.splitlines()[1], argv=argv, flags={
+        "--control": "train the control instead: the teacher continued with its own loss for the students' budget"})
     info = dist.init_distributed()
     cfg = common.run_config(args, write=info.is_main)
+    p = plan(cfg, args.control)
     data = data_dir(cfg.data, args.run_dir)
     if info.is_main:
         prepare_data(cfg.data, data)  # a no-op when the prepare stage already ran
@@ -93,14 +122,19 @@ def main(argv=None) -> int:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = DiT(cfg.model)
-    engine = build_engine(model, cfg.optim, cfg.engine, cfg.train.steps, info.world_size, ema_decay=cfg.train.ema)
-    ckpt_root = args.run_dir / "teacher" / "checkpoints"
+    if args.control:  # the students' starting point: the weights that teach round 1
+        state, _ = load_exported(common.teacher_export(args.run_dir, 1), common.teacher_weights(cfg, 1), cfg.model)
+        model.load_state_dict(state)
+    engine = build_engine(model, cfg.optim, cfg.engine, p.total_steps, info.world_size, **p.engine_kwargs)
+    out_dir = args.run_dir / p.name
+    ckpt_root = out_dir / "checkpoints"
     engine.load(ckpt_root, expect_model=cfg.model)
-    metrics = MetricsWriter(args.run_dir)
+    metrics = MetricsWriter(args.run_dir if p.name == "teacher" else out_dir)
     if engine.step == 0:
         metrics.config(cfg)
-    log.info("teacher: %d parameters, world %d, micro-batch %d x %d accumulation, from step %d",
-             count_parameters(model), info.world_size, engine.micro_batch, engine.grad_accum, engine.step)
+    log.info("%s: %d parameters, world %d, micro-batch %d x %d accumulation, from step %d of %d", p.name,
+             count_parameters(model), info.world_size, engine.micro_batch, engine.grad_accum, engine.step,
+             p.total_steps)
 
     source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
     stream = {"it": None, "step": -1}
@@ -108,7 +142,7 @@ def main(argv=None) -> int:
     def micro_batches(step: int) -> list[torch.Tensor]:
         # batches() is a pure function of the step: (re)start it wherever the loop is.
         if stream["step"] != step - 1 or stream["it"] is None:
-            stream["it"] = batches(train_tokens, cfg.engine.global_batch_size, info.rank, info.world_size,
+            stream["it"] = batches(train_tokens, p.global_batch, info.rank, info.world_size,
                                    cfg.data.seed, start_step=step)
         _, local = next(stream["it"])
         stream["step"] = step
@@ -121,10 +155,9 @@ def main(argv=None) -> int:
         return {**scalars, **sample_scalars}
 
     task = Task(micro_batches=micro_batches, loss=lambda e, x0, g: mdlm_loss(e, x0, g, cfg),
-                tokens_per_step=cfg.engine.global_batch_size * cfg.data.seq_len,
-                samples_per_step=cfg.engine.global_batch_size, evaluate=evaluate,
-                client_state=lambda: {"data_step": engine.step})
-    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, cfg.train.steps, cfg.train.seed, desc="pretrain")
+                tokens_per_step=p.global_batch * cfg.data.seq_len, samples_per_step=p.global_batch,
+                evaluate=evaluate, client_state=lambda: {"data_step": engine.step})
+    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, p.total_steps, cfg.train.seed, desc=p.name)
     if not finished:
         metrics.close()
         return EXIT_PREEMPTED
@@ -132,9 +165,9 @@ def main(argv=None) -> int:
     raw = engine.consolidated_state_dict()  # collective
     ema = engine.ema_state_dict()
     if info.is_main:
-        out = export_weights(args.run_dir / "teacher" / "export", raw, ema if ema is not None else raw, cfg,
-                             step=engine.step, overwrite=True)
-        log.info("exported teacher to %s", out)
+        out = export_weights(out_dir / "export", raw, ema if ema is not None else raw, cfg, step=engine.step,
+                             overwrite=True)
+        log.info("exported %s to %s", p.name, out)
     metrics.close()
     dist.barrier()
     dist.cleanup()

@@ -25,27 +25,46 @@ ROW_KEYS = ("model", "round", "steps", "nll", "nll_se", "nll_gap", "gen_ppl", "e
             "samples", "nfe", "seconds")
 
 
-def collect(run_dir: Path, rounds: int) -> dict:
+def collect(run_dir: Path, rounds: int, control: bool = False) -> dict:
+    paths = [common.eval_dir(run_dir, r) / "metrics.json" for r in range(rounds + 1)]
+    if control:
+        paths.append(run_dir / "control" / "eval" / "metrics.json")
     evals = []
-    for r in range(rounds + 1):
-        path = common.eval_dir(run_dir, r) / "metrics.json"
+    for path in paths:
         if not path.exists():
-            raise FileNotFoundError(f"missing evaluation {path}: run trainer.jobs.evaluate --round {r}")
+            raise FileNotFoundError(f"missing evaluation {path}: run trainer.jobs.evaluate first")
         evals.append(json.loads(path.read_text()))
     rows = [{k: row.get(k) for k in ROW_KEYS} for ev in evals for row in ev["rows"]]
     return {"entropy_rate": evals[0].get("entropy_rate"), "nll_floor": evals[0].get("nll_floor"),
-            "round_steps": {str(ev["round"]): ev["round_steps"] for ev in evals}, "rows": rows}
+            "round_steps": {str(ev["round"]): ev["round_steps"] for ev in evals if ev["model"] != "control"},
+            "rows": rows, "few_step_gap": few_step_gaps(rows)}
+
+
+def few_step_gaps(rows: list[dict]) -> list[dict]:
+    """Per model: NLL at its fewest evaluated steps minus NLL at its most. SDTT should shrink this gap
+    (the cost of sampling in few steps); extra training alone lowers both ends."""
+    out = []
+    for key in sorted({(r["model"], r["round"]) for r in rows}, key=lambda k: (k[0] != "teacher", k[1], k[0])):
+        mine = sorted((r for r in rows if (r["model"], r["round"]) == key and r["nll"] is not None),
+                      key=lambda r: r["steps"])
+        if len(mine) >= 2:
+            out.append({"model": key[0], "round": key[1], "few_steps": mine[0]["steps"], "many_steps": mine[-1]["steps"],
+                        "gap": mine[0]["nll"] - mine[-1]["nll"]})
+    return out
 
 
 def head_to_head(report: dict) -> list[dict]:
     """Per round: the student at its own step count beside the teacher at the same count."""
     teacher = {row["steps"]: row for row in report["rows"] if row["model"] == "teacher"}
+    control = {row["steps"]: row for row in report["rows"] if row["model"] == "control"}
     out = []
     for row in report["rows"]:
         if row["model"] != "student" or row["steps"] != report["round_steps"][str(row["round"])]:
             continue
         t = teacher.get(row["steps"], {})
+        c = control.get(row["steps"], {})
         out.append({"round": row["round"], "steps": row["steps"],
+                    "control_nll": c.get("nll"), "control_nll_se": c.get("nll_se"),
                     "student_nll": row["nll"], "student_nll_se": row["nll_se"],
                     "teacher_nll": t.get("nll"), "teacher_nll_se": t.get("nll_se"),
                     "student_entropy": row["entropy"], "teacher_entropy": t.get("entropy"),
@@ -65,12 +84,13 @@ def plot(report: dict, path: Path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     curves: dict[str, list[dict]] = {}
     for row in report["rows"]:
-        label = "teacher" if row["model"] == "teacher" else f"student round {row['round']}"
+        label = row["model"] if row["model"] != "student" else f"student round {row['round']}"
         curves.setdefault(label, []).append(row)
     for label, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["steps"])
         steps = [r["steps"] for r in rows]
-        style = dict(marker="o", lw=2.5 if label == "teacher" else 1.5, ls="--" if label == "teacher" else "-")
+        style = dict(marker="o", lw=2.5 if label == "teacher" else 1.5,
+                     ls={"teacher": "--", "control": ":"}.get(label, "-"))
         if metric == "nll":
             axes[0].errorbar(steps, [r["nll"] for r in rows], yerr=[2 * (r["nll_se"] or 0) for r in rows],
                              label=label, capsize=2, **style)
@@ -99,8 +119,10 @@ def markdown(report: dict, pairs: list[dict]) -> str:
                   f"score {report['nll_floor']:.4f} (the floor).", ""]
     lines += ["## Student at its step count vs the teacher at the same count", "", "```",
               format_table(pairs, ("round", "steps", "teacher_nll", "teacher_nll_se", "student_nll", "student_nll_se",
-                                   "teacher_entropy", "student_entropy", "teacher_bigram_kl", "student_bigram_kl",
+                                   "control_nll", "control_nll_se", "teacher_entropy", "student_entropy", "teacher_bigram_kl", "student_bigram_kl",
                                    "teacher_gen_ppl", "student_gen_ppl")), "```", "",
+              "## The cost of few steps: NLL at the fewest steps minus NLL at the most", "", "```",
+              format_table(report["few_step_gap"], ("model", "round", "few_steps", "many_steps", "gap")), "```", "",
               "## Every evaluation", "", "```", format_table(report["rows"]), "```", "",
               "![quality against steps](quality_vs_steps.png)", ""]
     return "\n".join(lines)
@@ -110,7 +132,7 @@ def main(argv=None) -> None:
     common.setup_logging()
     args = common.parse_args(__doc__.splitlines()[1], argv=argv)
     cfg = common.run_config(args)
-    report = collect(args.run_dir, cfg.distill.rounds)
+    report = collect(args.run_dir, cfg.distill.rounds, cfg.distill.control)
     pairs = head_to_head(report)
     report["head_to_head"] = pairs
     fig = plot(report, args.run_dir / "quality_vs_steps.png")
@@ -121,6 +143,7 @@ def main(argv=None) -> None:
     print(format_table(report["rows"]))
     print()
     print(format_table(pairs, ("round", "steps", "teacher_nll", "teacher_nll_se", "student_nll", "student_nll_se",
+                               "control_nll", "control_nll_se",
                                "teacher_entropy", "student_entropy", "teacher_bigram_kl", "student_bigram_kl")))
 
 
