@@ -1,7 +1,8 @@
 """Integration tests against a REAL two-node SLURM cluster on this machine (cluster/local/up.sh).
 
 Nothing is mocked: sbatch/srun/sacct/scancel, submitit, torch.distributed over gloo. If the
-cluster cannot start, these tests fail (never skip): the fixture is the proof that it starts.
+cluster cannot start, these tests fail (never skip): the ``slurm_cluster`` fixture (tests/conftest.py)
+is the proof that it starts.
 
 The fixture starts the cluster only if it is not already up (``make test`` starts it first) and
 stops it afterwards only if it started it. Jobs run with this interpreter (submitit uses
@@ -14,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -22,54 +22,10 @@ from typing import Any, Callable
 import pytest
 import submitit
 
-REPO = Path(__file__).resolve().parents[1]
-LOCAL = REPO / "cluster" / "local"
-STATE_DIR = Path(os.environ.get("SDTT_SLURM_STATE", "/tmp/sdtt-slurm"))
-UP_TIMEOUT_S = 600  # a cold start installs packages: ~20 s measured, generous for slow mirrors
+from cluster.slurm import sigterm_proof_requeue
+from tests.conftest import LOCAL, LocalSlurm
 
 pytestmark = pytest.mark.slurm
-
-
-# --------------------------------------------------------------------------------------------------
-# Fixture (the lead will move it into conftest.py)
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LocalSlurm:
-    state_dir: Path
-    started: tuple[str, ...]  # daemons this session started (empty: it was already up)
-
-
-def _sourced_env(env_file: Path) -> dict[str, str]:
-    """The variables that sourcing ``env_file`` sets or changes."""
-    out = subprocess.run(["bash", "-c", f'set -a; source "{env_file}"; env -0'], check=True,
-                         capture_output=True, text=True).stdout
-    after = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
-    return {k: v for k, v in after.items() if os.environ.get(k) != v and not k.startswith(("BASH", "SHLVL", "_"))}
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Any:
-    t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(LOCAL / "up.sh"), str(STATE_DIR)], capture_output=True, text=True,
-                          timeout=UP_TIMEOUT_S)
-    if proc.returncode != 0:
-        pytest.fail(f"cluster/local/up.sh failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False)
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert last.startswith("SDTT_SLURM_STARTED="), f"unexpected up.sh output: {proc.stdout!r}"
-    started = tuple(n for n in last.split("=", 1)[1].split(",") if n)
-    sys.stderr.write(f"\n[local slurm] up.sh took {time.monotonic() - t0:.1f} s, started: {started or 'nothing'}\n")
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in _sourced_env(STATE_DIR / "env.sh").items():
-            mp.setenv(key, value)
-        # Jobs unpickle functions of this module (tests.test_local_slurm) and import cluster.*.
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-        yield LocalSlurm(STATE_DIR, started)
-
-    if started:
-        down = subprocess.run(["bash", str(LOCAL / "down.sh"), str(STATE_DIR)], capture_output=True, text=True,
-                              timeout=120)
-        assert down.returncode == 0, f"cluster/local/down.sh failed:\n{down.stderr[-4000:]}"
 
 
 def _executor(folder: Path, **params: Any) -> submitit.AutoExecutor:
@@ -210,30 +166,6 @@ def test_failed_parent_leaves_child_never_satisfied(slurm_cluster: LocalSlurm, t
 # --------------------------------------------------------------------------------------------------
 # (d) preemption: checkpoint, requeue, resume
 # --------------------------------------------------------------------------------------------------
-def _sigterm_proof_requeue() -> None:
-    """Make submitit's in-job ``scontrol requeue`` immune to SIGTERM (call it inside the job).
-
-    On preemption SLURM sends SIGTERM and the preemption signal to every process of the step, in no
-    guaranteed order, and ``scontrol requeue`` itself makes SLURM SIGTERM the step at once. submitit
-    (1.5.4) ignores SIGTERM in Python but runs scontrol as a child that does not: measured here, 2
-    runs in 7 lost the race. Either scontrol died before sending the request (job FAILED, never
-    requeued) or after (job requeued, but its error result already written, so the client sees a
-    failure). An ignored signal stays ignored across exec, so scontrol finishes its request.
-    TODO(lead): move into the job entry of cluster/slurm.py so production jobs get it too.
-    """
-    import signal
-
-    from submitit.core import logger
-    from submitit.slurm.slurm import SlurmJobEnvironment
-
-    def _requeue(self: SlurmJobEnvironment, countdown: int) -> None:
-        subprocess.run(["scontrol", "requeue", self.job_id], check=True, timeout=60,
-                       preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
-        logger.get_logger().info(f"Requeued job {self.job_id} ({countdown} remaining timeouts)")
-
-    SlurmJobEnvironment._requeue = _requeue  # type: ignore[method-assign]
-
-
 class _Counter(submitit.helpers.Checkpointable):
     """Counts to ``steps``; its attributes are what submitit checkpoints on preemption."""
 
@@ -242,7 +174,8 @@ class _Counter(submitit.helpers.Checkpointable):
         self.starts: list[int] = []  # the count at each (re)start
 
     def __call__(self, steps: int, progress: str) -> dict[str, Any]:
-        _sigterm_proof_requeue()
+        # The production fix for submitit's requeue race (see cluster.slurm.requeue_job).
+        sigterm_proof_requeue()
         self.starts.append(self.count)
         while self.count < steps:
             time.sleep(0.25)

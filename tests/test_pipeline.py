@@ -25,10 +25,10 @@ def submit(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("pipeline") / "demo"
-    submit("--config", str(TINY), "--local", "--run-dir", str(run), *OVERRIDES)
-    return run
+def demo_run(local_pipeline):
+    # tests/conftest.py runs `submit --config TINY --local --run-dir ... *OVERRIDES` once per session
+    # (tests/test_slurm_pipeline.py compares its SLURM run with the same run).
+    return local_pipeline.wait()
 
 
 def test_every_stage_done_and_recorded(demo_run):

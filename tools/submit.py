@@ -139,17 +139,25 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path) -> None:
 
 
 def status(run_dir: Path) -> int:
+    """Each stage with its state in the run folder and, for SLURM runs, the job's state in SLURM."""
     cfg = load_config(run_dir / "config.yaml")
     state = pipeline.read_state(run_dir)["stages"]
     slurm_states = _slurm_states(state)
+    stages = pipeline.build_chain(cfg)
+    done = sum(pipeline.is_done(run_dir, st) for st in stages)
     print(f"run folder: {run_dir}")
-    for st in pipeline.build_chain(cfg):
+    print(f"progress: {done} of {len(stages)} stages done")
+    for st in stages:
         entry = state.get(st.name, {})
         s = entry.get("status", "pending")
         if "job_id" in entry:
             s += f"  job {entry['job_id']} {slurm_states.get(str(entry['job_id']), '')}".rstrip()
+        if entry.get("restarts"):
+            s += f"  (restarted {entry['restarts']}x)"
         if entry.get("seconds"):
             s += f"  ({entry['seconds']:.0f}s)"
+        if entry.get("status") in ("failed", "stopped", "cancelled") and entry.get("reason"):
+            s += f"\n  {'':<12} {entry['reason']}" + (f"; log: {entry['log']}" if entry.get("log") else "")
         print(f"  {st.name:<12} {s}")
     return 0
 

@@ -1,0 +1,131 @@
+"""Session fixtures shared by several test modules.
+
+* ``slurm_cluster``: the real two-node SLURM cluster of cluster/local/ (tests/test_local_slurm.py,
+  tests/test_slurm_pipeline.py). ``make test`` starts it before pytest (and exports
+  SDTT_SLURM_STATE and the variables of its env.sh); the fixture then finds it up, uses it and
+  leaves it running for the Makefile to stop. Run directly, pytest starts it here and stops it at
+  the end of the session. If it cannot start, the tests fail (never skip): the fixture is the proof
+  that it starts.
+* ``local_pipeline``: the shortened tiny pipeline (tests/test_pipeline.py OVERRIDES) run on this
+  machine by ``tools/submit.py --local``: tests/test_pipeline.py checks it, tests/test_slurm_pipeline.py
+  compares the SLURM run with it, and one session computes it once.
+  It starts in the background as soon as a test asks for it, so a module can run SLURM jobs while it
+  computes; ``wait()`` returns its folder.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+from tests.jobs import REPO, TINY, env
+
+LOCAL = REPO / "cluster" / "local"
+STATE_DIR = Path(os.environ.get("SDTT_SLURM_STATE", "/tmp/sdtt-slurm"))
+UP_TIMEOUT_S = 600  # a cold start installs packages: ~20 s measured, generous for slow mirrors
+LOCAL_PIPELINE_TIMEOUT_S = 1800
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The local SLURM cluster
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalSlurm:
+    state_dir: Path
+    started: tuple[str, ...]  # daemons this session started (empty: it was already up)
+
+
+def _sourced_env(env_file: Path) -> dict[str, str]:
+    """The variables that sourcing ``env_file`` sets or changes."""
+    out = subprocess.run(["bash", "-c", f'set -a; source "{env_file}"; env -0'], check=True,
+                         capture_output=True, text=True).stdout
+    after = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    return {k: v for k, v in after.items() if os.environ.get(k) != v and not k.startswith(("BASH", "SHLVL", "_"))}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[LocalSlurm]:
+    # up.sh is idempotent: when `make test` (or anyone) already started the cluster it checks that
+    # every daemon runs and prints SDTT_SLURM_STARTED= (nothing started, so nothing to stop here).
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(LOCAL / "up.sh"), str(STATE_DIR)], capture_output=True, text=True,
+                          timeout=UP_TIMEOUT_S)
+    if proc.returncode != 0:
+        pytest.fail(f"cluster/local/up.sh failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert last.startswith("SDTT_SLURM_STARTED="), f"unexpected up.sh output: {proc.stdout!r}"
+    started = tuple(n for n in last.split("=", 1)[1].split(",") if n)
+    sys.stderr.write(f"\n[local slurm] up.sh took {time.monotonic() - t0:.1f} s, started: {started or 'nothing'}\n")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in _sourced_env(STATE_DIR / "env.sh").items():
+            mp.setenv(key, value)
+        # Jobs unpickle functions of test modules (tests.test_local_slurm) and import cluster.*.
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+        yield LocalSlurm(STATE_DIR, started)
+
+    if started:
+        down = subprocess.run(["bash", str(LOCAL / "down.sh"), str(STATE_DIR)], capture_output=True, text=True,
+                              timeout=120)
+        assert down.returncode == 0, f"cluster/local/down.sh failed:\n{down.stderr[-4000:]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The local pipeline run
+# --------------------------------------------------------------------------------------------------
+class LocalPipeline:
+    """``tools/submit.py --local`` of the shortened tiny pipeline, running in the background."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.t0 = time.monotonic()
+        self._log = open(run.parent / "submit-local.log", "w+")
+        from tests.test_pipeline import OVERRIDES  # the one definition of the shortened pipeline
+
+        self._proc = subprocess.Popen(
+            [sys.executable, "tools/submit.py", "--config", str(TINY), "--local", "--run-dir", str(run), *OVERRIDES], cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)  # its own process group: stop() ends torchrun's workers too
+        self.seconds: Optional[float] = None
+
+    def wait(self) -> Path:
+        """The finished run's folder; fails the test with the output when the run failed."""
+        try:
+            rc = self._proc.wait(timeout=max(1.0, LOCAL_PIPELINE_TIMEOUT_S - (time.monotonic() - self.t0)))
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+            rc = None
+        if self.seconds is None:
+            self.seconds = time.monotonic() - self.t0
+            sys.stderr.write(f"\n[local pipeline] finished in {self.seconds:.0f} s (exit {rc})\n")
+        if rc != 0:
+            self._log.seek(0)
+            pytest.fail(f"tools/submit.py --local exited {rc}:\n{self._log.read()[-6000:]}", pytrace=False)
+        return self.run
+
+    def stop(self) -> None:
+        """End the run if a session finishes without waiting for it (its group: this one run)."""
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def local_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPipeline]:
+    run = LocalPipeline(tmp_path_factory.mktemp("pipeline") / "demo")
+    yield run
+    run.stop()
+
