@@ -49,6 +49,31 @@ def test_first_step_unmasks_the_right_fraction():
     assert frac == pytest.approx(expected.item(), abs=4 * math.sqrt(0.4 * 0.6 / L))
 
 
+def test_teacher_step_has_the_ancestral_law_and_is_batch_invariant():
+    """sdtt._draw (two float64 uniforms per position) draws what Gumbel-max over
+    diffusion.ancestral_log_weights draws: MASK with probability a_s / a_t, else v with p(v); visible
+    positions are kept; with one generator per sample a sample's draw does not depend on the batch."""
+    L = 60000
+    logits = 1.5 * torch.randn(V + 1, generator=torch.Generator().manual_seed(1))
+    xt = torch.full((1, L), MASK)
+    xt[0, :50] = 3
+    log_p = D.subs_log_probs(logits.expand(1, L, V + 1), xt, MASK)
+    t, s = torch.tensor([0.5], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
+    x = S._draw(log_p, xt, t, s, MASK, EPS, torch.Generator().manual_seed(0))
+    assert torch.equal(x[0, :50], xt[0, :50])
+    law = torch.softmax(D.ancestral_log_weights(log_p[:, 50:51], t, s, MASK, EPS)[0, 0], -1)
+    freq = torch.bincount(x[0, 50:], minlength=V + 1).double() / (L - 50)
+    tol = 4 * torch.sqrt(law * (1 - law) / (L - 50)) + 1e-12
+    assert torch.all((freq - law).abs() <= tol), (freq, law)
+    gens = lambda: [torch.Generator().manual_seed(10 + b) for b in range(3)]  # noqa: E731
+    x3 = torch.full((3, 16), MASK)
+    lp3 = D.subs_log_probs(torch.randn(3, 16, V + 1, generator=torch.Generator().manual_seed(2)), x3, MASK)
+    t3, s3 = torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 0.1, dtype=torch.float64)
+    together = S._draw(lp3, x3, t3, s3, MASK, EPS, gens())
+    alone = [S._draw(lp3[b:b + 1], x3[b:b + 1], t3[b:b + 1], s3[b:b + 1], MASK, EPS, [gens()[b]]) for b in range(3)]
+    assert torch.equal(together, torch.cat(alone))
+
+
 class ScriptedTeacher:
     """Call j predicts token j with certainty-ish (so a target tells which call produced it) and
     records what it was given."""
@@ -70,7 +95,7 @@ def test_targets_come_from_the_step_that_unmasked_each_position(monkeypatch):
     script = {0: [1], 1: [0, 3], 2: []}
     step_no = iter(range(3))
 
-    def forced_draw(log_w, generator):
+    def forced_draw(log_w, *_):
         j = next(step_no)
         out = torch.full(log_w.shape[:-1], MASK, dtype=torch.long)
         for pos in script[j]:

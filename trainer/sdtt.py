@@ -74,14 +74,43 @@ class Rollout(NamedTuple):
     x_final: Tensor  # int64 [B, L]: the teacher's sequence after its m steps
 
 
-def _draw(log_weights: Tensor, generator: Generators) -> Tensor:
-    """Gumbel-max (float64) over the last dim; with one generator per sample, each sample's noise
-    comes from its own stream, so its draw does not depend on what else is in the batch."""
+def _uniforms(shape: tuple[int, ...], batch: int, generator: Generators) -> Tensor:
+    """float64 uniforms [batch, *shape] on the CPU; with one generator per sample, sample b's come
+    from its own stream, so its draw does not depend on what else is in the batch."""
     if isinstance(generator, torch.Generator):
-        return diffusion.gumbel_argmax(log_weights, generator)
-    if len(generator) != log_weights.shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {log_weights.shape[0]}")
-    return torch.stack([diffusion.gumbel_argmax(log_weights[b], g) for b, g in enumerate(generator)])
+        return torch.rand((batch, *shape), generator=generator, dtype=torch.float64)
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+    return torch.stack([torch.rand(shape, generator=g, dtype=torch.float64) for g in generator])
+
+
+def _draw(log_p: Tensor, x: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
+          generator: Generators) -> Tensor:
+    """One ancestral step t -> s [B] from x [B, L] given the teacher's log p(x0 | x) [B, L, V + 1]:
+    a masked position stays masked with probability a_s / a_t, else takes a token v ~ p(x0 | x).
+    Visible positions are returned unchanged.
+
+    This is the law of Gumbel-max over ``diffusion.ancestral_log_weights`` (p(v) (a_t - a_s) for
+    real v, a_s for MASK; the real weights sum to a_t - a_s), drawn with two float64 uniforms per
+    position: u1 decides stay/unmask, u2 picks the token by inverse CDF (float64, as the sampled
+    codec). Why not Gumbel-max: it needs L x (V + 1) float64 noise per sample and step from the
+    sample's CPU generator, 1.5 s per sample and step at GPT-2's vocabulary on one core, against a
+    teacher forward of a few milliseconds on a GPU (tools/bench.py targets; docs/benchmarks.md). Here
+    the noise is 2 L uniforms and the CDF is built only for the positions that unmask, a few per step
+    at SDTT's small dt.
+    """
+    b, length = x.shape
+    u = _uniforms((2, length), b, generator).to(x.device)  # [B, 2, L]
+    a_t = diffusion.move_chance(t.double(), eps).to(x.device)
+    a_s = diffusion.move_chance(s.double(), eps).to(x.device)
+    unmask = (x == mask_id) & (u[:, 0] >= (a_s / a_t)[:, None])
+    out = x.clone()
+    rows = unmask.nonzero(as_tuple=True)
+    if rows[0].numel():
+        cdf = torch.cumsum(log_p[rows][:, :mask_id].double().exp(), dim=-1)  # [N, V], MASK column dropped
+        v = u[:, 1][rows][:, None] * cdf[:, -1:]
+        out[rows] = torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=mask_id - 1)
+    return out
 
 
 @torch.no_grad()
@@ -100,24 +129,27 @@ def teacher_rollout(denoise: Denoiser, xt: Tensor, t: Tensor, dt: float, m: int,
     grid = teacher_grid(t, dt, m, t_min)
     x = xt
     step = torch.full(xt.shape, -1, dtype=torch.long, device=xt.device)
-    target: Tensor | None = None
+    early: list[tuple[Tensor, Tensor]] = []  # (positions, their rows of log p) unmasked at steps < m - 1
     log_p = None
     for j in range(m):
         log_p = denoise(x, grid[:, j].float())
-        if target is None:
-            target = log_p  # never modified in place: torch.where below makes new tensors
         masked = x == mask_id
-        log_w = diffusion.ancestral_log_weights(log_p, grid[:, j], grid[:, j + 1], mask_id, eps)
-        x_next = torch.where(masked, _draw(log_w, generator), x)
+        x_next = torch.where(masked, _draw(log_p, x, grid[:, j], grid[:, j + 1], mask_id, eps, generator), x)
         unmasked_now = masked & (x_next != mask_id)
-        target = torch.where(unmasked_now[..., None], log_p, target)
+        if j < m - 1:
+            early.append((unmasked_now, log_p[unmasked_now]))
         step[unmasked_now] = j
         x = x_next
-    assert target is not None and log_p is not None
-    still = x == mask_id
-    target = torch.where(still[..., None], log_p, target)
-    step[still] = m - 1
-    return Rollout(target.float(), step, x)
+    assert log_p is not None
+    step[x == mask_id] = m - 1
+    # The last call's prediction is the target of every position still masked (most of them at
+    # SDTT's small dt) and of those it unmasked; visible positions carry SUBS's one-hot, the same at
+    # every call. So: one copy of the last prediction, then the few rows unmasked earlier -- not
+    # m + 1 torch.where passes over [B, L, V + 1] (GBs per batch at GPT-2's vocabulary).
+    target = log_p.float().clone()  # a copy: the denoiser's output may be an inference tensor
+    for rows, values in early:
+        target[rows] = values.float()
+    return Rollout(target, step, x)
 
 
 def teacher_targets(denoise: Denoiser, xt: Tensor, t: Tensor, dt: float, m: int, mask_id: int, eps: float,
@@ -176,8 +208,8 @@ def make_examples(denoise: Denoiser, x0: Tensor, indices: Sequence[int], spec: E
     """Build the examples of ``indices`` from their clean sequences x0 [B, L] (on the teacher's device).
 
     Sample i draws, from its own generator ``sample_generator(seed, round, i)`` and in this order:
-    t ~ U(train_eps, 1) (one float64 uniform), its mask (L uniforms), the teacher's Gumbel noise
-    (m x L x (V + 1)), then the codec's draws (sampled codec). No draw depends on the batch, so the
+    t ~ U(train_eps, 1) (one float64 uniform), its mask (L uniforms), the teacher's step noise
+    (m x 2 x L uniforms, ``_draw``), then the codec's draws (sampled codec). No draw depends on the batch, so the
     example is a function of (x0, i, spec, teacher) alone -- provided the teacher's forward is
     batch-invariant, which batched matmuls are not to the last bit: the targets job therefore fixes
     the batch composition by index (trainer/jobs/targets.py).
