@@ -61,7 +61,8 @@ def publish_mode(path: str | Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_UMASK)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (best effort: not every filesystem allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -88,7 +89,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -179,7 +180,7 @@ def export_weights(out_dir: str | Path, raw_state_dict: Mapping[str, torch.Tenso
         atomic_write_json(tmp / "export.json", info)
         for f in (tmp, *tmp.iterdir()):
             publish_mode(f)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out_dir.exists():  # overwrite: swap, then drop the old one
             old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
             os.replace(out_dir, old)
@@ -187,7 +188,7 @@ def export_weights(out_dir: str | Path, raw_state_dict: Mapping[str, torch.Tenso
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

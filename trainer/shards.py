@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 import numpy as np
 
 from trainer import codecs
-from trainer.checkpoint import atomic_write_json, sha256_file
+from trainer.checkpoint import atomic_write_json, fsync_dir, sha256_file
 
 FORMAT = "sdtt-targets/1"
 MANIFEST = "manifest.json"
@@ -268,7 +268,7 @@ class ShardWriter:
             if old.name != self.name:
                 old.unlink(missing_ok=True)
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         return rec
 
     def abort(self) -> None:
@@ -283,19 +283,6 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
