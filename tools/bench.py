@@ -897,6 +897,8 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
             q = markov_quality(src, x)
             per_seed[n].append({"nll": q["nll"], "entropy": q["entropy"], "bigram_kl": q.get("bigram_kl", math.nan),
                                 "per_seq": src.nll_per_token(x.numpy())})
+            print(f"  [storage] seed {i} {n}: NLL {q['nll']:.4f} +- {q['nll_se']:.4f}, entropy {q['entropy']:.4f} "
+                  f"({time.perf_counter() - student_t0:.0f} s)", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - student_t0
     tq = {n: markov_quality(src, draw(teacher, cfg, n, args.eval_samples, args.seed + 3, device))
           for n in (student_steps, 2 * student_steps)}
