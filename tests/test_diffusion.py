@@ -98,6 +98,53 @@ def test_ancestral_step_draws_tokens_from_the_denoiser():
     assert chi2_pvalue(counts, probs) > 1e-3
 
 
+def ancestral_law(log_p: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """Reference law of one reverse step for a masked position, [V + 1] float64: MASK with
+    probability a_s / a_t, token v with p(v) (a_t - a_s) / a_t."""
+    a_t, a_s = (D.move_chance(torch.tensor(x, dtype=torch.float64), EPS) for x in (t, s))
+    law = log_p.double().exp() * (a_t - a_s) / a_t
+    law[MASK] = a_s / a_t
+    return law
+
+
+def test_ancestral_step_reproduces_a_very_skewed_categorical_in_float64():
+    """MASK and tokens together: counts of 200k positions against the exact law, with token
+    probabilities down to 1e-5 and three tokens of probability zero (flat steps of the CDF)."""
+    n = 200_000
+    probs = torch.tensor([1 - 1.111e-2, 1e-2, 1e-3, 1e-4, 1e-5, 0, 0, 0], dtype=torch.float64)
+    probs = probs / probs.sum()
+    log_p = torch.cat([probs.log(), torch.tensor([float("-inf")], dtype=torch.float64)]).float()
+    t, s = 0.9, 0.3
+    xs = D.ancestral_step(log_p.expand(1, n, -1), torch.full((1, n), MASK), torch.tensor([t]), torch.tensor([s]),
+                          MASK, EPS, gen(9))
+    counts = torch.bincount(xs.flatten(), minlength=MASK + 1).double()
+    law = ancestral_law(log_p, t, s)
+    assert counts[5:MASK].sum() == 0  # zero-probability tokens are never drawn
+    # Pool the two rarest tokens so every expected count is large enough for chi-square.
+    keep = [0, 1, 2, MASK]
+    pooled_c = torch.cat([counts[keep], counts[3:5].sum(0, keepdim=True)])
+    pooled_p = torch.cat([law[keep], law[3:5].sum(0, keepdim=True)])
+    assert chi2_pvalue(pooled_c, pooled_p) > 1e-3
+
+
+def test_ancestral_step_noise_is_two_uniforms_per_position():
+    """The step's randomness is ancestral_uniforms: the same uniforms give the same step, and the
+    generator advances by 2 L float64 draws per sample, whether or not anything unmasks."""
+    b, L = 3, 40
+    lp = D.subs_log_probs(torch.randn(b, L, MASK + 1, generator=gen(1)), torch.full((b, L), MASK), MASK)
+    xt = torch.full((b, L), MASK)
+    t, s = torch.full((b,), 0.7), torch.full((b,), 0.4)
+    g = gen(2)
+    x1 = D.ancestral_step(lp, xt, t, s, MASK, EPS, g)
+    after = torch.rand(1, generator=g, dtype=torch.float64)
+    x2 = D.ancestral_update(lp, xt, t, s, MASK, EPS, D.ancestral_uniforms(b, L, gen(2)))
+    assert torch.equal(x1, x2)
+    ref = gen(2)
+    torch.rand((b, 2, L), generator=ref, dtype=torch.float64)
+    assert torch.equal(after, torch.rand(1, generator=ref, dtype=torch.float64))
+    assert torch.equal(D.ancestral_step(lp, xt, t, t, MASK, EPS, gen(3)), xt)  # s = t: nothing unmasks
+
+
 def test_float64_gumbel_reproduces_a_very_skewed_categorical():
     # Probabilities spanning six orders of magnitude; 200k draws.
     probs = torch.tensor([1 - 1.111e-2, 1e-2, 1e-3, 1e-4, 1e-5], dtype=torch.float64)

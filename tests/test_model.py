@@ -125,3 +125,33 @@ def test_rotary_frequencies_survive_dtype_casts_and_meta_init():
     meta.to_empty(device="cpu")
     torch.testing.assert_close(meta.rotary_emb.inv_freq, fresh)
     assert "rotary_emb.inv_freq" not in meta.state_dict()  # derived, not learned: not persisted
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_head_on_selected_rows_equals_the_full_forward(time_conditioning):
+    """rows=mask runs the output head on the masked positions only, each with its own sample's
+    adaLN modulation; the denoiser built on it gives the SUBS log-probs of the full forward."""
+    from trainer import diffusion as D
+    from trainer.sampling import make_denoiser
+
+    cfg = dataclasses.replace(CFG, time_conditioning=time_conditioning)
+    model = randomized(DiT(cfg))
+    mask_id = cfg.vocab_size
+    x = tokens(3, 20)
+    x[torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.5] = mask_id
+    x[1] = mask_id  # an all-masked sample
+    x[2, :] = torch.arange(20) % mask_id  # and one with nothing masked
+    sigma = torch.tensor([0.3, 1.2, 2.0])
+    rows = x == mask_id
+    with torch.no_grad():
+        full = model(x, sigma)
+        part = model(x, sigma, rows=rows)
+    assert part.shape == (int(rows.sum()), V1)
+    torch.testing.assert_close(part, full[rows], rtol=1e-5, atol=1e-5)
+    t = torch.tensor([0.2, 0.7, 0.9])
+    got = make_denoiser(model, mask_id, 1e-3, time_conditioning)(x, t)
+    want = D.subs_log_probs(model(x, D.sigma_of_t(t, 1e-3) if time_conditioning else None), x, mask_id)
+    assert torch.equal(got.isneginf(), want.isneginf())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.all(got[2].max(-1).values == 0)  # visible rows: one-hot on their token
+    assert torch.equal(got[2].argmax(-1), x[2])

@@ -50,9 +50,8 @@ def test_first_step_unmasks_the_right_fraction():
 
 
 def test_teacher_step_has_the_ancestral_law_and_is_batch_invariant():
-    """sdtt._draw (two float64 uniforms per position) draws what Gumbel-max over
-    diffusion.ancestral_log_weights draws: MASK with probability a_s / a_t, else v with p(v); visible
-    positions are kept; with one generator per sample a sample's draw does not depend on the batch."""
+    """sdtt._draw (two float64 uniforms per position) draws the ancestral law: MASK with probability
+    a_s / a_t, else v with p(v) (a_t - a_s) / a_t; visible positions are kept; with one generator per sample a sample's draw does not depend on the batch."""
     L = 60000
     logits = 1.5 * torch.randn(V + 1, generator=torch.Generator().manual_seed(1))
     xt = torch.full((1, L), MASK)
@@ -61,7 +60,9 @@ def test_teacher_step_has_the_ancestral_law_and_is_batch_invariant():
     t, s = torch.tensor([0.5], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
     x = S._draw(log_p, xt, t, s, MASK, EPS, torch.Generator().manual_seed(0))
     assert torch.equal(x[0, :50], xt[0, :50])
-    law = torch.softmax(D.ancestral_log_weights(log_p[:, 50:51], t, s, MASK, EPS)[0, 0], -1)
+    a_t, a_s = D.move_chance(t, EPS), D.move_chance(s, EPS)
+    law = log_p[0, 50].double().exp() * (a_t - a_s) / a_t
+    law[MASK] = a_s[0] / a_t[0]
     freq = torch.bincount(x[0, 50:], minlength=V + 1).double() / (L - 50)
     tol = 4 * torch.sqrt(law * (1 - law) / (L - 50)) + 1e-12
     assert torch.all((freq - law).abs() <= tol), (freq, law)

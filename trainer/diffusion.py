@@ -1,9 +1,9 @@
 """Pure MDLM math: the log-linear schedule, forward masking, the ELBO and one ancestral step.
 
 Conventions (docs/CONTRACTS.md): token ids are int64, the MASK id is the vocabulary size V, and
-log-probabilities have V + 1 columns with the MASK column at -inf. Every categorical is drawn with
-the Gumbel-max trick in float64: float32 Gumbel noise truncates the tail of the distribution, lowers
-sample entropy and flatters generative perplexity (Zheng et al. 2024). Randomness always comes from
+log-probabilities have V + 1 columns with the MASK column at -inf. Every categorical is drawn in
+float64 (Gumbel-max, or the inverse CDF for the ancestral step): float32 noise truncates the tail of
+the distribution, lowers sample entropy and flatters generative perplexity (Zheng et al. 2024). Randomness always comes from
 an explicit ``torch.Generator``; nothing here touches the global RNG.
 """
 from __future__ import annotations
@@ -70,6 +70,22 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
     return out.scatter_(-1, xt.unsqueeze(-1), torch.where(visible, 0.0, NEG_INF))
 
 
+def subs_log_probs_at(masked_logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
+    """``subs_log_probs`` from the logits of the masked positions only: ``masked_logits`` [N, V + 1]
+    holds the rows of ``xt == mask_id`` in row-major order (``DiT(..., rows=xt == mask_id)``).
+
+    The same values as ``subs_log_probs(logits, xt, mask_id)``: visible rows are one-hot whatever
+    the logits, so their head and softmax are never computed. Inference only (builds in place).
+    """
+    masked = xt == mask_id
+    bias = torch.zeros(masked_logits.shape[-1], dtype=torch.float32, device=masked_logits.device)
+    bias[mask_id] = NEG_INF
+    out = torch.full((*xt.shape, masked_logits.shape[-1]), NEG_INF, dtype=torch.float32, device=xt.device)
+    out[masked] = torch.log_softmax(masked_logits.float() + bias, dim=-1)
+    visible = ~masked
+    return out.index_put_((*visible.nonzero(as_tuple=True), xt[visible]), torch.zeros((), device=xt.device))
+
+
 def elbo_nll(log_probs: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int, eps: float) -> Tensor:
     """Per-sequence NLL bound in nats per token: sum over masked positions of w(t) * CE, over L.
 
@@ -98,24 +114,47 @@ def gumbel_argmax(log_weights: Tensor, generator: torch.Generator) -> Tensor:
     return (log_weights.double() + gumbel.to(log_weights.device)).argmax(dim=-1)
 
 
-def ancestral_log_weights(log_p_x0: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float) -> Tensor:
-    """Unnormalised float64 log q(x_s | x_t, x0 ~ p): real v -> p(v) (a_t - a_s), MASK -> a_s.
+def ancestral_uniforms(batch: int, length: int, generator: torch.Generator) -> Tensor:
+    """The noise of one ancestral step: float64 uniforms [batch, 2, length] on the generator's device
+    (a CPU generator gives the same samples on any device)."""
+    return torch.rand((batch, 2, length), generator=generator, dtype=torch.float64, device=generator.device)
 
-    a = move_chance; t, s are [B]. Normalising (dividing by a_t) is unnecessary for Gumbel-max.
+
+def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
+                     u: Tensor) -> Tensor:
+    """One reverse step t -> s < t given its noise ``u`` [B, 2, L] (``ancestral_uniforms``).
+
+    The law is q(x_s | x_t, x0 ~ p): a masked token stays masked with probability a_s / a_t
+    (a = move_chance), else takes v with probability p(v | x_t); visible tokens never change. It is
+    the law of Gumbel-max over the log-weights log p(v) + log(a_t - a_s) (MASK: log a_s), drawn with
+    two float64 uniforms per position instead: u[:, 0] decides stay/unmask, u[:, 1] picks the token
+    by the float64 inverse CDF of p, built only for the positions that unmask.
+
+    Why not Gumbel-max: it needs L x (V + 1) float64 noise per sample and step, 3.3 GB per tensor at
+    batch 8, L = 1024 and GPT-2's vocabulary, as costly as a forward of the 170M model on CPU
+    (tools/bench.py sampling --breakdown); most steps of a many-step sampler unmask a handful of
+    tokens, and a step that unmasks none now costs 2 L uniforms.
     """
-    a_t = move_chance(t.double(), eps).to(log_p_x0.device)[:, None, None]
-    a_s = move_chance(s.double(), eps).to(log_p_x0.device)[:, None, None]
-    log_w = log_p_x0.double() + torch.log(a_t - a_s)
-    log_w[..., mask_id] = torch.log(a_s)[..., 0]
-    return log_w
+    a_t = move_chance(t.double(), eps).to(xt.device)
+    a_s = move_chance(s.double(), eps).to(xt.device)
+    u = u.to(xt.device)
+    unmask = (xt == mask_id) & (u[:, 0] >= (a_s / a_t)[:, None])
+    out = xt.clone()
+    rows = unmask.nonzero(as_tuple=True)
+    if rows[0].numel():
+        cdf = torch.cumsum(log_p_x0[rows][:, :mask_id].double().exp(), dim=-1)  # [N, V], MASK dropped
+        # right=True: the first token whose CDF exceeds u * total, so a zero-probability token (a flat
+        # step of the CDF) is never drawn; u < 1 keeps the index below V (clamped against rounding).
+        v = u[:, 1][rows][:, None] * cdf[:, -1:]
+        out[rows] = torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=mask_id - 1)
+    return out
 
 
 def ancestral_step(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
                    generator: torch.Generator) -> Tensor:
-    """One reverse step t -> s < t. Visible tokens never change; a masked token stays masked with
-    probability a_s / a_t, else takes a token drawn from p(x0 | x_t)."""
-    drawn = gumbel_argmax(ancestral_log_weights(log_p_x0, t, s, mask_id, eps), generator)
-    return torch.where(xt == mask_id, drawn, xt)
+    """``ancestral_update`` with its noise drawn from ``generator`` (2 L uniforms per sample)."""
+    return ancestral_update(log_p_x0, xt, t, s, mask_id, eps,
+                            ancestral_uniforms(xt.shape[0], xt.shape[1], generator))
 
 
 def final_step(log_p_x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:

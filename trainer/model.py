@@ -179,9 +179,12 @@ class DDitFinalLayer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+    def forward(self, x: Tensor, c: Tensor, rows: Tensor | None = None) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)  # [B, 1, d] each
+        if rows is None:
+            return self.linear(modulate(self.norm_final(x), shift, scale))
+        batch_of_row = rows.nonzero(as_tuple=True)[0]
+        return self.linear(modulate(self.norm_final(x[rows]), shift[batch_of_row, 0], scale[batch_of_row, 0]))
 
 
 @dataclass
@@ -221,14 +224,20 @@ class DiT(nn.Module):
     def _act_dtype(self, device: torch.device) -> torch.dtype:
         return _activation_dtype(device, self.vocab_embed.embedding.dtype)
 
-    def forward(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
-        """x: Long [B, L]; sigma: [B] (ignored unless time conditioned) -> float32 logits [B, L, V + 1]."""
+    def forward(self, x: Tensor, sigma: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+        """x: Long [B, L]; sigma: [B] (ignored unless time conditioned) -> float32 logits [B, L, V + 1].
+
+        rows: optional bool [B, L]; then only those positions go through the output head and the
+        result is [N, V + 1] (N = rows.sum(), row-major order, i.e. ``logits[rows]``). A masked
+        diffusion model is only ever asked about its masked positions, and at GPT-2's vocabulary the
+        head is about a quarter of a forward (tools/bench.py targets).
+        """
         h = self.vocab_embed(x)
         c = self._cond(sigma, x)
         cos, sin = self.rotary_emb(x.shape[1], self._act_dtype(x.device))  # once for all blocks
         for block in self.blocks:
             h = block(h, c, cos, sin, self.causal)
-        return self.output_layer(h, c).float()
+        return self.output_layer(h, c, rows).float()
 
     def init_cache(
         self, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype | None = None

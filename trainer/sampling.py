@@ -22,6 +22,8 @@ def make_denoiser(model: nn.Module, mask_id: int, noise_eps: float, time_conditi
                   autocast: bool = True) -> Denoiser:
     """Wrap a DiT as a denoiser: model logits -> SUBS log-probs, in inference mode.
 
+    Only the masked positions go through the output head and the softmax (``DiT(rows=...)``,
+    ``diffusion.subs_log_probs_at``): SUBS makes every visible row one-hot whatever the model says.
     On CUDA the forward runs under bf16 autocast (the logits come back in float32 either way).
     """
 
@@ -30,8 +32,8 @@ def make_denoiser(model: nn.Module, mask_id: int, noise_eps: float, time_conditi
         sigma = diffusion.sigma_of_t(t.float(), noise_eps).to(xt.device) if time_conditioning else None
         use_amp = autocast and xt.device.type == "cuda"
         with torch.autocast(device_type=xt.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(xt, sigma)
-        return diffusion.subs_log_probs(logits, xt, mask_id)
+            logits = model(xt, sigma, rows=xt == mask_id)
+        return diffusion.subs_log_probs_at(logits, xt, mask_id)
 
     return denoise
 

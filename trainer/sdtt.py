@@ -86,31 +86,9 @@ def _uniforms(shape: tuple[int, ...], batch: int, generator: Generators) -> Tens
 
 def _draw(log_p: Tensor, x: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
           generator: Generators) -> Tensor:
-    """One ancestral step t -> s [B] from x [B, L] given the teacher's log p(x0 | x) [B, L, V + 1]:
-    a masked position stays masked with probability a_s / a_t, else takes a token v ~ p(x0 | x).
-    Visible positions are returned unchanged.
-
-    This is the law of Gumbel-max over ``diffusion.ancestral_log_weights`` (p(v) (a_t - a_s) for
-    real v, a_s for MASK; the real weights sum to a_t - a_s), drawn with two float64 uniforms per
-    position: u1 decides stay/unmask, u2 picks the token by inverse CDF (float64, as the sampled
-    codec). Why not Gumbel-max: it needs L x (V + 1) float64 noise per sample and step from the
-    sample's CPU generator, 1.5 s per sample and step at GPT-2's vocabulary on one core, against a
-    teacher forward of a few milliseconds on a GPU (tools/bench.py targets; docs/benchmarks.md). Here
-    the noise is 2 L uniforms and the CDF is built only for the positions that unmask, a few per step
-    at SDTT's small dt.
-    """
-    b, length = x.shape
-    u = _uniforms((2, length), b, generator).to(x.device)  # [B, 2, L]
-    a_t = diffusion.move_chance(t.double(), eps).to(x.device)
-    a_s = diffusion.move_chance(s.double(), eps).to(x.device)
-    unmask = (x == mask_id) & (u[:, 0] >= (a_s / a_t)[:, None])
-    out = x.clone()
-    rows = unmask.nonzero(as_tuple=True)
-    if rows[0].numel():
-        cdf = torch.cumsum(log_p[rows][:, :mask_id].double().exp(), dim=-1)  # [N, V], MASK column dropped
-        v = u[:, 1][rows][:, None] * cdf[:, -1:]
-        out[rows] = torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=mask_id - 1)
-    return out
+    """One ancestral step t -> s [B] from x [B, L] given the teacher's log p(x0 | x) [B, L, V + 1]
+    (``diffusion.ancestral_update``), its noise from one generator or one per sample."""
+    return diffusion.ancestral_update(log_p, x, t, s, mask_id, eps, _uniforms((2, x.shape[1]), x.shape[0], generator))
 
 
 @torch.no_grad()
