@@ -151,3 +151,21 @@ def test_size_table_cli(capsys):
     assert C.main(["--config", "configs/tiny.yaml", "--k", "8", "32"]) == 0
     out = capsys.readouterr().out
     assert "vocabulary 64" in out and "vocabulary 50257" in out and "topk" in out and "sampled" in out
+
+
+@pytest.mark.parametrize("codec,k", [("topk", 4), ("dense", 0), ("sampled", 8)])
+def test_encoding_a_batch_equals_encoding_each_sample(codec, k):
+    """encode_rows (one call for the batch, split by sample) gives exactly the per-sample codes,
+    including a sample with no masked position; sampled uses each sample's own generator."""
+    rows = [3, 0, 5, 1]
+    lp = _log_probs(m=sum(rows), vocab=16, seed=3)
+    gens = lambda: [torch.Generator().manual_seed(40 + b) for b in range(len(rows))]  # noqa: E731
+    batch = C.encode_rows(lp, rows, codec, k, gens())
+    alone = [C.encode(part, codec, k, g) for part, g in zip(lp.split(rows), gens())]
+    assert len(batch) == len(rows)
+    for got, want in zip(batch, alone):
+        assert got.keys() == want.keys()
+        for name in want:
+            assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
+    with pytest.raises(C.CodecError, match="rows of log-probs"):
+        C.encode_rows(lp, [1, 2], codec, k, gens()[:2])

@@ -200,3 +200,27 @@ def test_time_grid():
     assert grid.dtype == torch.float64 and len(grid) == 5
     assert grid[0] == 1.0 and abs(grid[-1].item() - 1e-5) < 1e-15
     assert np.allclose(np.diff(grid.numpy()), -(1 - 1e-5) / 4)
+
+
+def test_masked_position_forms_equal_the_full_tensor_forms():
+    """masked_log_probs / subs_log_probs_at / elbo_nll_at (the head's rows at masked positions only,
+    what the jobs use) give subs_log_probs / elbo_nll's values, and the same gradients."""
+    b, L = 4, 12
+    x0 = torch.randint(0, MASK, (b, L), generator=gen(20))
+    t = torch.tensor([0.1, 0.5, 0.9, 1.0])
+    xt = D.mask_tokens(x0, t, MASK, EPS, gen(21))
+    xt[0] = x0[0]  # a sample with nothing masked
+    masked = xt == MASK
+    logits = torch.randn(b, L, MASK + 1, generator=gen(22), dtype=torch.float32, requires_grad=True)
+    full = D.subs_log_probs(logits, xt, MASK)
+    torch.testing.assert_close(D.masked_log_probs(logits[masked], MASK), full[masked][:, :MASK])
+    at = D.subs_log_probs_at(logits.detach()[masked], xt, MASK)
+    assert torch.equal(at.isneginf(), full.isneginf())
+    torch.testing.assert_close(at, full.detach())
+    ref = D.elbo_nll(full, x0, xt, t, MASK, EPS)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+    got = D.elbo_nll_at(D.masked_log_probs(logits[masked], MASK), x0, xt, t, MASK, EPS)
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(g_got, g_ref)
+    assert got[0] == 0 and torch.all(got[1:] > 0)

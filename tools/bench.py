@@ -333,8 +333,9 @@ def cmd_sampling(args: argparse.Namespace) -> dict[str, Any]:
     ar.load_state_dict(model.state_dict())  # same shapes and names: the same-size AR model, same weights
     model, ar = model.to(device), ar.to(device)
     denoise = make_denoiser(model, V, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
-    # The generator lives on the sampling device by default: the float64 Gumbel noise is [B, L, V + 1]
-    # per step, and drawing it on the CPU and copying it would time the host, not the sampler.
+    # The generator lives on the sampling device by default (2 L float64 uniforms per sample and step
+    # for the ancestral draw; AR's Gumbel-max draws [B, V + 1] per token); --cpu-generator draws on the
+    # host, as trainer/evaluate.py does.
     gen_device = torch.device("cpu") if args.cpu_generator else device
     gen = torch.Generator(device=gen_device)
     can_cache = not cfg.model.time_conditioning  # caching is only valid for time-agnostic denoisers
@@ -407,7 +408,7 @@ def cmd_sampling(args: argparse.Namespace) -> dict[str, Any]:
     breakdown: dict[str, float] = {}
     if args.breakdown:
         # One sampler step split in two, at the same shapes: the denoiser call (forward + SUBS) and the
-        # ancestral draw (float64 Gumbel-max over [B, L, V + 1], noise from the sampling generator).
+        # ancestral draw (two float64 uniforms per position, inverse CDF for the positions that unmask).
         x_half = torch.full((B, L), V, device=device)
         x_half[:, ::2] = 0
         t, s_ = torch.full((B,), 0.5, dtype=torch.float64), torch.full((B,), 0.49, dtype=torch.float64)
@@ -421,7 +422,7 @@ def cmd_sampling(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cpu":
             breakdown["cpu_ancestral_step_over_denoiser"] = cpu_ratio("ancestral step", "denoiser call").value
         print(f"one sampler step: ancestral draw / denoiser call = {r_step} (generator on {gen_device}; "
-              f"float64 noise of {B}x{L}x{V + 1})")
+              f"{B}x{L} positions, half masked, V + 1 = {V + 1})")
     out = common_result("sampling", args, cfg, device)
     out.update(breakdown=breakdown, batch=B, seq_len=L, weights=origin, generator_device=str(gen_device),
                teacher_steps=args.teacher_steps, headline_teacher=_short(ref),
@@ -446,7 +447,7 @@ def _short(name: str) -> str:
 # targets
 # ==================================================================================================
 def cmd_targets(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.jobs.targets import build_header
+    from trainer.jobs.targets import build_header, write_shard
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(args.device)
@@ -482,16 +483,13 @@ def cmd_targets(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-targets-", dir=args.work))
 
     def full() -> Path:
-        """The targets job's inner loop (trainer/jobs/targets.py ``run``): rollout + codec
-        (sdtt.make_examples), ShardWriter (tar, fsync, sha256, atomic rename), the manifest."""
+        """The targets job's own shard loop (trainer/jobs/targets.py ``write_shard``): rollout + codec
+        (sdtt.make_examples), ShardWriter (tar, fsync, sha256, atomic rename) one batch behind on its
+        thread, then the manifest."""
         out = Path(tempfile.mkdtemp(prefix="set-", dir=work))
         shards.start_set(out, header)
         for j in range(plan.num_shards):
-            with shards.ShardWriter(out, plan, j, 0, digest) as writer:
-                for b in plan.batches(j, g.batch_size):
-                    for ex in sdtt.make_examples(denoise, x0[b.start:b.stop].to(device), list(b), spec):
-                        writer.add(ex.index, ex.xt, ex.fields, ex.meta(), ex.stats)
-                writer.finish()
+            write_shard(out, plan, j, 0, digest, denoise, spec, lambda b: x0[b.start:b.stop].to(device), g.batch_size)
         shards.write_manifest(out, header, plan)
         return out
 
@@ -984,7 +982,7 @@ def pretrain_tiny(cfg: RunConfig, src: Any, steps: int, seed: int, device: torch
         x0 = torch.from_numpy(src.sample(B, cfg.data.seq_len, rng)).to(device)
         t = diffusion.sample_times(B, gen, cfg.diffusion.train_eps, cfg.diffusion.antithetic)
         xt = diffusion.mask_tokens(x0, t, V, eps, gen)
-        loss = diffusion.elbo_nll(diffusion.subs_log_probs(model(xt), xt, V), x0, xt, t, V, eps).mean()
+        loss = diffusion.elbo_nll_at(diffusion.masked_log_probs(model(xt, rows=xt == V), V), x0, xt, t, V, eps).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -1111,7 +1109,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--breakdown", action="store_true",
                    help="also time one denoiser call against one ancestral draw at the same shapes")
     s.add_argument("--cpu-generator", action="store_true",
-                   help="draw the Gumbel noise on the CPU even when sampling on a GPU (as trainer.evaluate does)")
+                   help="draw the sampling noise on the CPU even when sampling on a GPU (as trainer.evaluate does)")
 
     s = add("targets", "target generation (targets job path) vs bare teacher forwards", 5)
     s.add_argument("--device", default=None)

@@ -126,6 +126,27 @@ def encode(log_probs: Tensor, codec: str, k: int, generator: torch.Generator | N
     return _encode_sampled(log_probs, k, vocab, generator)
 
 
+def encode_rows(log_probs: Tensor, rows: Sequence[int], codec: str, k: int,
+                generators: Sequence[torch.Generator] | None = None) -> list[dict[str, np.ndarray]]:
+    """Encode the masked positions of a batch: ``log_probs`` [N, V] holds sample b's ``rows[b]``
+    positions after sample a's for a < b; returns one field dict per sample.
+
+    The deterministic codecs (topk, dense) encode every row in one call and split the result: one
+    top-K and three device-to-host copies per batch instead of per sample (on a GPU each copy is a
+    synchronisation). ``sampled`` encodes sample by sample with ``generators[b]``, so its draws do
+    not depend on the batch.
+    """
+    if sum(rows) != log_probs.shape[0]:
+        raise CodecError(f"{codec}: {log_probs.shape[0]} rows of log-probs for {sum(rows)} positions")
+    if codec == "sampled":
+        if generators is None or len(generators) != len(rows):
+            raise CodecError("sampled: one torch.Generator per sample is required")
+        return [encode(part, codec, k, g) for part, g in zip(log_probs.split(list(rows)), generators)]
+    fields = encode(log_probs, codec, k)
+    bounds = np.cumsum([0, *rows])
+    return [{name: arr[a:b] for name, arr in fields.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _encode_topk(log_probs: Tensor, k: int, vocab: int) -> dict[str, np.ndarray]:
     lp = log_probs.detach().float()  # on its device: a GPT-2-sized row is 50k wide
     top, ids = torch.topk(lp, k, dim=-1)

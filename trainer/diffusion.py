@@ -70,6 +70,13 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
     return out.scatter_(-1, xt.unsqueeze(-1), torch.where(visible, 0.0, NEG_INF))
 
 
+def masked_log_probs(masked_logits: Tensor, mask_id: int) -> Tensor:
+    """SUBS at masked positions: log p(x0 | x_t) over the V real tokens [N, V] from the logits of
+    those positions [N, V + 1] (``DiT(..., rows=xt == mask_id)``). MASK is never predicted: its
+    column is dropped, the same as setting it to -inf before the softmax."""
+    return torch.log_softmax(masked_logits[:, :mask_id].float(), dim=-1)
+
+
 def subs_log_probs_at(masked_logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
     """``subs_log_probs`` from the logits of the masked positions only: ``masked_logits`` [N, V + 1]
     holds the rows of ``xt == mask_id`` in row-major order (``DiT(..., rows=xt == mask_id)``).
@@ -78,10 +85,8 @@ def subs_log_probs_at(masked_logits: Tensor, xt: Tensor, mask_id: int) -> Tensor
     the logits, so their head and softmax are never computed. Inference only (builds in place).
     """
     masked = xt == mask_id
-    bias = torch.zeros(masked_logits.shape[-1], dtype=torch.float32, device=masked_logits.device)
-    bias[mask_id] = NEG_INF
     out = torch.full((*xt.shape, masked_logits.shape[-1]), NEG_INF, dtype=torch.float32, device=xt.device)
-    out[masked] = torch.log_softmax(masked_logits.float() + bias, dim=-1)
+    out[masked, :mask_id] = masked_log_probs(masked_logits, mask_id)
     visible = ~masked
     return out.index_put_((*visible.nonzero(as_tuple=True), xt[visible]), torch.zeros((), device=xt.device))
 
@@ -96,6 +101,17 @@ def elbo_nll(log_probs: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int,
     ce = torch.where(masked, ce, torch.zeros_like(ce))  # visible positions are -(-inf)*0 otherwise
     weight = elbo_weight(t.float(), eps).to(ce.device)[:, None]
     return (weight * ce).sum(-1) / x0.shape[-1]
+
+
+def elbo_nll_at(log_probs: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int, eps: float) -> Tensor:
+    """``elbo_nll`` from the log-probs of the masked positions only, ``log_probs`` [N, V]
+    (``masked_log_probs``): the training loss without a head or a softmax at visible positions."""
+    masked = xt == mask_id
+    sample = masked.nonzero(as_tuple=True)[0]  # the sample of each masked position
+    ce = -log_probs.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)  # [N]
+    weight = elbo_weight(t.float(), eps).to(ce.device)
+    per_seq = torch.zeros(x0.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, sample, weight[sample] * ce)
+    return per_seq / x0.shape[-1]
 
 
 # --------------------------------------------------------------------------------------------------

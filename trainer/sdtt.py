@@ -201,14 +201,12 @@ def make_examples(denoise: Denoiser, x0: Tensor, indices: Sequence[int], spec: E
                     for b, g in enumerate(gens)])
     roll = teacher_rollout(denoise, xt, t, spec.dt, spec.teacher_steps, spec.mask_id, spec.noise_eps, gens,
                            t_min=spec.t_min)
-    out = []
-    for b, i in enumerate(indices):
-        masked = xt[b] == spec.mask_id
-        lp = roll.log_probs[b][masked][:, :spec.mask_id]  # M masked positions in order; drop MASK
-        fields = codecs.encode(lp, spec.codec, spec.k, gens[b])
-        out.append(Example(int(i), spec.round_idx, float(t[b]), xt[b].cpu().numpy().astype(np.int32),
-                           fields, codecs.stats(fields, spec.codec)))
-    return out
+    masked = xt == spec.mask_id
+    lp = roll.log_probs[masked][:, :spec.mask_id]  # [N, V]: the masked positions, sample by sample; drop MASK
+    coded = codecs.encode_rows(lp, masked.sum(1).tolist(), spec.codec, spec.k, gens)
+    xt_host, t_host = xt.cpu().numpy().astype(np.int32), t.tolist()
+    return [Example(int(i), spec.round_idx, t_host[b], xt_host[b], fields, codecs.stats(fields, spec.codec))
+            for b, (i, fields) in enumerate(zip(indices, coded))]
 
 
 def make_example(x0: Tensor, index: int, seed: int, round_idx: int, denoise: Denoiser, **spec: Any) -> Example:

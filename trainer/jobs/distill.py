@@ -97,8 +97,8 @@ def distill_loss(forward: Callable[..., Tensor], batch: Batch, cfg: RunConfig, k
     mask_id, eps = cfg.model.vocab_size, cfg.diffusion.noise_eps
     xt = batch.xt
     sigma = diffusion.sigma_of_t(batch.t, eps).to(xt.device) if cfg.model.time_conditioning else None
-    log_probs = diffusion.subs_log_probs(forward(xt, sigma), xt, mask_id)
-    student = sdtt.gather_masked(log_probs, xt, mask_id)  # [N, V], the targets' row order
+    # The head runs on the masked positions only, in the targets' row order: [N, V].
+    student = diffusion.masked_log_probs(forward(xt, sigma, rows=xt == mask_id), mask_id)
     return sdtt.masked_mean(sdtt.sparse_divergence(student, batch.targets, kind))
 
 

@@ -44,8 +44,9 @@ def mdlm_loss(engine: Engine, x0: torch.Tensor, gen: torch.Generator, cfg: RunCo
     t = diffusion.sample_times(x0.shape[0], gen, cfg.diffusion.train_eps, cfg.diffusion.antithetic)
     xt = diffusion.mask_tokens(x0, t, mask_id, eps, gen)
     sigma = diffusion.sigma_of_t(t, eps).to(engine.device) if cfg.model.time_conditioning else None
-    log_probs = diffusion.subs_log_probs(engine(xt, sigma), xt, mask_id)
-    return diffusion.elbo_nll(log_probs, x0, xt, t, mask_id, eps).mean()
+    # The head runs on the masked positions only: the loss is taken nowhere else.
+    log_probs = diffusion.masked_log_probs(engine(xt, sigma, rows=xt == mask_id), mask_id)
+    return diffusion.elbo_nll_at(log_probs, x0, xt, t, mask_id, eps).mean()
 
 
 def validate(engine: Engine, valid: torch.Tensor, cfg: RunConfig, rank: int, world: int) -> float:

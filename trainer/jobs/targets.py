@@ -22,7 +22,8 @@
 * Sharding: shard j = samples [j S, (j + 1) S); rank r writes shards r, r + W, ...; the teacher runs
   on batches of targets.batch_size consecutive indices from each shard's start, so the batch
   composition is fixed by index (batched matmuls differ in the last bit with the batch) and a
-  sample's content is the same for any number of ranks. Complete shards of an interrupted run
+  sample's content is the same for any number of ranks. A background thread writes each batch
+  while the teacher computes the next (``write_shard``). Complete shards of an interrupted run
   are skipped, incomplete ones redone; rank 0 writes manifest.json after a barrier.
 Output: ``DIR/round_R/targets/`` (trainer/shards.py). Progress on rank 0 (tqdm), samples/s and
 MB/s in the log and TensorBoard (``targets/...`` tags, step = samples written).
@@ -33,8 +34,9 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -210,19 +212,20 @@ def run(cfg: RunConfig, run_dir: Path, round_idx: int, info: dist.DistInfo) -> d
     rows = RowPicker(train.shape[0], cfg.seed, round_idx)
     written, bytes_written, t0 = 0, 0, time.perf_counter()
     bar = tqdm(total=todo_samples, desc=f"targets round {round_idx}", unit="sample", disable=not info.is_main)
+    def x0_of(batch: range) -> torch.Tensor:
+        return torch.from_numpy(np.stack([np.asarray(train[rows(i)], dtype=np.int64) for i in batch])).to(info.device)
+
+    def on_sample() -> None:  # the writer thread, after each sample
+        nonlocal written
+        written += 1
+        bar.update(1)
+        if kill_after and written >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     try:
         for j in todo:
             t_shard = time.perf_counter()
-            with shards.ShardWriter(out, plan, j, info.rank, digest) as writer:
-                for batch in plan.batches(j, g.batch_size):
-                    x0 = torch.from_numpy(np.stack([np.asarray(train[rows(i)], dtype=np.int64) for i in batch]))
-                    for ex in sdtt.make_examples(denoise, x0.to(info.device), list(batch), spec):
-                        writer.add(ex.index, ex.xt, ex.fields, ex.meta(), ex.stats)
-                        written += 1
-                        if kill_after and written >= kill_after:
-                            os.kill(os.getpid(), signal.SIGKILL)
-                    bar.update(len(batch))
-                rec = writer.finish()
+            rec = write_shard(out, plan, j, info.rank, digest, denoise, spec, x0_of, g.batch_size, on_sample)
             bytes_written += rec["bytes"]
             dt_shard = max(time.perf_counter() - t_shard, 1e-9)
             rate = {"targets/samples_per_s": rec["samples"] / dt_shard,
@@ -246,6 +249,41 @@ def run(cfg: RunConfig, run_dir: Path, round_idx: int, info: dist.DistInfo) -> d
         return manifest
     finally:
         metrics.close()
+
+
+def write_shard(out: Path, plan: shards.ShardPlan, shard: int, rank: int, digest: str, denoise: sdtt.Denoiser,
+                spec: sdtt.ExampleSpec, x0_of: Callable[[range], torch.Tensor], batch_size: int,
+                on_sample: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Write and publish one shard; returns its completion record (shards.ShardWriter.finish).
+
+    The teacher runs on batches of ``batch_size`` consecutive indices from the shard's start
+    (``x0_of(indices)`` gives their clean rows on the teacher's device). Examples are written one
+    batch behind the teacher, on a background thread: the host's codec output, npy and tar work for
+    batch b overlaps the teacher's forwards of batch b + 1 (GPU kernels run asynchronously, CPU ops
+    release the GIL). Samples still reach the tar in index order, and the shard is published only
+    after its last write, so the bytes are those of a serial run. ``on_sample`` runs on the writer
+    thread after each sample.
+    """
+    def write(writer: shards.ShardWriter, examples: list[sdtt.Example]) -> None:
+        for ex in examples:
+            writer.add(ex.index, ex.xt, ex.fields, ex.meta(), ex.stats)
+            if on_sample is not None:
+                on_sample()
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard-{shard}-writer")
+    with shards.ShardWriter(out, plan, shard, rank, digest) as writer:
+        try:
+            pending: Future | None = None
+            for batch in plan.batches(shard, batch_size):
+                examples = sdtt.make_examples(denoise, x0_of(batch), list(batch), spec)
+                if pending is not None:
+                    pending.result()  # one batch in flight at most; re-raises the writer's error
+                pending = pool.submit(write, writer, examples)
+            if pending is not None:
+                pending.result()
+        finally:
+            pool.shutdown(wait=True)  # an error aborts the shard, never under a running write
+        return writer.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
