@@ -77,7 +77,7 @@ def test_ancestral_step_keeps_visible_tokens_and_unmasks_at_the_right_rate():
     masked = torch.rand(b, L, generator=gen(4)) < 0.6
     xt = torch.where(masked, torch.full_like(xt, MASK), xt)
     logits = torch.randn(b, L, MASK + 1, generator=gen(5))
-    lp = D.subs_log_probs(logits, xt, MASK)
+    lp = D.masked_log_probs(logits[masked], MASK)  # the denoiser's rows: the masked positions
     xs = D.ancestral_step(lp, xt, torch.full((b,), t), torch.full((b,), s), MASK, EPS, gen(6))
     assert torch.equal(xs[~masked], xt[~masked])
     stay = (xs[masked] == MASK).double().mean().item()
@@ -91,7 +91,7 @@ def test_ancestral_step_draws_tokens_from_the_denoiser():
     b, L = 1, 60000
     xt = torch.full((b, L), MASK)
     probs = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.015, 0.005])
-    lp = torch.cat([probs.log(), torch.tensor([float("-inf")])]).expand(b, L, -1)
+    lp = probs.log().expand(b * L, -1)
     xs = D.ancestral_step(lp, xt, torch.tensor([1.0]), torch.tensor([0.0]), MASK, EPS, gen(7))
     assert not torch.any(xs == MASK)  # s = 0: nothing can stay masked
     counts = torch.bincount(xs.flatten(), minlength=MASK)
@@ -99,12 +99,10 @@ def test_ancestral_step_draws_tokens_from_the_denoiser():
 
 
 def ancestral_law(log_p: torch.Tensor, t: float, s: float) -> torch.Tensor:
-    """Reference law of one reverse step for a masked position, [V + 1] float64: MASK with
-    probability a_s / a_t, token v with p(v) (a_t - a_s) / a_t."""
+    """Reference law of one reverse step for a masked position with log p(x0) = log_p [V], as
+    [V + 1] float64: token v with p(v) (a_t - a_s) / a_t, MASK (last) with a_s / a_t."""
     a_t, a_s = (D.move_chance(torch.tensor(x, dtype=torch.float64), EPS) for x in (t, s))
-    law = log_p.double().exp() * (a_t - a_s) / a_t
-    law[MASK] = a_s / a_t
-    return law
+    return torch.cat([log_p.double().exp() * (a_t - a_s) / a_t, (a_s / a_t)[None]])
 
 
 def test_ancestral_step_reproduces_a_very_skewed_categorical_in_float64():
@@ -113,9 +111,9 @@ def test_ancestral_step_reproduces_a_very_skewed_categorical_in_float64():
     n = 200_000
     probs = torch.tensor([1 - 1.111e-2, 1e-2, 1e-3, 1e-4, 1e-5, 0, 0, 0], dtype=torch.float64)
     probs = probs / probs.sum()
-    log_p = torch.cat([probs.log(), torch.tensor([float("-inf")], dtype=torch.float64)]).float()
+    log_p = probs.log().float()
     t, s = 0.9, 0.3
-    xs = D.ancestral_step(log_p.expand(1, n, -1), torch.full((1, n), MASK), torch.tensor([t]), torch.tensor([s]),
+    xs = D.ancestral_step(log_p.expand(n, -1), torch.full((1, n), MASK), torch.tensor([t]), torch.tensor([s]),
                           MASK, EPS, gen(9))
     counts = torch.bincount(xs.flatten(), minlength=MASK + 1).double()
     law = ancestral_law(log_p, t, s)
@@ -131,7 +129,7 @@ def test_ancestral_step_noise_is_two_uniforms_per_position():
     """The step's randomness is ancestral_uniforms: the same uniforms give the same step, and the
     generator advances by 2 L float64 draws per sample, whether or not anything unmasks."""
     b, L = 3, 40
-    lp = D.subs_log_probs(torch.randn(b, L, MASK + 1, generator=gen(1)), torch.full((b, L), MASK), MASK)
+    lp = D.masked_log_probs(torch.randn(b * L, MASK + 1, generator=gen(1)), MASK)
     xt = torch.full((b, L), MASK)
     t, s = torch.full((b,), 0.7), torch.full((b,), 0.4)
     g = gen(2)
@@ -191,7 +189,7 @@ def test_final_step_fills_masks_with_argmax():
     logits = torch.zeros(1, 3, MASK + 1)
     logits[0, 0, 5] = 3.0
     logits[0, 2, 1] = 3.0
-    lp = D.subs_log_probs(logits, xt, MASK)
+    lp = D.masked_log_probs(logits[xt == MASK], MASK)
     assert D.final_step(lp, xt, MASK).tolist() == [[5, 2, 1]]
 
 
@@ -203,8 +201,8 @@ def test_time_grid():
 
 
 def test_masked_position_forms_equal_the_full_tensor_forms():
-    """masked_log_probs / subs_log_probs_at / elbo_nll_at (the head's rows at masked positions only,
-    what the jobs use) give subs_log_probs / elbo_nll's values, and the same gradients."""
+    """masked_log_probs / elbo_nll_at (the head's rows at masked positions only, what the jobs and
+    denoisers use) give subs_log_probs / elbo_nll's values, and the same gradients."""
     b, L = 4, 12
     x0 = torch.randint(0, MASK, (b, L), generator=gen(20))
     t = torch.tensor([0.1, 0.5, 0.9, 1.0])
@@ -214,9 +212,6 @@ def test_masked_position_forms_equal_the_full_tensor_forms():
     logits = torch.randn(b, L, MASK + 1, generator=gen(22), dtype=torch.float32, requires_grad=True)
     full = D.subs_log_probs(logits, xt, MASK)
     torch.testing.assert_close(D.masked_log_probs(logits[masked], MASK), full[masked][:, :MASK])
-    at = D.subs_log_probs_at(logits.detach()[masked], xt, MASK)
-    assert torch.equal(at.isneginf(), full.isneginf())
-    torch.testing.assert_close(at, full.detach())
     ref = D.elbo_nll(full, x0, xt, t, MASK, EPS)
     (g_ref,) = torch.autograd.grad(ref.sum(), logits)
     got = D.elbo_nll_at(D.masked_log_probs(logits[masked], MASK), x0, xt, t, MASK, EPS)

@@ -130,7 +130,8 @@ def test_rotary_frequencies_survive_dtype_casts_and_meta_init():
 @pytest.mark.parametrize("time_conditioning", [False, True])
 def test_head_on_selected_rows_equals_the_full_forward(time_conditioning):
     """rows=mask runs the output head on the masked positions only, each with its own sample's
-    adaLN modulation; the denoiser built on it gives the SUBS log-probs of the full forward."""
+    adaLN modulation; the denoiser built on it gives the SUBS log-probs of the full forward at the
+    masked positions."""
     from trainer import diffusion as D
     from trainer.sampling import make_denoiser
 
@@ -151,7 +152,4 @@ def test_head_on_selected_rows_equals_the_full_forward(time_conditioning):
     t = torch.tensor([0.2, 0.7, 0.9])
     got = make_denoiser(model, mask_id, 1e-3, time_conditioning)(x, t)
     want = D.subs_log_probs(model(x, D.sigma_of_t(t, 1e-3) if time_conditioning else None), x, mask_id)
-    assert torch.equal(got.isneginf(), want.isneginf())
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.all(got[2].max(-1).values == 0)  # visible rows: one-hot on their token
-    assert torch.equal(got[2].argmax(-1), x[2])
+    torch.testing.assert_close(got, want[rows][:, :mask_id], rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ def test_first_step_unmasks_the_right_fraction():
     """The reference code's grid bug made the first step land at the wrong time; ours lands at t - dt,
     so a masked token unmasks with probability (a(t) - a(t - dt)) / a(t)."""
     L = 20000
-    uniform = lambda x, t: D.subs_log_probs(torch.zeros(*x.shape, V + 1), x, MASK)  # noqa: E731
+    uniform = lambda x, t: D.masked_log_probs(torch.zeros(int((x == MASK).sum()), V + 1), MASK)  # noqa: E731
     xt = torch.full((1, L), MASK)
     t, dt = torch.tensor([0.5]), 0.2
     roll = S.teacher_rollout(uniform, xt, t, dt, 1, MASK, EPS, torch.Generator().manual_seed(0))
@@ -56,22 +56,22 @@ def test_teacher_step_has_the_ancestral_law_and_is_batch_invariant():
     logits = 1.5 * torch.randn(V + 1, generator=torch.Generator().manual_seed(1))
     xt = torch.full((1, L), MASK)
     xt[0, :50] = 3
-    log_p = D.subs_log_probs(logits.expand(1, L, V + 1), xt, MASK)
+    log_p = D.masked_log_probs(logits.expand(L, V + 1)[50:], MASK)  # the masked positions 50 .. L - 1
     t, s = torch.tensor([0.5], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
     x = S._draw(log_p, xt, t, s, MASK, EPS, torch.Generator().manual_seed(0))
     assert torch.equal(x[0, :50], xt[0, :50])
     a_t, a_s = D.move_chance(t, EPS), D.move_chance(s, EPS)
-    law = log_p[0, 50].double().exp() * (a_t - a_s) / a_t
-    law[MASK] = a_s[0] / a_t[0]
+    law = torch.cat([log_p[0].double().exp() * (a_t - a_s) / a_t, a_s / a_t])
     freq = torch.bincount(x[0, 50:], minlength=V + 1).double() / (L - 50)
     tol = 4 * torch.sqrt(law * (1 - law) / (L - 50)) + 1e-12
     assert torch.all((freq - law).abs() <= tol), (freq, law)
     gens = lambda: [torch.Generator().manual_seed(10 + b) for b in range(3)]  # noqa: E731
     x3 = torch.full((3, 16), MASK)
-    lp3 = D.subs_log_probs(torch.randn(3, 16, V + 1, generator=torch.Generator().manual_seed(2)), x3, MASK)
+    lp3 = D.masked_log_probs(torch.randn(48, V + 1, generator=torch.Generator().manual_seed(2)), MASK)
     t3, s3 = torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 0.1, dtype=torch.float64)
     together = S._draw(lp3, x3, t3, s3, MASK, EPS, gens())
-    alone = [S._draw(lp3[b:b + 1], x3[b:b + 1], t3[b:b + 1], s3[b:b + 1], MASK, EPS, [gens()[b]]) for b in range(3)]
+    alone = [S._draw(lp3[16 * b:16 * (b + 1)], x3[b:b + 1], t3[b:b + 1], s3[b:b + 1], MASK, EPS, [gens()[b]])
+             for b in range(3)]
     assert torch.equal(together, torch.cat(alone))
 
 
@@ -86,7 +86,7 @@ class ScriptedTeacher:
         j = len(self.calls)
         self.calls.append((x.clone(), t.clone()))
         logits = -((torch.arange(V + 1, dtype=torch.float32) - j) ** 2).expand(*x.shape, V + 1)
-        return D.subs_log_probs(logits, x, MASK)
+        return D.masked_log_probs(logits[x == MASK], MASK)
 
 
 def test_targets_come_from_the_step_that_unmasked_each_position(monkeypatch):
@@ -96,9 +96,10 @@ def test_targets_come_from_the_step_that_unmasked_each_position(monkeypatch):
     script = {0: [1], 1: [0, 3], 2: []}
     step_no = iter(range(3))
 
-    def forced_draw(log_w, *_):
+    def forced_draw(log_p, x, *_):
         j = next(step_no)
-        out = torch.full(log_w.shape[:-1], MASK, dtype=torch.long)
+        assert log_p.shape == (int((x == MASK).sum()), V)  # the denoiser's rows: x's masked positions
+        out = x.clone()
         for pos in script[j]:
             out[0, pos] = 5
         return out
@@ -108,7 +109,8 @@ def test_targets_come_from_the_step_that_unmasked_each_position(monkeypatch):
     t = torch.tensor([0.9])
     roll = S.teacher_rollout(teacher, xt, t, 0.1, 3, MASK, EPS, torch.Generator())
     assert roll.step.tolist() == [[1, 0, 2, 1, -1, -1]]
-    made_by = roll.log_probs[0, :4].argmax(-1).tolist()  # call j predicts token j
+    assert roll.log_probs.shape == (4, V)  # one target row per masked position of x_t, in order
+    made_by = roll.log_probs.argmax(-1).tolist()  # call j predicts token j
     assert made_by == [1, 0, 2, 1]
     assert roll.x_final.tolist() == [[5, 5, MASK, 5, 7, 8]]
     # m calls, on the states x_0, x_1, x_2, at times t, t - dt, t - 2 dt
@@ -116,9 +118,6 @@ def test_targets_come_from_the_step_that_unmasked_each_position(monkeypatch):
     assert [c[1].item() for c in teacher.calls] == pytest.approx([0.9, 0.8, 0.7], abs=1e-6)
     assert teacher.calls[1][0].tolist() == [[MASK, 5, MASK, MASK, 7, 8]]
     assert teacher.calls[2][0].tolist() == [[5, 5, MASK, 5, 7, 8]]
-    # teacher_targets is the same thing, dense
-    step_no = iter(range(3))
-    assert S.teacher_targets(ScriptedTeacher(), xt, t, 0.1, 3, MASK, EPS, torch.Generator()).shape == (1, 6, V + 1)
 
 
 def test_student_equal_to_teacher_with_one_step_has_zero_loss():
@@ -127,10 +126,10 @@ def test_student_equal_to_teacher_with_one_step_has_zero_loss():
     gen = torch.Generator().manual_seed(2)
     t = torch.tensor([0.3, 0.6, 0.9])
     xt = D.mask_tokens(x0, t, MASK, EPS, gen)
-    target = S.teacher_targets(teacher, xt, t, 0.05, 1, MASK, EPS, gen)
+    target = S.teacher_rollout(teacher, xt, t, 0.05, 1, MASK, EPS, gen).log_probs
     student = teacher(xt, t)
     for kind in S.DIVERGENCES:
-        loss = S.divergence(student[..., :V], target[..., :V], kind, mask=xt == MASK)
+        loss = S.divergence(student, target, kind)
         assert loss.item() == pytest.approx(0.0, abs=1e-6), kind
 
 
@@ -146,7 +145,7 @@ def _mixing_teacher(seed=0, vocab=V, length=64):
     def denoise(x, t):
         left = torch.roll(x, 1, dims=1)
         logits = 2 * emb[x] + emb[left] + pos[: x.shape[1]]
-        return D.subs_log_probs(logits, x, vocab)
+        return D.masked_log_probs(logits[x == vocab], vocab)
 
     return denoise
 
@@ -220,15 +219,11 @@ def test_dense_divergences_match_their_definitions():
         S.dense_divergence(s, t, "l1")
 
 
-def test_masked_mean_and_gather():
+def test_masked_mean():
     vals = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[True, False, True], [False, False, True]])
     assert S.masked_mean(vals, mask).item() == pytest.approx((1 + 3 + 6) / 3)
     assert S.masked_mean(vals, torch.zeros_like(mask)).item() == 0.0
-    lp = torch.randn(2, 3, V + 1)
-    xt = torch.tensor([[MASK, 1, MASK], [2, 3, MASK]])
-    got = S.gather_masked(lp, xt, MASK)
-    assert torch.equal(got, torch.stack([lp[0, 0, :V], lp[0, 2, :V], lp[1, 2, :V]]))
 
 
 @pytest.mark.parametrize("kind", S.DIVERGENCES)

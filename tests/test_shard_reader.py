@@ -157,7 +157,7 @@ def test_collated_targets_line_up_with_the_student_rows(tset, manifest):
     samples = _read(tset, order, geo, 1, 0)[0]
     xt, t, fields = SR.collate_fields(samples, "topk", 64, 64)
     targets = codecs.decode(fields, "topk", 64, 8)
-    student = sdtt.gather_masked(torch.zeros(G, 64, 65), xt, 64)
+    student = torch.zeros(G, 64, 65)[xt == 64]  # the student's rows: DiT(rows=xt == MASK)
     assert student.shape[0] == targets.ids.shape[0] == int((xt == 64).sum())
     assert torch.equal(t, torch.tensor([s["meta"]["t"] for s in samples], dtype=torch.float32))
     broken = dict(samples[0], logtail=samples[0]["logtail"][:-1])

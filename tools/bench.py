@@ -944,23 +944,27 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
           f"{tq[2 * student_steps]['nll']:.4f} at {2 * student_steps} steps (source floor "
           f"{src.sequence_entropy_per_token(L):.4f}); entropy {tq[student_steps]['entropy']:.4f}, bigram KL "
           f"{tq[student_steps].get('bigram_kl', math.nan):.4f} at {student_steps} steps")
-    # Met = at most 40 bytes/position at GPT-2's vocabulary (where storage matters) AND the upper 95%
-    # bound of the NLL cost within 1% (a cost "within noise" of a noisy estimate does not count).
+    # Met = at most 40 bytes/position at GPT-2's vocabulary (where storage matters), the upper 95% bound
+    # of the NLL cost within 1% (a cost "within noise" of a noisy estimate does not count) AND at most
+    # 1% of the sample entropy lost: a sparse code can lower the NLL by making the student sharper
+    # (mode-seeking), which is lost diversity, not quality.
+    goal = "<= 40 bytes/position at V=50257, NLL cost <= 1% at 95%, entropy loss <= 1%"
     best = sorted((r["bytes_per_position"], n) for n, r in results.items()
-                  if r["codec"] != "dense" and r["bytes_per_position"] <= 40 and r["quality_cost_bound95"] <= 0.01)
+                  if r["codec"] != "dense" and r["bytes_per_position"] <= 40 and r["quality_cost_bound95"] <= 0.01
+                  and r["entropy_change"] >= -0.01)
     for b, n in best:
         r = results[n]
-        print(f"goal (<= 40 bytes/position at V=50257, NLL cost <= 1% at 95%): MET by {n} ({b:.0f} bytes/position "
-              f"worst case; NLL cost {100 * r['quality_cost']:+.2f}% +- {100 * r['quality_cost_se']:.2f}, "
-              f"95% bound {100 * r['quality_cost_bound95']:+.2f}%; entropy {100 * r['entropy_change']:+.2f}%)")
+        print(f"goal ({goal}): MET by {n} ({b:.0f} bytes/position worst case; NLL cost "
+              f"{100 * r['quality_cost']:+.2f}% +- {100 * r['quality_cost_se']:.2f}, 95% bound "
+              f"{100 * r['quality_cost_bound95']:+.2f}%; entropy {100 * r['entropy_change']:+.2f}%)")
     if not best:
-        print("goal (<= 40 bytes/position at V=50257, NLL cost <= 1% at 95%): MISSED on this run")
+        print(f"goal ({goal}): MISSED on this run")
     out = common_result("storage", args, cfg, device)
     out.update(teacher=teacher_origin, probe_student=probe_origin, bytes_per_position=sizes, tail_mass=tail,
                distinct_ids=distinct,
                quality=results, teacher_nll={str(k): v["nll"] for k, v in tq.items()}, ratios=ratios,
                distill_steps=args.distill_steps, eval_samples=args.eval_samples, seeds=args.seeds,
-               goal={"bytes_per_position": 40, "quality_cost": 0.01},
+               goal={"bytes_per_position": 40, "quality_cost": 0.01, "entropy_loss": 0.01},
                goal_met=[n for _, n in best])
     return out
 

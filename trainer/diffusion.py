@@ -77,20 +77,6 @@ def masked_log_probs(masked_logits: Tensor, mask_id: int) -> Tensor:
     return torch.log_softmax(masked_logits[:, :mask_id].float(), dim=-1)
 
 
-def subs_log_probs_at(masked_logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """``subs_log_probs`` from the logits of the masked positions only: ``masked_logits`` [N, V + 1]
-    holds the rows of ``xt == mask_id`` in row-major order (``DiT(..., rows=xt == mask_id)``).
-
-    The same values as ``subs_log_probs(logits, xt, mask_id)``: visible rows are one-hot whatever
-    the logits, so their head and softmax are never computed. Inference only (builds in place).
-    """
-    masked = xt == mask_id
-    out = torch.full((*xt.shape, masked_logits.shape[-1]), NEG_INF, dtype=torch.float32, device=xt.device)
-    out[masked, :mask_id] = masked_log_probs(masked_logits, mask_id)
-    visible = ~masked
-    return out.index_put_((*visible.nonzero(as_tuple=True), xt[visible]), torch.zeros((), device=xt.device))
-
-
 def elbo_nll(log_probs: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int, eps: float) -> Tensor:
     """Per-sequence NLL bound in nats per token: sum over masked positions of w(t) * CE, over L.
 
@@ -138,7 +124,9 @@ def ancestral_uniforms(batch: int, length: int, generator: torch.Generator) -> T
 
 def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
                      u: Tensor) -> Tensor:
-    """One reverse step t -> s < t given its noise ``u`` [B, 2, L] (``ancestral_uniforms``).
+    """One reverse step t -> s < t given the denoiser's log p(x0 | x_t) [N, V] at the N masked
+    positions of ``xt`` (row-major order: the denoiser contract) and the step's noise ``u``
+    [B, 2, L] (``ancestral_uniforms``).
 
     The law is q(x_s | x_t, x0 ~ p): a masked token stays masked with probability a_s / a_t
     (a = move_chance), else takes v with probability p(v | x_t); visible tokens never change. It is
@@ -154,15 +142,16 @@ def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id
     a_t = move_chance(t.double(), eps).to(xt.device)
     a_s = move_chance(s.double(), eps).to(xt.device)
     u = u.to(xt.device)
-    unmask = (xt == mask_id) & (u[:, 0] >= (a_s / a_t)[:, None])
+    masked = xt == mask_id
+    unmask = masked & (u[:, 0] >= (a_s / a_t)[:, None])
     out = xt.clone()
-    rows = unmask.nonzero(as_tuple=True)
-    if rows[0].numel():
-        cdf = torch.cumsum(log_p_x0[rows][:, :mask_id].double().exp(), dim=-1)  # [N, V], MASK dropped
+    which = unmask[masked]  # [N]: the masked rows that unmask, in the same (row-major) order
+    if which.any():
+        cdf = torch.cumsum(log_p_x0[which].double().exp(), dim=-1)  # [n, V]
         # right=True: the first token whose CDF exceeds u * total, so a zero-probability token (a flat
         # step of the CDF) is never drawn; u < 1 keeps the index below V (clamped against rounding).
-        v = u[:, 1][rows][:, None] * cdf[:, -1:]
-        out[rows] = torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=mask_id - 1)
+        v = u[:, 1][unmask][:, None] * cdf[:, -1:]
+        out[unmask] = torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=mask_id - 1)
     return out
 
 
@@ -174,9 +163,11 @@ def ancestral_step(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: 
 
 
 def final_step(log_p_x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """Fill whatever is still masked with the denoiser's most likely real token."""
-    real = log_p_x0[..., :mask_id]
-    return torch.where(xt == mask_id, real.argmax(dim=-1), xt)
+    """Fill whatever is still masked with the denoiser's most likely real token (``log_p_x0``
+    [N, V] at the masked positions, as ``ancestral_update``)."""
+    out = xt.clone()
+    out[xt == mask_id] = log_p_x0.argmax(dim=-1)
+    return out
 
 
 def time_grid(steps: int, sampling_eps: float) -> Tensor:

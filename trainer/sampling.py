@@ -1,8 +1,10 @@
 """Samplers built on trainer.diffusion: N-step ancestral sampling (with prediction caching and
 prefix conditioning) for masked diffusion models, and KV-cached sampling for the AR baseline.
 
-Samplers take *denoisers* (callables ``(xt, t) -> log-probs``), not models, so a teacher, a student
-and an imported checkpoint all sample through the same code. Everything is batched, runs on the
+Samplers take *denoisers*, not models, so a teacher, a student and an imported checkpoint all
+sample through the same code. A denoiser is a callable ``(xt [B, L], t [B]) -> log-probs [N, V]``:
+log p(x0 | x_t) over the V real tokens at the N masked positions of xt, in row-major order (the
+positions ``xt == MASK`` select); visible positions are never predicted (SUBS keeps them). Everything is batched, runs on the
 tensors' device, and draws randomness only from the generator it is given.
 """
 from __future__ import annotations
@@ -20,10 +22,10 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 def make_denoiser(model: nn.Module, mask_id: int, noise_eps: float, time_conditioning: bool = False,
                   autocast: bool = True) -> Denoiser:
-    """Wrap a DiT as a denoiser: model logits -> SUBS log-probs, in inference mode.
+    """Wrap a DiT as a denoiser: log p(x0 | x_t) [N, V] at the N masked positions, in inference mode.
 
-    Only the masked positions go through the output head and the softmax (``DiT(rows=...)``,
-    ``diffusion.subs_log_probs_at``): SUBS makes every visible row one-hot whatever the model says.
+    Only the masked positions go through the output head and the softmax (``DiT(rows=...)``): SUBS
+    makes every visible position a copy of its token, which no caller needs to be told.
     On CUDA the forward runs under bf16 autocast (the logits come back in float32 either way).
     """
 
@@ -33,7 +35,7 @@ def make_denoiser(model: nn.Module, mask_id: int, noise_eps: float, time_conditi
         use_amp = autocast and xt.device.type == "cuda"
         with torch.autocast(device_type=xt.device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(xt, sigma, rows=xt == mask_id)
-        return diffusion.subs_log_probs_at(logits, xt, mask_id)
+        return diffusion.masked_log_probs(logits, mask_id)
 
     return denoise
 

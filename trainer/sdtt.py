@@ -69,7 +69,7 @@ def teacher_grid(t: Tensor, dt: float, m: int, t_min: float) -> Tensor:
 # Teacher targets
 # --------------------------------------------------------------------------------------------------
 class Rollout(NamedTuple):
-    log_probs: Tensor  # float32 [B, L, V + 1]: the target at every position (see teacher_rollout)
+    log_probs: Tensor  # float32 [N, V]: the target of each of the N masked positions of x_t (row-major)
     step: Tensor  # int64 [B, L]: teacher step whose prediction is the target; -1 where x_t is visible
     x_final: Tensor  # int64 [B, L]: the teacher's sequence after its m steps
 
@@ -86,8 +86,9 @@ def _uniforms(shape: tuple[int, ...], batch: int, generator: Generators) -> Tens
 
 def _draw(log_p: Tensor, x: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
           generator: Generators) -> Tensor:
-    """One ancestral step t -> s [B] from x [B, L] given the teacher's log p(x0 | x) [B, L, V + 1]
-    (``diffusion.ancestral_update``), its noise from one generator or one per sample."""
+    """One ancestral step t -> s [B] from x [B, L] given the teacher's log p(x0 | x) [N, V] at the
+    masked positions of x (``diffusion.ancestral_update``), its noise from one generator or one
+    per sample."""
     return diffusion.ancestral_update(log_p, x, t, s, mask_id, eps, _uniforms((2, x.shape[1]), x.shape[0], generator))
 
 
@@ -99,41 +100,38 @@ def teacher_rollout(denoise: Denoiser, xt: Tensor, t: Tensor, dt: float, m: int,
     Step j calls the teacher once on x_j (m denoiser calls in all) and draws x_{j+1}. The target of
     a position that is MASK in x_t is the teacher's log p(x0 | x_j) of the step j at which that
     position got unmasked; a position still masked after the last step gets the last call's
-    prediction (j = m - 1). Positions visible in x_t carry the first call's (SUBS one-hot) output:
-    no loss is taken there. ``generator``: one generator, or one per sample (batch-invariant draws).
+    prediction (j = m - 1). Visible positions of x_t have no target (no loss is taken there).
+    ``generator``: one generator, or one per sample (batch-invariant draws).
     """
     if m < 1:
         raise ValueError(f"teacher_rollout: m={m} teacher steps, need at least 1")
     grid = teacher_grid(t, dt, m, t_min)
+    masked0 = xt == mask_id
+    # row[b, l]: the target row of position (b, l) among x_t's masked positions (row-major), -1 elsewhere
+    row = torch.full(xt.shape, -1, dtype=torch.long, device=xt.device)
+    row[masked0] = torch.arange(int(masked0.sum()), device=xt.device)
     x = xt
     step = torch.full(xt.shape, -1, dtype=torch.long, device=xt.device)
-    early: list[tuple[Tensor, Tensor]] = []  # (positions, their rows of log p) unmasked at steps < m - 1
-    log_p = None
+    early: list[tuple[Tensor, Tensor]] = []  # (target rows, their log p) of positions unmasked at steps < m - 1
+    log_p, masked = None, masked0
     for j in range(m):
-        log_p = denoise(x, grid[:, j].float())
+        log_p = denoise(x, grid[:, j].float())  # [N_j, V]: x_j's masked positions
         masked = x == mask_id
-        x_next = torch.where(masked, _draw(log_p, x, grid[:, j], grid[:, j + 1], mask_id, eps, generator), x)
+        x_next = _draw(log_p, x, grid[:, j], grid[:, j + 1], mask_id, eps, generator)
         unmasked_now = masked & (x_next != mask_id)
         if j < m - 1:
-            early.append((unmasked_now, log_p[unmasked_now]))
+            early.append((row[unmasked_now], log_p[unmasked_now[masked]]))
         step[unmasked_now] = j
         x = x_next
     assert log_p is not None
     step[x == mask_id] = m - 1
-    # The last call's prediction is the target of every position still masked (most of them at
-    # SDTT's small dt) and of those it unmasked; visible positions carry SUBS's one-hot, the same at
-    # every call. So: one copy of the last prediction, then the few rows unmasked earlier -- not
-    # m + 1 torch.where passes over [B, L, V + 1] (GBs per batch at GPT-2's vocabulary).
-    target = log_p.float().clone()  # a copy: the denoiser's output may be an inference tensor
+    # The last call's prediction is the target of every position it saw masked (those still masked,
+    # most of them at SDTT's small dt, and those it unmasked); the few unmasked earlier take theirs.
+    target = torch.empty((int(masked0.sum()), log_p.shape[-1]), dtype=torch.float32, device=log_p.device)
+    target[row[masked]] = log_p.float()
     for rows, values in early:
         target[rows] = values.float()
     return Rollout(target, step, x)
-
-
-def teacher_targets(denoise: Denoiser, xt: Tensor, t: Tensor, dt: float, m: int, mask_id: int, eps: float,
-                    generator: Generators, t_min: float = 1e-5) -> Tensor:
-    """Dense target log-probs [B, L, V + 1] (see ``teacher_rollout``); use them on MASK positions."""
-    return teacher_rollout(denoise, xt, t, dt, m, mask_id, eps, generator, t_min).log_probs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,9 +199,7 @@ def make_examples(denoise: Denoiser, x0: Tensor, indices: Sequence[int], spec: E
                     for b, g in enumerate(gens)])
     roll = teacher_rollout(denoise, xt, t, spec.dt, spec.teacher_steps, spec.mask_id, spec.noise_eps, gens,
                            t_min=spec.t_min)
-    masked = xt == spec.mask_id
-    lp = roll.log_probs[masked][:, :spec.mask_id]  # [N, V]: the masked positions, sample by sample; drop MASK
-    coded = codecs.encode_rows(lp, masked.sum(1).tolist(), spec.codec, spec.k, gens)
+    coded = codecs.encode_rows(roll.log_probs, (xt == spec.mask_id).sum(1).tolist(), spec.codec, spec.k, gens)
     xt_host, t_host = xt.cpu().numpy().astype(np.int32), t.tolist()
     return [Example(int(i), spec.round_idx, t_host[b], xt_host[b], fields, codecs.stats(fields, spec.codec))
             for b, (i, fields) in enumerate(zip(indices, coded))]
@@ -280,12 +276,6 @@ def divergence(student_lp: Tensor, teacher_lp: Tensor, kind: str = "rkl", mask: 
     return masked_mean(dense_divergence(student_lp, teacher_lp, kind), mask)
 
 
-def gather_masked(student_lp: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """[B, L, V + 1] -> [N, V]: the masked positions in (sample, position) order, MASK column dropped:
-    the row order of the codes of the same samples concatenated in batch order."""
-    return student_lp[xt == mask_id][:, :mask_id]
-
-
 def check_pairing(codec: str, kind: str) -> None:
     """Refuse a codec/divergence pair the code cannot serve, with the reason."""
     if kind not in DIVERGENCES:
@@ -309,7 +299,8 @@ def lump_student(student_lp: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sparse_divergence(student_lp: Tensor, targets: codecs.Targets, kind: str = "rkl") -> Tensor:
-    """Per-position divergence [N] between student log-probs [N, V] (``gather_masked``) and coded targets.
+    """Per-position divergence [N] between student log-probs [N, V] at the masked positions (row-major, as
+    ``diffusion.masked_log_probs`` of ``DiT(rows=xt == MASK)``) and coded targets.
 
     dense: ``dense_divergence`` on the stored log-probs.
 

@@ -372,7 +372,7 @@ def _positions(fields: Mapping[str, np.ndarray], codec: str) -> int:
 def collate_fields(samples: Sequence[Mapping[str, Any]], codec: str, mask_id: int, seq_len: int
                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
     """xt [B, L] (int64), t [B] (float32) and every codec field concatenated over the samples in
-    batch order: the row order of ``sdtt.gather_masked`` on the same batch (the ragged sampled code
+    batch order: the row order of the student's masked positions on the same batch (``DiT(rows=xt == MASK)``) (the ragged sampled code
     concatenates too: its ``nuniq`` says where each position's ids end)."""
     xts, ts = [], []
     parts: dict[str, list[np.ndarray]] = {f: [] for f in codecs.FIELDS[codec]}
