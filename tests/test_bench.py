@@ -59,8 +59,9 @@ def test_targets():
 
 
 def test_loader(target_set):
-    r = _bench("loader", "--targets", str(target_set), "--repeats", "1", "--steps", "1", "--read-steps", "2", *SMALL)
-    _has_ratios(r, {"loader_over_student", "read_decode_over_student"})
+    r = _bench("loader", "--targets", str(target_set), "--repeats", "1", "--steps", "1", "--read-steps", "2",
+               "--workers", "1", *SMALL)
+    _has_ratios(r, {"loader_over_student", "read_decode_over_student", "workers_loader_over_student"})
     assert r["micro_batch"] == 4 and r["samples"] == 32
 
 

@@ -579,7 +579,11 @@ def cmd_loader(args: argparse.Namespace) -> dict[str, Any]:
         geo = readers["raw"][1]
         per_rank = geo.per_rank
         pass_steps = args.read_steps or max(1, total // cfg.distill.global_batch_size)
-        pos = {"raw": 0, "batch": 0}
+        pos = {"raw": 0, "batch": 0, "workers": 0}
+        if args.workers:
+            # The job's own arrangement: the reader in `--workers` DataLoader processes (forkserver),
+            # samples handed to this process by the DataLoader (distill.loader_workers).
+            readers["workers"] = rank_reader(targets, manifest, cfg, world, 0, workers=args.workers)
 
         def read_decode() -> int:  # tar -> samples -> npy/json decode (shard_reader)
             reader, n = readers["raw"][0], 0
@@ -593,6 +597,13 @@ def cmd_loader(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(pass_steps):
                 n += len(to_batch(reader.batch(pos["batch"]), manifest, cfg, device).indices)
                 pos["batch"] += 1
+            return n
+
+        def read_workers() -> int:  # the same, read by the DataLoader workers
+            reader, n = readers["workers"][0], 0
+            for _ in range(pass_steps):
+                n += len(to_batch(reader.batch(pos["workers"]), manifest, cfg, device).indices)
+                pos["workers"] += 1
             return n
 
         # The student: the distill job's model and loss on one rank's micro-batch, fp32 AdamW.
@@ -613,8 +624,12 @@ def cmd_loader(args: argparse.Namespace) -> dict[str, Any]:
 
         student_steps()  # warm-up
         read_decode_collate()
-        times, counts = interleaved({"read+decode": read_decode, "read+decode+collate": read_decode_collate,
-                                     "student": student_steps}, args.repeats, device)
+        variants = {"read+decode": read_decode, "read+decode+collate": read_decode_collate, "student": student_steps}
+        workers_name = f"read+decode+collate, {args.workers} DataLoader worker(s)"
+        if args.workers:
+            read_workers()  # warm-up: starts the worker processes
+            variants[workers_name] = read_workers
+        times, counts = interleaved(variants, args.repeats, device)
         for r, _ in readers.values():
             r.close()
         pre_reader.close()
@@ -634,18 +649,25 @@ def cmd_loader(args: argparse.Namespace) -> dict[str, Any]:
           f"(rank 0 of {world}, in-process); student micro-batch {per_rank} (global "
           f"{cfg.distill.global_batch_size} / {world} ranks); {torch.get_num_threads()} thread(s), "
           f"{args.repeats} interleaved repetitions")
-    cpu_x = {"read+decode": str(c_dec), "read+decode+collate": str(c_col), "student": "1"}
+    # The workers' CPU time is in other processes: no CPU-time ratio for that row.
+    cpu_x = {"read+decode": str(c_dec), "read+decode+collate": str(c_col), "student": "1", workers_name: "-"}
     print(table(["variant", "median s", "samples", "samples/s", "x student consumption", "same, CPU time"],
                 [[n, med(times[n]), counts[n], rates[n], rates[n] / consume, cpu_x[n]] for n in times]))
     print(goal_line("loader (read+decode+collate) / student consumption", r_col.value, 20.0)
           + f"  [per-repetition range {r_col.lo:.2f}-{r_col.hi:.2f}]")
+    ratios = {"loader_over_student": r_col.value, "read_decode_over_student": r_dec.value}
+    ranges = {"loader_over_student": [r_col.lo, r_col.hi]}
+    if args.workers:
+        r_w = Ratio.of(per_sample["student"], per_sample[workers_name])
+        ratios["workers_loader_over_student"], ranges["workers_loader_over_student"] = r_w.value, [r_w.lo, r_w.hi]
+        print(goal_line(f"the job's reader ({args.workers} DataLoader worker(s)) / student consumption", r_w.value,
+                        20.0) + f"  [per-repetition range {r_w.lo:.2f}-{r_w.hi:.2f}; {os.cpu_count()} cores]")
     out = common_result("loader", args, cfg, device)
     out.update(targets=str(targets) if args.targets else "made by trainer.jobs.targets (random teacher)",
                reader=READER, shards=len(urls), samples=total, codec=manifest["codec"], k=manifest["k"],
-               micro_batch=per_rank, samples_per_s=rates,
-               ratios={"loader_over_student": r_col.value, "read_decode_over_student": r_dec.value},
+               micro_batch=per_rank, samples_per_s=rates, workers=args.workers, ratios=ratios,
                cpu_ratios={"loader_over_student": c_col.value, "read_decode_over_student": c_dec.value},
-               ratio_range={"loader_over_student": [r_col.lo, r_col.hi]}, goal={"loader_over_student": 20.0})
+               ratio_range=ranges, goal={"loader_over_student": 20.0})
     return out
 
 
@@ -1140,6 +1162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--read-steps", type=int, default=0,
                    help="reader steps per repetition (default: one epoch of the set)")
     s.add_argument("--world", type=int, default=2, help="ranks the global batch is split over")
+    s.add_argument("--workers", type=int, default=0,
+                   help="also time the job's reader in this many DataLoader worker processes (distill.loader_workers)")
 
     s = add("storage", "bytes per position per codec/K, and the quality cost vs dense targets", 1)
     s.add_argument("--device", default=None)
