@@ -3,7 +3,6 @@ holds its ratio keys. Smoke tests only: no timing is asserted (speed targets liv
 themselves, docs/benchmarks.md)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -39,11 +38,9 @@ def _has_ratios(result: dict, keys: set[str]) -> None:
 @pytest.fixture(scope="module")
 def target_set(tmp_path_factory) -> Path:
     """A real target set, made by the targets job through the bench's own helper."""
-    spec = importlib.util.spec_from_file_location("tools_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = sys.modules["tools_bench"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(bench)
-    return bench.make_target_set(tmp_path_factory.mktemp("targets"), TINY, SMALL, num_samples=32, per_shard=8)
+    from tools.benchmarks.common import make_target_set
+
+    return make_target_set(tmp_path_factory.mktemp("targets"), TINY, SMALL, num_samples=32, per_shard=8)
 
 
 def test_sampling():

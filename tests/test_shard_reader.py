@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.jobs import TINY
-from trainer import codecs, sdtt
+from trainer import codecs
 from trainer import shard_reader as SR
 from trainer import shards as SH
 from trainer.checkpoint import export_weights

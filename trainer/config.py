@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for YAML-less callers)
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 

@@ -11,7 +11,6 @@ so the report can put the student at N steps beside the teacher at N steps. Writ
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 
