@@ -3,8 +3,8 @@
 Conventions (docs/CONTRACTS.md): token ids are int64, the MASK id is the vocabulary size V, and
 log-probabilities have V + 1 columns with the MASK column at -inf. Every categorical is drawn in
 float64 (Gumbel-max, or the inverse CDF for the ancestral step): float32 noise truncates the tail of
-the distribution, lowers sample entropy and flatters generative perplexity (Zheng et al. 2024). Randomness always comes from
-an explicit ``torch.Generator``; nothing here touches the global RNG.
+the distribution, lowers sample entropy and flatters generative perplexity (Zheng et al. 2024).
+Randomness always comes from an explicit ``torch.Generator``; nothing here touches the global RNG.
 """
 from __future__ import annotations
 

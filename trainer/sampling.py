@@ -4,8 +4,9 @@ prefix conditioning) for masked diffusion models, and KV-cached sampling for the
 Samplers take *denoisers*, not models, so a teacher, a student and an imported checkpoint all
 sample through the same code. A denoiser is a callable ``(xt [B, L], t [B]) -> log-probs [N, V]``:
 log p(x0 | x_t) over the V real tokens at the N masked positions of xt, in row-major order (the
-positions ``xt == MASK`` select); visible positions are never predicted (SUBS keeps them). Everything is batched, runs on the
-tensors' device, and draws randomness only from the generator it is given.
+positions ``xt == MASK`` select); visible positions are never predicted (SUBS keeps them).
+Everything is batched, runs on the tensors' device, and draws randomness only from the generator it
+is given.
 """
 from __future__ import annotations
 

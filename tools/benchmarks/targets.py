@@ -60,8 +60,7 @@ def cmd_targets(args: argparse.Namespace) -> dict[str, Any]:
 
     def full() -> Path:
         """The targets job's own shard loop (trainer/jobs/targets.py ``write_shard``): rollout + codec
-        (sdtt.make_examples), ShardWriter (tar, fsync, sha256, atomic rename) one batch behind on its
-        thread, then the manifest."""
+        (sdtt.make_examples), ShardWriter (tar, fsync, sha256, atomic rename), then the manifest."""
         out = Path(tempfile.mkdtemp(prefix="set-", dir=work))
         shards.start_set(out, header)
         for j in range(plan.num_shards):

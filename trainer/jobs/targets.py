@@ -22,8 +22,7 @@
 * Sharding: shard j = samples [j S, (j + 1) S); rank r writes shards r, r + W, ...; the teacher runs
   on batches of targets.batch_size consecutive indices from each shard's start, so the batch
   composition is fixed by index (batched matmuls differ in the last bit with the batch) and a
-  sample's content is the same for any number of ranks. A background thread writes each batch
-  while the teacher computes the next (``write_shard``). Complete shards of an interrupted run
+  sample's content is the same for any number of ranks (``write_shard``). Complete shards of an interrupted run
   are skipped, incomplete ones redone; rank 0 writes manifest.json after a barrier.
 Output: ``DIR/round_R/targets/`` (trainer/shards.py). Progress on rank 0 (tqdm), samples/s and
 MB/s in the log and TensorBoard (``targets/...`` tags, step = samples written).
@@ -34,7 +33,6 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -215,7 +213,7 @@ def run(cfg: RunConfig, run_dir: Path, round_idx: int, info: dist.DistInfo) -> d
     def x0_of(batch: range) -> torch.Tensor:
         return torch.from_numpy(np.stack([np.asarray(train[rows(i)], dtype=np.int64) for i in batch])).to(info.device)
 
-    def on_sample() -> None:  # the writer thread, after each sample
+    def on_sample() -> None:  # after each sample written
         nonlocal written
         written += 1
         bar.update(1)
@@ -257,32 +255,15 @@ def write_shard(out: Path, plan: shards.ShardPlan, shard: int, rank: int, digest
     """Write and publish one shard; returns its completion record (shards.ShardWriter.finish).
 
     The teacher runs on batches of ``batch_size`` consecutive indices from the shard's start
-    (``x0_of(indices)`` gives their clean rows on the teacher's device). Examples are written one
-    batch behind the teacher, on a background thread: the host's codec output, npy and tar work for
-    batch b overlaps the teacher's forwards of batch b + 1 (GPU kernels run asynchronously, CPU ops
-    release the GIL). Samples still reach the tar in index order, and the shard is published only
-    after its last write, so the bytes are those of a serial run. ``on_sample`` runs on the writer
-    thread after each sample.
+    (``x0_of(indices)`` gives their clean rows on the teacher's device); ``on_sample`` runs after
+    each sample is written. Shared with tools/bench.py targets, so the bench times this loop.
     """
-    def write(writer: shards.ShardWriter, examples: list[sdtt.Example]) -> None:
-        for ex in examples:
-            writer.add(ex.index, ex.xt, ex.fields, ex.meta(), ex.stats)
-            if on_sample is not None:
-                on_sample()
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard-{shard}-writer")
     with shards.ShardWriter(out, plan, shard, rank, digest) as writer:
-        try:
-            pending: Future | None = None
-            for batch in plan.batches(shard, batch_size):
-                examples = sdtt.make_examples(denoise, x0_of(batch), list(batch), spec)
-                if pending is not None:
-                    pending.result()  # one batch in flight at most; re-raises the writer's error
-                pending = pool.submit(write, writer, examples)
-            if pending is not None:
-                pending.result()
-        finally:
-            pool.shutdown(wait=True)  # an error aborts the shard, never under a running write
+        for batch in plan.batches(shard, batch_size):
+            for ex in sdtt.make_examples(denoise, x0_of(batch), list(batch), spec):
+                writer.add(ex.index, ex.xt, ex.fields, ex.meta(), ex.stats)
+                if on_sample is not None:
+                    on_sample()
         return writer.finish()
 
 
