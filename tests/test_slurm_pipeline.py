@@ -305,7 +305,11 @@ def test_preempted_distill_job_resumed_from_its_checkpoint(slurm_run: SlurmRun) 
     stop = re.search(r"stopping at step (\d+) \(signal \d+\): checkpoint saved", logs[0])
     assert stop and 4 <= int(stop.group(1)) < 20, logs[0][-3000:]
     assert "resuming this round's checkpoint" in logs[0], logs[0][-3000:]
-    assert "child stopped (exit 75)" in logs[0] and "child stopped (exit 75)" in logs[1]
+    assert "child stopped (exit 75)" in logs[0], logs[0][-3000:]  # rank 0 saw its child exit PREEMPTED
+    # Rank 1 saved its checkpoint too; its child then exits 75 or, if the requeue's SIGTERM reaches it
+    # first, is terminated after saving (exit -15): either way it is a stop, not a failure.
+    assert re.search(r"stopping at step \d+ \(signal \d+\): checkpoint saved", logs[1]), logs[1][-3000:]
+    assert re.search(r"child stopped \(exit (75|-15)\)", logs[1]), logs[1][-3000:]
 
 
 @on_slurm
