@@ -69,11 +69,11 @@ from trainer.config import RunConfig
 __all__ = ["submit_chain", "job_states", "StageJob", "snapshot_code", "sigterm_proof_requeue", "requeue_job",
            "downstream", "EXIT_PREEMPTED", "CODE_DIRS"]
 
-# trainer/preempt.py: a job that was signalled, checkpointed and stopped exits with this (EX_TEMPFAIL).
+# trainer/runtime/preempt.py: a job that was signalled, checkpointed and stopped exits with this (EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
 # What a job needs of the repository: copied into the run folder at submission.
 CODE_DIRS = ("trainer", "cluster", "tools", "configs")
-# The trainer's stop signals (trainer/preempt.py StopFlag): stop at a step boundary and checkpoint.
+# The trainer's stop signals (trainer/runtime/preempt.py StopFlag): stop at a step boundary and checkpoint.
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # Launcher variables a job must NOT inherit from the submitting shell: sbatch copies its environment
 # into the job, and a RANK left there would make cluster.rendezvous take it for a torchrun launch.

@@ -1,13 +1,13 @@
 """Session fixtures shared by several test modules.
 
-* ``slurm_cluster``: the real two-node SLURM cluster of cluster/local/ (tests/test_local_slurm.py,
-  tests/test_slurm_pipeline.py). ``make test`` starts it before pytest (and exports
+* ``slurm_cluster``: the real two-node SLURM cluster of cluster/local/ (tests/pipeline/test_local_slurm.py,
+  tests/pipeline/test_slurm_pipeline.py). ``make test`` starts it before pytest (and exports
   SDTT_SLURM_STATE and the variables of its env.sh); the fixture then finds it up, uses it and
   leaves it running for the Makefile to stop. Run directly, pytest starts it here and stops it at
   the end of the session. If it cannot start, the tests fail (never skip): the fixture is the proof
   that it starts.
-* ``local_pipeline``: the shortened tiny pipeline (tests/test_pipeline.py OVERRIDES) run on this
-  machine by ``tools/submit.py --local``: tests/test_pipeline.py checks it, tests/test_slurm_pipeline.py
+* ``local_pipeline``: the shortened tiny pipeline (tests/pipeline/test_pipeline.py OVERRIDES) run on this
+  machine by ``tools/submit.py --local``: tests/pipeline/test_pipeline.py checks it, tests/pipeline/test_slurm_pipeline.py
   compares the SLURM run with it, and one session computes it once.
   It starts in the background as soon as a test asks for it, so a module can run SLURM jobs while it
   computes; ``wait()`` returns its folder.
@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from tests.jobs import REPO, TINY, env
+from tests.helpers import REPO, TINY, env
 
 LOCAL = REPO / "cluster" / "local"
 STATE_DIR = Path(os.environ.get("SDTT_SLURM_STATE", "/tmp/sdtt-slurm"))
@@ -68,7 +68,7 @@ def slurm_cluster() -> Iterator[LocalSlurm]:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in _sourced_env(STATE_DIR / "env.sh").items():
             mp.setenv(key, value)
-        # Jobs unpickle functions of test modules (tests.test_local_slurm) and import cluster.*.
+        # Jobs unpickle functions of test modules (tests.pipeline.test_local_slurm) and import cluster.*.
         mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
         yield LocalSlurm(STATE_DIR, started)
 
@@ -88,7 +88,7 @@ class LocalPipeline:
         self.run = run
         self.t0 = time.monotonic()
         self._log = open(run.parent / "submit-local.log", "w+")
-        from tests.test_pipeline import OVERRIDES  # the one definition of the shortened pipeline
+        from tests.pipeline.test_pipeline import OVERRIDES  # the one definition of the shortened pipeline
 
         self._proc = subprocess.Popen(
             [sys.executable, "tools/submit.py", "--config", str(TINY), "--local", "--run-dir", str(run), *OVERRIDES], cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT, text=True,

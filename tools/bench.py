@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--breakdown", action="store_true",
                    help="also time one denoiser call against one ancestral draw at the same shapes")
     s.add_argument("--cpu-generator", action="store_true",
-                   help="draw the sampling noise on the CPU even when sampling on a GPU (as trainer.evaluate does)")
+                   help="draw the sampling noise on the CPU even when sampling on a GPU (as trainer.evaluation.sweep does)")
 
     s = add("targets", "target generation (targets job path) vs bare teacher forwards", 5)
     s.add_argument("--device", default=None)

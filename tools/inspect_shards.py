@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from trainer import shards  # noqa: E402
+from trainer.targets import shards  # noqa: E402
 
 
 def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:

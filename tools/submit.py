@@ -114,7 +114,7 @@ def cluster_spec(args: argparse.Namespace, cfg: RunConfig) -> ClusterSpec:
 def parameter_count(cfg: RunConfig) -> int:
     import torch
 
-    from trainer.model import DiT, count_parameters
+    from trainer.model.dit import DiT, count_parameters
 
     with torch.device("meta"):
         return count_parameters(DiT(cfg.model))

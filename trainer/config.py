@@ -385,7 +385,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _choice(ds.divergence, ("rkl", "fkl", "mse", "tvd"), source, "distill.divergence")
     _choice(ds.mode, ("offline", "online"), source, "distill.mode")
     # A sampled code is zero off its sampled ids: only forward KL is defined (and unbiased) on it
-    # (trainer/sdtt.py, SUPPORTED).
+    # (trainer/method/sdtt.py, SUPPORTED).
     _check(ds.mode != "offline" or g.codec != "sampled" or ds.divergence == "fkl", source, "distill.divergence",
            f"'{ds.divergence}' cannot be computed from targets.codec=sampled targets; use fkl, or targets.codec=topk")
     _check(ds.lr > 0, source, "distill.lr", "must be positive")

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer import sdtt, shards
+from trainer.method import sdtt
+from trainer.targets import shards
 from trainer.config import RunConfig, load_config, round_steps
-from trainer.model import DiT, count_parameters
+from trainer.model.dit import DiT, count_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -66,7 +67,7 @@ def x0_rows(cfg: RunConfig, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """n clean sequences: the synthetic source's when the config has one, else uniform token ids
     (timing only: speed does not depend on which tokens they are)."""
     if cfg.data.source == "synthetic":
-        from trainer.data import MarkovSource
+        from trainer.data.prepared import MarkovSource
 
         src = MarkovSource(cfg.data.synthetic)
         return torch.from_numpy(src.sample(n, seq_len, np.random.default_rng(seed)))
@@ -108,9 +109,9 @@ def make_target_set(work: Path, config: Path, overrides: Sequence[str], num_samp
                     per_shard: int = 64, seed: int = 0, timeout: int = 600) -> Path:
     """A round-1 target set made by ``python -m trainer.jobs.targets`` (one process) from a random
     teacher export and freshly prepared data: the same files the distill job reads."""
-    from trainer.checkpoint import export_weights
+    from trainer.runtime.checkpoint import export_weights
     from trainer.config import save_config
-    from trainer.data import prepare_data
+    from trainer.data.prepared import prepare_data
 
     run = work / "run"
     cfg = load_config(config, [*overrides, f"targets.num_samples={num_samples}",
@@ -134,14 +135,14 @@ def shard_urls(targets: Path) -> tuple[list[str], dict[str, Any]]:
     return [str(targets / s["name"]) for s in manifest["shards"]], manifest
 
 
-READER = "trainer.shard_reader (SampleOrder + RankReader, WebDataset) -> trainer.jobs.distill.offline_batch"
+READER = "trainer.targets.reader (SampleOrder + RankReader, WebDataset) -> trainer.jobs.distill.offline_batch"
 
 
 def rank_reader(targets: Path, manifest: Mapping[str, Any], cfg: RunConfig, world: int, rank: int,
                 workers: int) -> tuple[Any, Any]:
     """The distill job's reader for one rank: (RankReader, Geometry). Same order, streams and
     WebDataset pipeline as trainer/jobs/distill.py (checksums are not re-verified here)."""
-    from trainer import shard_reader as SR
+    from trainer.targets import reader as SR
 
     geo = SR.geometry(cfg.distill.global_batch_size, world, rank, cfg.distill.streams, workers)
     order = SR.SampleOrder(SR.units_of(manifest), geo.streams, cfg.seed, int(manifest["round"]),

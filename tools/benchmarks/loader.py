@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trainer.config import load_config
-from trainer.model import DiT
+from trainer.model.dit import DiT
 
 from tools.benchmarks.common import (
     READER, check_fits, common_result, make_target_set, rank_reader, set_threads, shard_urls,

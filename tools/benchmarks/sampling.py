@@ -7,10 +7,10 @@ from typing import Any, Callable
 
 import torch
 
-from trainer import diffusion
+from trainer.method import diffusion
 from trainer.config import load_config
-from trainer.model import DiT
-from trainer.sampling import make_denoiser, sample_ar, sample_diffusion
+from trainer.model.dit import DiT
+from trainer.method.sampling import make_denoiser, sample_ar, sample_diffusion
 
 from tools.benchmarks.common import common_result, load_or_random, resolve_device, set_threads
 from tools.benchmarks.timing import Ratio, cpu_ratio, interleaved, med, table
@@ -31,7 +31,7 @@ def cmd_sampling(args: argparse.Namespace) -> dict[str, Any]:
     denoise = make_denoiser(model, V, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
     # The generator lives on the sampling device by default (2 L float64 uniforms per sample and step
     # for the ancestral draw; AR's Gumbel-max draws [B, V + 1] per token); --cpu-generator draws on the
-    # host, as trainer/evaluate.py does.
+    # host, as trainer/evaluation/sweep.py does.
     gen_device = torch.device("cpu") if args.cpu_generator else device
     gen = torch.Generator(device=gen_device)
     can_cache = not cfg.model.time_conditioning  # caching is only valid for time-agnostic denoisers

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainer import codecs, diffusion, sdtt, shards
+from trainer.targets import codecs, shards
+from trainer.method import diffusion, sdtt
 from trainer.config import RunConfig, load_config, round_steps
-from trainer.model import DiT
-from trainer.sampling import make_denoiser
+from trainer.model.dit import DiT
+from trainer.method.sampling import make_denoiser
 
 from tools.benchmarks.common import (
     common_result, example_spec, resolve_device, set_threads, student_loss, x0_rows,
@@ -27,8 +28,8 @@ from tools.benchmarks.timing import table
 
 
 def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.data import MarkovSource
-    from trainer.metrics_quality import markov_quality
+    from trainer.data.prepared import MarkovSource
+    from trainer.evaluation.quality import markov_quality
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(args.device)
@@ -177,7 +178,7 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
 
 def pretrain_tiny(cfg: RunConfig, src: Any, steps: int, seed: int, device: torch.device) -> tuple[DiT, DiT]:
     """A teacher for the quality measurement: plain single-process MDLM training (the pretrain job's
-    loss: trainer.diffusion), AdamW with the config's lr and warm-up. Returns (the teacher, its
+    loss: trainer.method.diffusion), AdamW with the config's lr and warm-up. Returns (the teacher, its
     snapshot at half the steps: a model that really differs from it, to probe the losses with)."""
     torch.manual_seed(seed)
     model = DiT(cfg.model).to(device).train()
@@ -218,7 +219,7 @@ def divergence_kept(probe: DiT, tden: Callable, x0: Tensor, cfg: RunConfig, code
     round's start the student IS the teacher and the dense loss is ~0, so any ratio would be noise):
     (coded loss / dense loss, cosine between the gradients of the coded and the dense loss). The
     value ratio is NaN for the sampled code: its forward KL is off by a student-independent offset
-    (trainer.sdtt.sparse_divergence), only its gradient is comparable."""
+    (trainer.method.sdtt.sparse_divergence), only its gradient is comparable."""
     V = cfg.model.vocab_size
     idx = range(10**6, 10**6 + x0.shape[0])  # indices no training batch uses
     student = copy.deepcopy(probe).train()
@@ -283,7 +284,7 @@ def distill_short(teacher: DiT, tden: Callable, cfg: RunConfig, src: Any, codec:
 
 
 def draw(model: DiT, cfg: RunConfig, steps: int, n: int, seed: int, device: torch.device) -> Tensor:
-    from trainer.evaluate import draw_samples
+    from trainer.evaluation.sweep import draw_samples
 
     x, _ = draw_samples(model, cfg, steps, n, seed, device)
     return x

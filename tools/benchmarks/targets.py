@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from trainer import diffusion, sdtt, shards
+from trainer.method import diffusion, sdtt
+from trainer.targets import shards
 from trainer.config import load_config, round_steps
-from trainer.sampling import make_denoiser
+from trainer.method.sampling import make_denoiser
 
 from tools.benchmarks.common import (
     common_result, example_spec, load_or_random, resolve_device, set_threads, x0_rows,

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from trainer.config import load_config
-from trainer.model import DiT, count_parameters
+from trainer.model.dit import DiT, count_parameters
 
 from tools.benchmarks.common import (
     READER, REPO, bench_env, check_fits, common_result, make_target_set, rank_reader, shard_urls,
@@ -92,9 +92,9 @@ def cmd_train_worker(args: argparse.Namespace) -> dict[str, Any] | None:
     in interleaved blocks of steps fed by the distill job's reader (one stream for all modes)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from trainer import dist
+    from trainer.runtime import dist
     from trainer.config import EngineConfig
-    from trainer.engine import build_engine, resolve_precision
+    from trainer.runtime.engine import build_engine, resolve_precision
 
     info = dist.init_distributed()
     cfg = load_config(args.config, args.overrides)

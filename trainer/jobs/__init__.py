@@ -1,0 +1,1 @@
+"""Entry points, one per stage (`python -m trainer.jobs.<stage>`): wiring only. Nothing imports them."""

@@ -81,8 +81,8 @@ def eval_dir(run_dir: Path, round_idx: int) -> Path:
 
 def load_model(export_dir: Path, which: str = "ema", expect_model=None, causal: bool = False):
     """An exported model, verified (sha256, names, shapes), in eval mode on CPU: (model, its config)."""
-    from trainer.checkpoint import load_exported
-    from trainer.model import DiT
+    from trainer.runtime.checkpoint import load_exported
+    from trainer.model.dit import DiT
 
     state, cfg = load_exported(export_dir, which, expect_model)
     model = DiT(cfg.model, causal=causal)
@@ -103,14 +103,14 @@ def entry(main, *job_errors: type[Exception]) -> None:
     naming the key or file and exit code 2, not a traceback; preemption passes its code through."""
     import sys
 
-    from trainer.checkpoint import CheckpointError
-    from trainer.codecs import CodecError
+    from trainer.runtime.checkpoint import CheckpointError
+    from trainer.targets.codecs import CodecError
     from trainer.config import ConfigError
-    from trainer.data import DataError
-    from trainer.mdlm_import import MDLMImportError
-    from trainer.metrics_quality import JudgeError
-    from trainer.shards import ShardError
-    from trainer.tokenizers import TokenizerError
+    from trainer.data.prepared import DataError
+    from trainer.model.mdlm_import import MDLMImportError
+    from trainer.evaluation.quality import JudgeError
+    from trainer.targets.shards import ShardError
+    from trainer.data.tokenizers import TokenizerError
 
     bad_input = (ConfigError, DataError, CheckpointError, CodecError, ShardError, MDLMImportError, JudgeError,
                  TokenizerError, FileNotFoundError, *job_errors)

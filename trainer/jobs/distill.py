@@ -13,7 +13,7 @@
     (S = (R - 1) steps_per_round when no round was reset), the lr schedule is not warmed up again;
   - else the teacher's weight file, a fresh optimizer and EMA, steps 0 .. steps_per_round.
 * Data (``distill.mode``): offline, the round's target set ``DIR/round_R/targets`` streamed with
-  WebDataset (trainer/shard_reader.py: manifest checked against this student BEFORE training,
+  WebDataset (trainer/targets/reader.py: manifest checked against this student BEFORE training,
   checksums verified under ``targets.verify``); online, the teacher runs in the loop and makes
   DENSE targets for the same sample indices in the same order, with the same per-sample generators
   (``sdtt.make_examples``), so offline and online students are comparable seed for seed.
@@ -44,22 +44,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainer import codecs, diffusion, dist, sdtt, shards
-from trainer import shard_reader as SR
-from trainer.checkpoint import (WEIGHT_FILES, CheckpointError, atomic_write_json, export_weights, load_exported,
+from trainer.targets import codecs, shards
+from trainer.method import diffusion, sdtt
+from trainer.runtime import dist
+from trainer.targets import reader as SR
+from trainer.runtime.checkpoint import (WEIGHT_FILES, CheckpointError, atomic_write_json, export_weights, load_exported,
                                 read_json, verify_file)
-from trainer.codecs import CodecError
+from trainer.targets.codecs import CodecError
 from trainer.config import ConfigError, RunConfig, round_steps
-from trainer.data import DataError, MarkovSource, data_dir, load_data_info, load_split
-from trainer.engine import Engine, build_engine
+from trainer.data.prepared import DataError, MarkovSource, data_dir, load_data_info, load_split
+from trainer.runtime.engine import Engine, build_engine
 from trainer.jobs import common
 from trainer.jobs.pretrain import sample_report
 from trainer.jobs.targets import RowPicker, targets_dir
-from trainer.loop import Task, train
-from trainer.metrics import MetricsWriter
-from trainer.model import DiT, count_parameters
-from trainer.preempt import EXIT_PREEMPTED
-from trainer.sampling import make_denoiser
+from trainer.runtime.loop import Task, train
+from trainer.runtime.metrics import MetricsWriter
+from trainer.model.dit import DiT, count_parameters
+from trainer.runtime.preempt import EXIT_PREEMPTED
+from trainer.method.sampling import make_denoiser
 
 log = logging.getLogger("sdtt")
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import time
 
-from trainer.checkpoint import atomic_write_json, atomic_write_text
+from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
 from trainer.config import RunConfig
-from trainer.data import MarkovSource
-from trainer.evaluate import evaluate_model, format_table
+from trainer.data.prepared import MarkovSource
+from trainer.evaluation.sweep import evaluate_model, format_table
 from trainer.jobs import common
-from trainer.metrics import MetricsWriter
+from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
 
@@ -30,7 +30,7 @@ def step_counts(cfg: RunConfig) -> list[int]:
 
 
 def build_judge(cfg: RunConfig, device):
-    from trainer import metrics_quality as mq
+    from trainer.evaluation import quality as mq
 
     if not cfg.eval.judge:
         return None

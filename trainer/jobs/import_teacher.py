@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from trainer.checkpoint import export_weights
+from trainer.runtime.checkpoint import export_weights
 from trainer.jobs import common
-from trainer.mdlm_import import import_mdlm
-from trainer.model import count_parameters
+from trainer.model.mdlm_import import import_mdlm
+from trainer.model.dit import count_parameters
 
 log = logging.getLogger("sdtt")
 

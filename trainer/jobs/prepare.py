@@ -3,7 +3,7 @@
 
 Writes ``train.npy``/``valid.npy``/``data.json`` under ``data.cache_dir`` (default ``DIR/data``) and
 prints a summary. Running it again with the same inputs does nothing; with different inputs for the
-same folder it refuses (trainer/data.py says why).
+same folder it refuses (trainer/data/prepared.py says why).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from trainer.config import ConfigError
 from trainer.jobs import common
-from trainer.data import DataError, data_dir, load_data_info, prepare_data
-from trainer.tokenizers import TokenizerError
+from trainer.data.prepared import DataError, data_dir, load_data_info, prepare_data
+from trainer.data.tokenizers import TokenizerError
 
 
 def main(argv: list[str] | None = None) -> int:

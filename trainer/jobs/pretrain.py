@@ -21,18 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer import diffusion, dist, sampling
+from trainer.method import diffusion, sampling
 
-from trainer.checkpoint import export_weights, load_exported
+from trainer.runtime import dist
+from trainer.runtime.checkpoint import export_weights, load_exported
 from trainer.config import RunConfig
-from trainer.data import MarkovSource, batches, data_dir, load_split, prepare_data
-from trainer.engine import Engine, build_engine
+from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
+from trainer.runtime.engine import Engine, build_engine
 from trainer.jobs import common
-from trainer.loop import Task, step_generator, train
-from trainer.metrics import MetricsWriter
-from trainer.metrics_quality import markov_quality
-from trainer.model import DiT, count_parameters
-from trainer.preempt import EXIT_PREEMPTED
+from trainer.runtime.loop import Task, step_generator, train
+from trainer.runtime.metrics import MetricsWriter
+from trainer.evaluation.quality import markov_quality
+from trainer.model.dit import DiT, count_parameters
+from trainer.runtime.preempt import EXIT_PREEMPTED
 
 log = logging.getLogger("sdtt")
 

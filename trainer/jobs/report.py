@@ -14,10 +14,10 @@ import json
 import logging
 from pathlib import Path
 
-from trainer.checkpoint import atomic_write_json, atomic_write_text
-from trainer.evaluate import format_table
+from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
+from trainer.evaluation.sweep import format_table
 from trainer.jobs import common
-from trainer.metrics import MetricsWriter
+from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
 

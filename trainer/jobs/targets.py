@@ -3,10 +3,10 @@
 
 * Config: ``--config`` if given, else ``DIR/config.yaml`` (the run's resolved config), then the
   key=value overrides (trainer/jobs/common.py, as every job).
-* Data: the prepared train split (``data.cache_dir`` or ``DIR/data``; trainer/data.py). The job does
+* Data: the prepared train split (``data.cache_dir`` or ``DIR/data``; trainer/data/prepared.py). The job does
   not prepare data: a missing folder is an error naming it.
 * Teacher: round 1 -> ``DIR/teacher/export``; round r > 1 -> ``DIR/round_{r-1}/student/export``;
-  the weights named by ``common.teacher_weights`` (trainer.checkpoint.load_exported, verified).
+  the weights named by ``common.teacher_weights`` (trainer.runtime.checkpoint.load_exported, verified).
 * Step size: the round-r student samples with N_r = distill.start_steps / 2**r steps
   (config.round_steps); its one step replaces the teacher's m = targets.teacher_steps steps, so
 
@@ -24,7 +24,7 @@
   composition is fixed by index (batched matmuls differ in the last bit with the batch) and a
   sample's content is the same for any number of ranks (``write_shard``). Complete shards of an interrupted run
   are skipped, incomplete ones redone; rank 0 writes manifest.json after a barrier.
-Output: ``DIR/round_R/targets/`` (trainer/shards.py). Progress on rank 0 (tqdm), samples/s and
+Output: ``DIR/round_R/targets/`` (trainer/targets/shards.py). Progress on rank 0 (tqdm), samples/s and
 MB/s in the log and TensorBoard (``targets/...`` tags, step = samples written).
 """
 from __future__ import annotations
@@ -40,15 +40,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer import dist, sdtt, shards
+from trainer.runtime import dist
+from trainer.method import sdtt
+from trainer.targets import shards
 from trainer.jobs import common
 from trainer.jobs.common import log
-from trainer.checkpoint import WEIGHT_FILES, load_exported, read_json
+from trainer.runtime.checkpoint import WEIGHT_FILES, load_exported, read_json
 from trainer.config import RunConfig, round_steps
-from trainer.data import data_dir, load_data_info, load_split
-from trainer.metrics import MetricsWriter
-from trainer.model import DiT
-from trainer.sampling import make_denoiser
+from trainer.data.prepared import data_dir, load_data_info, load_split
+from trainer.runtime.metrics import MetricsWriter
+from trainer.model.dit import DiT
+from trainer.method.sampling import make_denoiser
 
 # Test hook (fault injection): SIGKILL this process after it has written this many samples, so a
 # test can kill a real run in the middle of a shard at a reproducible point.

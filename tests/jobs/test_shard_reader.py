@@ -1,0 +1,226 @@
+"""trainer/targets/reader.py on a real target set (the targets job on a tiny random teacher): the order
+uses every sample once per epoch and resumes exactly, the reader splits over ranks and DataLoader
+workers without changing it, the manifest and checksums are checked."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import TINY
+from trainer.targets import codecs
+from trainer.targets import reader as SR
+from trainer.targets import shards as SH
+from trainer.runtime.checkpoint import export_weights
+from trainer.config import ConfigError, load_config, save_config
+from trainer.data.prepared import prepare_data
+from trainer.model.dit import DiT
+
+# 256 samples in 8 shards of 32; 24 steps of 16 = 1.5 epochs.
+OVERRIDES = ["data.num_train_sequences=512", "data.num_valid_sequences=64", "targets.num_samples=256",
+             "targets.samples_per_shard=32", "targets.batch_size=32", "targets.k=8", "sampling.steps=16",
+             "distill.global_batch_size=16", "distill.steps_per_round=24", "distill.warmup_steps=4", "distill.lr=1e-3",
+             "distill.log_consumed=true", "distill.loader_workers=0", "train.ckpt_every=8", "train.log_every=4",
+             "train.eval_every=1000"]
+N, G = 256, 16
+
+
+def base_run(tmp_path_factory) -> Path:
+    """A run folder with config.yaml, prepared data, a random teacher and round 1's targets, built
+    once per test session (shared by this file and test_distill.py). Copy it before writing to it."""
+    root = tmp_path_factory.getbasetemp() / "distill-base"
+    run = root / "run"
+    if (root / "ready").exists():
+        return run
+    shutil.rmtree(root, ignore_errors=True)
+    cfg = load_config(TINY, OVERRIDES)
+    save_config(cfg, run / "config.yaml")
+    prepare_data(cfg.data, run / "data")
+    g = torch.Generator().manual_seed(0)
+    model = DiT(cfg.model)
+    # Random everything (DiT's zero-initialised gates and head would make a uniform teacher); 0.2
+    # gives a teacher neither flat nor one-hot, so distillation has something to learn.
+    raw = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    export_weights(run / "teacher" / "export", raw, {k: 0.9 * v for k, v in raw.items()}, cfg, step=0)
+    _targets_in_process(run, 1)
+    (root / "ready").touch()
+    return run
+
+
+def _targets_in_process(run: Path, round_idx: int) -> None:
+    """The real targets job, in this process (world size 1; ~1 s instead of a subprocess)."""
+    from trainer.jobs import targets
+
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert targets.main(["--run-dir", str(run), "--round", str(round_idx)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tset(tmp_path_factory) -> Path:
+    return base_run(tmp_path_factory) / "round_1" / "targets"
+
+
+@pytest.fixture(scope="module")
+def manifest(tset) -> dict:
+    return SH.read_manifest(tset)
+
+
+# --------------------------------------------------------------------------------------------------
+# The order (pure)
+# --------------------------------------------------------------------------------------------------
+def test_order_uses_every_sample_once_per_epoch_and_resumes_exactly():
+    # Uneven shards (the last one short) and parts that cut shards in the middle.
+    units = [SR.Unit(f"s{j}", 32 * j, 32) for j in range(7)] + [SR.Unit("s7", 224, 20)]
+    order = SR.SampleOrder(units, streams=4, seed=0, round_idx=1)
+    total = 244
+    for p in range(4):
+        seq = order.take(p, 0, 3 * order.part_size(p))
+        # any start position replays the tail of the uninterrupted stream
+        for q in (0, 5, order.part_size(p) - 1, order.part_size(p) + 7):
+            assert order.take(p, q, 13) == seq[q:q + 13]
+    for epoch in range(3):
+        seen = [i for p in range(4) for i, e in order.take(p, epoch * order.part_size(p), order.part_size(p))
+                if e == epoch]
+        assert sorted(seen) == list(range(total)), epoch
+    assert order.permutation(0).tolist() != order.permutation(1).tolist()  # a new shard order per epoch
+    other = SR.SampleOrder(units, streams=4, seed=0, round_idx=2)
+    assert other.take(0, 0, 40) != order.take(0, 0, 40)  # and per round
+
+
+def test_resampled_stream_is_deterministic_and_resumable():
+    units = [SR.Unit(f"s{j}", 10 * j, 10) for j in range(5)]
+    order = SR.SampleOrder(units, streams=2, seed=3, round_idx=1, resample=True)
+    seq = order.take(1, 0, 200)
+    assert order.take(1, 37, 50) == seq[37:87]
+    assert SR.SampleOrder(units, 2, 3, 1, resample=True).take(1, 0, 200) == seq
+    assert all(i % 10 == 0 for i, _ in seq[::10])  # whole shards, from their start
+    assert seq != order.take(0, 0, 200)
+
+
+def test_geometry_names_the_key():
+    assert SR.geometry(16, 2, 1, 0, 0) == SR.Geometry(2, 8, range(1, 2))
+    assert SR.geometry(16, 2, 0, 0, 2) == SR.Geometry(4, 4, range(0, 2))
+    with pytest.raises(ConfigError, match="distill.streams"):
+        SR.geometry(16, 2, 0, 3, 0)
+    with pytest.raises(ConfigError, match="distill.loader_workers"):
+        SR.geometry(16, 2, 0, 4, 3)
+    with pytest.raises(ConfigError, match="distill.global_batch_size"):
+        SR.geometry(15, 2, 0, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading real shards
+# --------------------------------------------------------------------------------------------------
+def _read(tset, order, geo, steps, workers, start=0) -> list[list[dict]]:
+    reader = SR.RankReader(tset, order, geo, workers)
+    try:
+        return [reader.batch(k) for k in range(start, start + steps)]
+    finally:
+        reader.close()
+
+
+def test_reader_splits_over_ranks_and_workers_each_sample_once_per_epoch(tset, manifest):
+    units = SR.units_of(manifest)
+    steps = N // G  # one epoch
+    per_rank: dict[int, list[list[int]]] = {}
+    for rank in range(2):
+        geo = SR.geometry(G, 2, rank, 0, 2)  # 2 ranks x 2 workers: 4 streams of 4 samples per step
+        order = SR.SampleOrder(units, geo.streams, seed=0, round_idx=1)
+        batches = _read(tset, order, geo, steps, workers=2)
+        per_rank[rank] = [[int(s["meta"]["index"]) for s in b] for b in batches]
+        # the pure order says what to expect, and the main process reads the same without workers
+        assert per_rank[rank] == [[i for i, _ in order.step_indices(geo, k)] for k in range(steps)]
+        assert [[int(s["meta"]["index"]) for s in b] for b in _read(tset, order, geo, 3, 0, start=5)] == \
+            per_rank[rank][5:8]  # a restart at step 5, in the middle of shards
+        for b in batches[:2]:  # samples are whole: xt, codec fields, meta
+            for s in b:
+                assert s["xt"].shape == (64,) and s["ids"].shape == (int((s["xt"] == 64).sum()), 8)
+    every = sorted(i for r in per_rank.values() for b in r for i in b)
+    assert every == list(range(N))  # each sample exactly once in the epoch, across both ranks
+    assert len(per_rank[0][0]) == len(per_rank[1][0]) == G // 2
+
+
+def test_collated_targets_line_up_with_the_student_rows(tset, manifest):
+    geo = SR.geometry(G, 1, 0, 0, 0)
+    order = SR.SampleOrder(SR.units_of(manifest), geo.streams, 0, 1)
+    samples = _read(tset, order, geo, 1, 0)[0]
+    xt, t, fields = SR.collate_fields(samples, "topk", 64, 64)
+    targets = codecs.decode(fields, "topk", 64, 8)
+    student = torch.zeros(G, 64, 65)[xt == 64]  # the student's rows: DiT(rows=xt == MASK)
+    assert student.shape[0] == targets.ids.shape[0] == int((xt == 64).sum())
+    assert torch.equal(t, torch.tensor([s["meta"]["t"] for s in samples], dtype=torch.float32))
+    broken = dict(samples[0], logtail=samples[0]["logtail"][:-1])
+    with pytest.raises(SH.ShardError, match="coded positions"):
+        SR.collate_fields([broken], "topk", 64, 64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest and checksums
+# --------------------------------------------------------------------------------------------------
+def _expected(manifest: dict, **changes) -> SR.Expected:
+    keys = ("round", "seq_len", "vocab_size", "tokenizer", "codec", "k", "teacher_sha256", "teacher_weights")
+    values = {k: manifest[k] for k in keys}
+    values.update(changes)
+    return SR.Expected(values, {"teacher_sha256": "sha256 of the student's init"})
+
+
+@pytest.mark.parametrize("field,value", [("teacher_sha256", "0" * 64), ("seq_len", 32), ("vocab_size", 50257),
+                                         ("round", 2), ("tokenizer", "gpt2"), ("teacher_weights", "raw")])
+def test_manifest_mismatch_names_the_field_and_both_values(manifest, field, value):
+    SR.check_manifest(manifest, _expected(manifest), "m.json")  # its own values pass
+    with pytest.raises(SR.ManifestMismatch) as e:
+        SR.check_manifest(manifest, _expected(manifest, **{field: value}), "m.json")
+    assert f"field '{field}'" in str(e.value) and repr(manifest[field]) in str(e.value) and repr(value) in str(e.value)
+
+
+def test_manifest_codec_must_serve_the_divergence(manifest):
+    sampled = dict(manifest, codec="sampled")
+    exp = SR.Expected({}, {}, divergence="rkl")
+    with pytest.raises(SR.ManifestMismatch, match="field 'codec'.*cannot be computed"):
+        SR.check_manifest(sampled, exp, "m.json")
+    SR.check_manifest(sampled, SR.Expected({}, {}, divergence="fkl"), "m.json")
+
+
+def test_bad_checksum_fail_names_the_shard_and_skip_counts_it(tset, manifest, tmp_path):
+    out = tmp_path / "targets"
+    shutil.copytree(tset, out)
+    bad_name = manifest["shards"][3]["name"]
+    data = bytearray((out / bad_name).read_bytes())
+    data[2000] ^= 0xFF  # one flipped byte: same size, other sha256
+    (out / bad_name).write_bytes(bytes(data))
+    assert SR.verify_shards(tset, manifest, "fail") == []
+    with pytest.raises(SH.ShardError, match=f"{out / bad_name}: sha256 .*corrupt"):
+        SR.verify_shards(out, manifest, "fail")
+    bad = SR.verify_shards(out, manifest, "skip")
+    assert [b.name for b in bad] == [bad_name]
+    units = SR.units_of(manifest, [b.name for b in bad])
+    order = SR.SampleOrder(units, 2, 0, 1)
+    seen = sorted(i for p in range(2) for i, _ in order.take(p, 0, order.part_size(p)))
+    assert seen == [i for i in range(N) if not 96 <= i < 128]  # shard 3's samples are left out
+    (out / manifest["shards"][5]["name"]).write_bytes(data[:1000])  # truncated
+    assert [b.reason.split(" ")[0] for b in SR.verify_shards(out, manifest, "skip")] == ["sha256", "size"]
+    with pytest.raises(ConfigError, match="targets.verify"):
+        SR.verify_shards(out, manifest, "maybe")
+
+
+def test_meta_index_mismatch_is_named(tset, manifest, tmp_path):
+    """A shard whose content is not what the manifest places there (e.g. renamed) is refused."""
+    out = tmp_path / "targets"
+    shutil.copytree(tset, out)
+    a, b = manifest["shards"][0]["name"], manifest["shards"][1]["name"]
+    os.replace(out / a, out / "x.tar")
+    os.replace(out / b, out / a)
+    unit = SR.units_of(manifest)[0]
+    with pytest.raises(SH.ShardError, match=f"{a}: sample 0 is key '0000000032'"):
+        next(SR.read_segment(out, unit, SR.Segment(0, 0, 32, 0)))

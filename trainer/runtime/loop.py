@@ -1,0 +1,92 @@
+"""The training loop shared by pretraining and distillation.
+
+It owns the cadence (log, evaluate, checkpoint), resumption, preemption and throughput accounting;
+the job supplies what differs: where micro-batches come from, the loss, the evaluation and the
+state that locates the data stream. Randomness per step comes from a generator seeded by
+(seed, step, rank), so a resumed run draws exactly what an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trainer.runtime import dist
+from trainer.config import RunConfig, TrainConfig
+from trainer.runtime.engine import Engine
+from trainer.runtime.metrics import DataWaitTimer, MetricsWriter, Throughput
+from trainer.runtime.preempt import StopFlag
+
+log = logging.getLogger("sdtt")
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator for one rank's randomness at one step, independent of everything before it."""
+    entropy = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(entropy[0] >> np.uint64(1)))
+
+
+@dataclass
+class Task:
+    """What a job plugs into the loop."""
+
+    micro_batches: Callable[[int], list[Any]]  # optimizer step -> this rank's grad_accum micro-batches
+    loss: Callable[[Engine, Any, torch.Generator], torch.Tensor]  # mean loss of one micro-batch
+    tokens_per_step: int  # global tokens per optimizer step (throughput)
+    samples_per_step: int
+    evaluate: Optional[Callable[[int], dict[str, float]]] = None  # collective; scalars for TensorBoard
+    client_state: Callable[[], dict] = dict  # JSON state saved with each checkpoint (data position)
+
+
+def train(engine: Engine, task: Task, train_cfg: TrainConfig, cfg: RunConfig, ckpt_root: Path,
+          metrics: MetricsWriter, total_steps: int, seed: int, desc: str = "train") -> bool:
+    """Run from ``engine.step`` to ``total_steps``. Returns True when finished, False when stopped by
+    a preemption signal (after a checkpoint that a restart resumes from)."""
+    stop = StopFlag()
+    rank = dist.get_rank()
+    tput, wait = Throughput(), DataWaitTimer()
+    bar = tqdm(total=total_steps, initial=engine.step, desc=desc, disable=not dist.is_main(), dynamic_ncols=True)
+    last_saved = start = engine.step
+    while engine.step < total_steps:
+        step = engine.step
+        gen = step_generator(seed, step, rank)
+        with wait.waiting():
+            micro = task.micro_batches(step)
+        stats = engine.train_step(lambda e, mb: task.loss(e, mb, gen), micro)
+        tput.add(task.samples_per_step, task.tokens_per_step)
+        bar.update(1)
+        done = engine.step
+        if done % train_cfg.log_every == 0 or done == total_steps:
+            rates = tput.rates()
+            scalars = {"train/loss": stats["loss"], "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
+                       "train/tokens_per_s": rates["tokens_per_s"], "train/data_wait_frac": wait.fraction()}
+            metrics.scalars(done, scalars)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+        if task.evaluate is not None and (done % train_cfg.eval_every == 0 or done == total_steps):
+            t0 = time.perf_counter()
+            scalars = task.evaluate(done)
+            metrics.scalars(done, scalars)
+            log.info("step %d: %s (%.1fs)", done, ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()),
+                     time.perf_counter() - t0)
+            tput.reset()  # evaluation time is not training throughput
+            wait.reset()
+        if done % train_cfg.ckpt_every == 0 or done == total_steps:
+            engine.save(ckpt_root, f"step_{done:08d}", task.client_state(), config=cfg, keep=train_cfg.keep_checkpoints)
+            last_saved = done
+        if stop.should_stop() or (train_cfg.stop_after and done - start >= train_cfg.stop_after):
+            if last_saved != done:
+                engine.save(ckpt_root, f"step_{done:08d}", task.client_state(), config=cfg,
+                            keep=train_cfg.keep_checkpoints)
+            why = f"signal {stop.received}" if stop.received else f"train.stop_after={train_cfg.stop_after}"
+            log.warning("stopping at step %d (%s): checkpoint saved, a restart resumes here", done, why)
+            bar.close()
+            return False
+    bar.close()
+    metrics.flush()
+    return True
