@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo test venv slurm-up slurm-down clean
+.PHONY: demo test test-fast lint venv slurm-up slurm-down clean
 
 venv: $(STAMP)
 
@@ -27,10 +27,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python tools/submit.py --config configs/tiny.yaml --local --run-dir runs/demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	bash cluster/local/up.sh $(SLURM_STATE)
 	source $(SLURM_STATE)/env.sh && SDTT_SLURM_STATE=$(SLURM_STATE) $(BIN)/pytest $(PYTEST_ARGS); \
 	  rc=$$?; bash cluster/local/down.sh $(SLURM_STATE); exit $$rc
+
+# The inner loop: unit tests only (no torchrun, no SLURM), well under 3 minutes.
+test-fast: $(STAMP) lint
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check trainer cluster tools tests
 
 slurm-up:
 	bash cluster/local/up.sh $(SLURM_STATE)

@@ -18,9 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 from trainer.config import RunConfig
 
@@ -168,7 +168,7 @@ def local_command(stage: Stage, run_dir: Path, nproc: int, overrides: list[str])
     return [*stage.command(run_dir), *overrides]
 
 
-def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: Optional[list[str]] = None,
+def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: list[str] | None = None,
               log=print) -> None:
     """Run the pending stages in order; stop at the first failure, naming the stage and its log."""
     run_dir = Path(run_dir)

@@ -30,8 +30,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, MutableMapping, Optional
 
 __all__ = ["Rendezvous", "RendezvousError", "from_env", "apply", "expand_hostlist", "slurm_port", "free_port"]
 
@@ -164,7 +164,7 @@ def _expand_counts(text: str) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # Environment parsing
 # --------------------------------------------------------------------------------------------------
-def _int(env: Mapping[str, str], name: str, default: Optional[int] = None, minimum: int = 0) -> int:
+def _int(env: Mapping[str, str], name: str, default: int | None = None, minimum: int = 0) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         if default is None:
@@ -179,7 +179,7 @@ def _int(env: Mapping[str, str], name: str, default: Optional[int] = None, minim
     return value
 
 
-def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
+def _first(env: Mapping[str, str], *names: str) -> str | None:
     """The first of ``names`` that is set and not empty."""
     return next((n for n in names if env.get(n, "").strip()), None)
 
@@ -288,7 +288,7 @@ def from_env(env: Mapping[str, str], free_port: Callable[[], int] = free_port) -
     return Rendezvous(0, 0, 1, 1, 0, addr, port)
 
 
-def apply(rdzv: Rendezvous, environ: Optional[MutableMapping[str, str]] = None) -> None:
+def apply(rdzv: Rendezvous, environ: MutableMapping[str, str] | None = None) -> None:
     """Write the torch.distributed ``env://`` variables for ``rdzv`` (into ``os.environ`` by default)."""
     target = os.environ if environ is None else environ
     target.update({

@@ -54,9 +54,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 import submitit
 from submitit.core.utils import DelayedSubmission
@@ -298,7 +299,7 @@ class _Task:
     node: str
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "_Task":
+    def from_env(cls, env: Mapping[str, str]) -> _Task:
         job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
         return cls(rank=int(env.get("SLURM_PROCID", "0")), job_id=job_id or env.get("SLURM_JOB_ID", "?"),
                    restarts=int(env.get("SLURM_RESTART_COUNT", "0") or 0), node=env.get("SLURMD_NODENAME", "?"))
@@ -322,7 +323,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
-    def _fresh(self) -> "StageJob":
+    def _fresh(self) -> StageJob:
         return StageJob(self.stage, self.run_dir, self.code_dir, self.dependants, self.stop_timeout_s)
 
     # ---- the child --------------------------------------------------------------------------------
@@ -387,7 +388,7 @@ class StageJob(submitit.helpers.Checkpointable):
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[DelayedSubmission]:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:
         """Called by submitit on global rank 0 when the preemption/timeout signal arrives: let the
         child checkpoint and exit, then hand submitit the same job to requeue."""
         self._stopping = True
@@ -411,7 +412,7 @@ class StageJob(submitit.helpers.Checkpointable):
             return DelayedSubmission(self._fresh())
         raise _ChildEnded(rc)  # it had finished (or failed) on its own: __call__ takes it from here
 
-    def _is_stopped(self, rc: Optional[int]) -> bool:
+    def _is_stopped(self, rc: int | None) -> bool:
         """The child stopped because of a stop signal (so the job is to be requeued, not failed):
         the trainer's EXIT_PREEMPTED, killed by a stop signal before its handler was installed (or a
         job without one), or any failure after this task was signalled (a rank whose peer stopped
@@ -484,9 +485,9 @@ class StageJob(submitit.helpers.Checkpointable):
     # ---- the task ---------------------------------------------------------------------------------
     def __call__(self) -> dict[str, Any]:
         sigterm_proof_requeue()
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: subprocess.Popen | None = None
         self._exited = threading.Event()
-        self._signalled: Optional[int] = None
+        self._signalled: int | None = None
         self._stopping = False
         run_dir, st = Path(self.run_dir), self.stage
         task = _Task.from_env(os.environ)
@@ -604,7 +605,8 @@ def submit_chain(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, run_dir
         raise RuntimeError(f"scontrol release {','.join(submitted.values())} failed: {release.stderr.strip()}; "
                            "the jobs stay held (release them by hand, or scancel them)")
     skipped = [s.name for s in stages if s not in todo]
-    log(f"run folder: {run_dir}\ncode snapshot: {code_dir}" + (f"\nalready done: {', '.join(skipped)}" if skipped else ""))
+    done = f"\nalready done: {', '.join(skipped)}" if skipped else ""
+    log(f"run folder: {run_dir}\ncode snapshot: {code_dir}{done}")
     width = max(len(r[0]) for r in rows)
     log(f"{'stage':<{width}}  {'job id':>8}  nodes x tasks  after")
     for name, jid, shape, after in rows:

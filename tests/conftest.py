@@ -7,7 +7,8 @@
   the end of the session. If it cannot start, the tests fail (never skip): the fixture is the proof
   that it starts.
 * ``local_pipeline``: the shortened tiny pipeline (tests/pipeline/test_pipeline.py OVERRIDES) run on this
-  machine by ``tools/submit.py --local``: tests/pipeline/test_pipeline.py checks it, tests/pipeline/test_slurm_pipeline.py
+  machine by ``tools/submit.py --local``: tests/pipeline/test_pipeline.py checks it,
+  tests/pipeline/test_slurm_pipeline.py
   compares the SLURM run with it, and one session computes it once.
   It starts in the background as soon as a test asks for it, so a module can run SLURM jobs while it
   computes; ``wait()`` returns its folder.
@@ -19,19 +20,29 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
 from tests.helpers import REPO, TINY, env
 
 LOCAL = REPO / "cluster" / "local"
+# Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines): `pytest -m "not slow"`
+# leaves them out, for an inner loop of unit tests only.
+SLOW_FOLDERS = ("runtime", "jobs", "pipeline")
 STATE_DIR = Path(os.environ.get("SDTT_SLURM_STATE", "/tmp/sdtt-slurm"))
 UP_TIMEOUT_S = 600  # a cold start installs packages: ~20 s measured, generous for slow mirrors
 LOCAL_PIPELINE_TIMEOUT_S = 1800
 
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    for item in items:
+        if item.path.relative_to(tests_dir).parts[0] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,9 +102,10 @@ class LocalPipeline:
         from tests.pipeline.test_pipeline import OVERRIDES  # the one definition of the shortened pipeline
 
         self._proc = subprocess.Popen(
-            [sys.executable, "tools/submit.py", "--config", str(TINY), "--local", "--run-dir", str(run), *OVERRIDES], cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "tools/submit.py", "--config", str(TINY), "--local", "--run-dir", str(run), *OVERRIDES],
+            cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)  # its own process group: stop() ends torchrun's workers too
-        self.seconds: Optional[float] = None
+        self.seconds: float | None = None
 
     def wait(self) -> Path:
         """The finished run's folder; fails the test with the output when the run failed."""

@@ -28,8 +28,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
         s.add_argument("--repeats", type=int, default=repeats, help="interleaved repetitions (medians)")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--threads", type=int, default=threads, help="torch threads; default -1: 1 on a CPU run (on a shared CPU, OpenMP threads waiting for a "
+        s.add_argument("--threads", type=int, default=threads, help="torch threads; default -1: 1 on a CPU run "
+                       "(on a shared CPU, OpenMP threads waiting for a "
                        "busy core made every op up to 10x slower), torch's default on a GPU run; 0: torch's default")
         s.add_argument("--work", default=None, help="folder for temporary files (default: the system's)")
         s.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--breakdown", action="store_true",
                    help="also time one denoiser call against one ancestral draw at the same shapes")
     s.add_argument("--cpu-generator", action="store_true",
-                   help="draw the sampling noise on the CPU even when sampling on a GPU (as trainer.evaluation.sweep does)")
+                   help="draw the sampling noise on the CPU even when sampling on a GPU "
+                        "(as trainer.evaluation.sweep does)")
 
     s = add("targets", "target generation (targets job path) vs bare teacher forwards", 5)
     s.add_argument("--device", default=None)

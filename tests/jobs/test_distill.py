@@ -21,16 +21,16 @@ from safetensors.torch import load_file
 
 from tests.helpers import REPO, env, free_port, run_job, scalars
 from tests.jobs.test_shard_reader import G, N, _targets_in_process, base_run
-from trainer.method import sdtt
-from trainer.targets import shards as SH
-from trainer.runtime.checkpoint import read_json, sha256_file
 from trainer.config import load_config, round_steps
 from trainer.jobs import distill as job
 from trainer.jobs.common import load_model
 from trainer.jobs.targets import RowPicker
-from trainer.runtime.metrics import read_tb_scalars
-from trainer.model.dit import DiT
+from trainer.method import sdtt
 from trainer.method.sampling import make_denoiser
+from trainer.model.dit import DiT
+from trainer.runtime.checkpoint import read_json, sha256_file
+from trainer.runtime.metrics import read_tb_scalars
+from trainer.targets import shards as SH
 
 STEPS = 24  # distill.steps_per_round of the base config (tests/jobs/test_shard_reader.py)
 

@@ -2,9 +2,9 @@
 import torch
 
 from tests.helpers import run_job
-from tests.unit.test_mdlm_import import COND, D, HEADS, LAYERS, LENGTH, V1, hf_config, mdlm_state_dict, write_checkpoint
-from trainer.runtime.checkpoint import load_exported
+from tests.unit.test_mdlm_import import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, write_checkpoint
 from trainer.model.dit import DiT
+from trainer.runtime.checkpoint import load_exported
 
 SHAPE = [f"model.vocab_size={V1 - 1}", f"model.d_model={D}", f"model.n_layers={LAYERS}", f"model.n_heads={HEADS}",
          f"model.cond_dim={COND}", f"model.max_seq_len={LENGTH}", "data.seq_len=24", "data.synthetic.vocab_size=40",

@@ -10,9 +10,11 @@ from trainer.runtime.checkpoint import load_exported
 from trainer.runtime.metrics import read_tb_scalars
 from trainer.runtime.preempt import EXIT_PREEMPTED
 
+
 def stopped_early(proc) -> bool:
     """The job exited with EXIT_PREEMPTED (torchrun reports the rank's code and exits 1)."""
-    return proc.returncode == EXIT_PREEMPTED or (proc.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in proc.stderr)
+    reported = proc.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in proc.stderr
+    return proc.returncode == EXIT_PREEMPTED or reported
 
 
 STEPS = ["train.steps=80", "train.eval_every=40", "train.ckpt_every=40", "optim.warmup_steps=10"]

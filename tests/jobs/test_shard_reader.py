@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from tests.helpers import TINY
-from trainer.targets import codecs
-from trainer.targets import reader as SR
-from trainer.targets import shards as SH
-from trainer.runtime.checkpoint import export_weights
 from trainer.config import ConfigError, load_config, save_config
 from trainer.data.prepared import prepare_data
 from trainer.model.dit import DiT
+from trainer.runtime.checkpoint import export_weights
+from trainer.targets import codecs
+from trainer.targets import reader as SR
+from trainer.targets import shards as SH
 
 # 256 samples in 8 shards of 32; 24 steps of 16 = 1.5 epochs.
 OVERRIDES = ["data.num_train_sequences=512", "data.num_valid_sequences=64", "targets.num_samples=256",

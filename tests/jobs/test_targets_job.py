@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from tests.helpers import REPO, TINY, env, run_job
-from trainer.targets import shards as SH
-from trainer.runtime.checkpoint import export_weights, read_json
 from trainer.config import load_config, save_config
 from trainer.data.prepared import prepare_data
 from trainer.jobs import targets as job
 from trainer.model.dit import DiT
+from trainer.runtime.checkpoint import export_weights, read_json
+from trainer.targets import shards as SH
 
 OVERRIDES = ["data.num_train_sequences=256", "data.num_valid_sequences=64", "targets.num_samples=40",
              "targets.samples_per_shard=8", "targets.batch_size=4", "targets.k=8"]
@@ -93,7 +93,7 @@ def test_clean_run_writes_a_complete_described_set(clean_run):
     assert m["totals"]["samples"] == 40 and len(m["shards"]) == 5
     samples = _samples(out)
     assert sorted(samples) == list(range(40))
-    for i, s in samples.items():
+    for s in samples.values():
         assert s["meta"]["round"] == 1 and s["ids"].shape == (int((s["xt"] == 64).sum()), 8)
         assert 1e-3 <= s["meta"]["t"] <= 1
     assert not list(out.rglob("*.tmp"))

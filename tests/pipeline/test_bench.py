@@ -22,7 +22,8 @@ SMALL = ["data.num_train_sequences=256", "data.num_valid_sequences=64", "distill
 def _bench(*args: str, timeout: int = 240) -> dict:
     proc = subprocess.run([sys.executable, str(BENCH), *args], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, f"bench {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, \
+        f"bench {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     last = proc.stdout.strip().splitlines()[-1]
     result = json.loads(last)  # the JSON line is the last line of stdout
     assert result["bench"] == args[0]
@@ -47,7 +48,8 @@ def test_sampling():
     r = _bench("sampling", "--repeats", "1", "--batch", "2", "--seq-len", "16", "--student-steps", "2", "4",
                "--teacher-steps", "8")
     _has_ratios(r, {f"student{n}_over_{b}" for n in (2, 4) for b in ("teacher_cached", "teacher_nocache", "ar")})
-    assert r["nfe"]["teacher@8"] == 8 and 1 <= r["nfe"]["teacher@8+cache"] <= 8 and r["headline_teacher"] == "teacher_cached"
+    assert r["nfe"]["teacher@8"] == 8 and 1 <= r["nfe"]["teacher@8+cache"] <= 8
+    assert r["headline_teacher"] == "teacher_cached"
 
 
 def test_targets():

@@ -24,9 +24,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 import submitit
@@ -38,7 +39,6 @@ from tests.conftest import LocalPipeline, LocalSlurm
 from tests.helpers import REPO, TINY, env
 from tests.pipeline.test_pipeline import OVERRIDES
 from trainer.config import load_config
-
 
 
 def on_slurm(test: Callable) -> Callable:
@@ -57,7 +57,7 @@ RUN_TIMEOUT_S = 1200
 SPEC = ClusterSpec(nodes=2, gpus_per_node=0, cpu_slots_per_node=1, partition="debug", time_min=60)
 
 
-def submit(*args: str, extra_env: Optional[dict[str, str]] = None, check: bool = True) -> subprocess.CompletedProcess:
+def submit(*args: str, extra_env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     e = {**env(), **(extra_env or {})}
     proc = subprocess.run([sys.executable, "tools/submit.py", *args], cwd=REPO, env=e, capture_output=True,
                           text=True, timeout=300)
@@ -158,7 +158,7 @@ def distill_steps_done(round_idx: int, at_least: int) -> Callable[[Path], bool]:
     pattern = re.compile(rf"distill r{round_idx}:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
     def ready(run: Path) -> bool:
-        log = state(run)["distill_%d" % round_idx].get("log")
+        log = state(run)[f"distill_{round_idx}"].get("log")
         if not log or not Path(log).exists():
             return False
         steps = [int(m.group(1)) for m in pattern.finditer(Path(log).read_text(errors="replace"))]

@@ -119,7 +119,8 @@ def _free_port() -> int:
 
 def _launch(out: Path, scenario: str, nproc: int) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), str(out), scenario]  # exercises the no-launcher path

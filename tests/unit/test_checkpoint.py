@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.runtime.checkpoint import (CheckpointError, atomic_write_text, capture_rng, export_weights, load_exported,
-                                restore_rng, sha256_file)
 from trainer.config import ModelConfig, RunConfig
+from trainer.runtime.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    capture_rng,
+    export_weights,
+    load_exported,
+    restore_rng,
+    sha256_file,
+)
 
 
 def _draws():
@@ -45,7 +52,8 @@ def test_export_roundtrip_raw_and_ema(tmp_path):
     cfg = RunConfig(name="exp")
     raw, ema = _state(0), _state(1)
     out = export_weights(tmp_path / "export", raw, ema, cfg, step=42)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "ema.safetensors", "export.json", "model.safetensors"]
+    expected = ["config.yaml", "ema.safetensors", "export.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == expected
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp folder left behind
     info = json.loads((out / "export.json").read_text())
     assert info["step"] == 42 and info["param_count"] == 16 * 8 + 16

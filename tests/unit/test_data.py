@@ -10,11 +10,23 @@ import numpy as np
 import pytest
 
 from trainer.config import DataConfig, SyntheticConfig
-from trainer.data.prepared import (DataError, MarkovSource, _period, batches, data_digest, expand_paths,
-                          iter_hf_documents, iter_text_documents, load_data_info, load_split,
-                          pack_documents, prepare_data, split_indices)
-from trainer.jobs import prepare as prepare_job
+from trainer.data.prepared import (
+    DataError,
+    MarkovSource,
+    _period,
+    batches,
+    data_digest,
+    expand_paths,
+    iter_hf_documents,
+    iter_text_documents,
+    load_data_info,
+    load_split,
+    pack_documents,
+    prepare_data,
+    split_indices,
+)
 from trainer.data.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer
+from trainer.jobs import prepare as prepare_job
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from trainer.runtime import metrics
 from trainer.config import RunConfig
+from trainer.runtime import metrics
 from trainer.runtime.metrics import DataWaitTimer, MetricsWriter, Throughput, read_tb_scalars
 
 

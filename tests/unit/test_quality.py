@@ -14,9 +14,17 @@ import torch.nn as nn
 
 from trainer.config import ModelConfig, SyntheticConfig
 from trainer.data.prepared import MarkovSource
-from trainer.evaluation.quality import (HFJudge, JudgeError, OwnARJudge, bigram_kl, exact_nll, gen_ppl,
-                                     markov_quality, unigram_entropy)
 from trainer.data.tokenizers import HFTokenizer, TokenizerError, load_tokenizer
+from trainer.evaluation.quality import (
+    HFJudge,
+    JudgeError,
+    OwnARJudge,
+    bigram_kl,
+    exact_nll,
+    gen_ppl,
+    markov_quality,
+    unigram_entropy,
+)
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
@@ -169,7 +177,7 @@ def test_own_ar_judge_with_the_project_dit():
 # --------------------------------------------------------------------------------------------------
 # Hugging Face tokenizers from local files
 # --------------------------------------------------------------------------------------------------
-def _byte_bpe() -> "tokenizers.ByteLevelBPETokenizer":
+def _byte_bpe() -> tokenizers.ByteLevelBPETokenizer:
     tok = tokenizers.ByteLevelBPETokenizer()
     tok.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
                             show_progress=False)

@@ -1,9 +1,9 @@
 """Samplers (trainer/method/sampling.py): caching, prefixes, determinism, and the AR KV cache."""
 import torch
 
+from trainer.config import ModelConfig
 from trainer.method import diffusion as D
 from trainer.method import sampling as S
-from trainer.config import ModelConfig
 from trainer.model.dit import DiT
 
 V = 16

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.targets import codecs as C
 from trainer.method import diffusion as D
 from trainer.method import sdtt as S
+from trainer.targets import codecs as C
 
 EPS = 1e-3
 V = 10
@@ -51,7 +51,8 @@ def test_first_step_unmasks_the_right_fraction():
 
 def test_teacher_step_has_the_ancestral_law_and_is_batch_invariant():
     """sdtt._draw (two float64 uniforms per position) draws the ancestral law: MASK with probability
-    a_s / a_t, else v with p(v) (a_t - a_s) / a_t; visible positions are kept; with one generator per sample a sample's draw does not depend on the batch."""
+    a_s / a_t, else v with p(v) (a_t - a_s) / a_t; visible positions are kept; with one generator per
+    sample a sample's draw does not depend on the batch."""
     L = 60000
     logits = 1.5 * torch.randn(V + 1, generator=torch.Generator().manual_seed(1))
     xt = torch.full((1, L), MASK)

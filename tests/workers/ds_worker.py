@@ -25,8 +25,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trainer.runtime import dist  # noqa: E402
 from trainer.config import EngineConfig, ModelConfig, OptimConfig, RunConfig  # noqa: E402
+from trainer.runtime import dist  # noqa: E402
 
 V, L, GLOBAL, MICRO, STEPS, HALF = 512, 16, 8, 2, 6, 3
 

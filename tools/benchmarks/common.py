@@ -7,17 +7,18 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer.method import sdtt
-from trainer.targets import shards
 from trainer.config import RunConfig, load_config, round_steps
+from trainer.method import sdtt
 from trainer.model.dit import DiT, count_parameters
+from trainer.targets import shards
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -29,10 +30,10 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def set_threads(n: int, device: torch.device = torch.device("cpu")) -> int:
+def set_threads(n: int, device: torch.device | None = None) -> int:
     """-1 (default): one thread on a CPU run, torch's default when a GPU does the work."""
     if n < 0:
-        n = 1 if device.type == "cpu" else 0
+        n = 1 if device is None or device.type == "cpu" else 0
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
@@ -74,7 +75,8 @@ def x0_rows(cfg: RunConfig, n: int, seq_len: int, seed: int) -> torch.Tensor:
     return torch.randint(0, cfg.model.vocab_size, (n, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def example_spec(cfg: RunConfig, round_idx: int = 1, codec: str | None = None, k: int | None = None) -> sdtt.ExampleSpec:
+def example_spec(cfg: RunConfig, round_idx: int = 1, codec: str | None = None,
+                 k: int | None = None) -> sdtt.ExampleSpec:
     """The targets job's ExampleSpec (trainer/jobs/targets.py, ``run``), for round ``round_idx``."""
     g = cfg.targets
     student_steps = round_steps(cfg, round_idx)
@@ -109,9 +111,9 @@ def make_target_set(work: Path, config: Path, overrides: Sequence[str], num_samp
                     per_shard: int = 64, seed: int = 0, timeout: int = 600) -> Path:
     """A round-1 target set made by ``python -m trainer.jobs.targets`` (one process) from a random
     teacher export and freshly prepared data: the same files the distill job reads."""
-    from trainer.runtime.checkpoint import export_weights
     from trainer.config import save_config
     from trainer.data.prepared import prepare_data
+    from trainer.runtime.checkpoint import export_weights
 
     run = work / "run"
     cfg = load_config(config, [*overrides, f"targets.num_samples={num_samples}",

@@ -11,14 +11,20 @@ from typing import Any
 
 import torch
 
-from trainer.config import load_config
-from trainer.model.dit import DiT
-
 from tools.benchmarks.common import (
-    READER, check_fits, common_result, make_target_set, rank_reader, set_threads, shard_urls,
-    student_loss, to_batch,
+    READER,
+    check_fits,
+    common_result,
+    make_target_set,
+    rank_reader,
+    set_threads,
+    shard_urls,
+    student_loss,
+    to_batch,
 )
 from tools.benchmarks.timing import CPU_TIMES, Ratio, goal_line, interleaved, med, table
+from trainer.config import load_config
+from trainer.model.dit import DiT
 
 
 def cmd_loader(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,17 +3,17 @@ prediction cache) and a same-size AR model with a KV cache, interleaved."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from trainer.method import diffusion
-from trainer.config import load_config
-from trainer.model.dit import DiT
-from trainer.method.sampling import make_denoiser, sample_ar, sample_diffusion
-
 from tools.benchmarks.common import common_result, load_or_random, resolve_device, set_threads
 from tools.benchmarks.timing import Ratio, cpu_ratio, interleaved, med, table
+from trainer.config import load_config
+from trainer.method import diffusion
+from trainer.method.sampling import make_denoiser, sample_ar, sample_diffusion
+from trainer.model.dit import DiT
 
 
 def cmd_sampling(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,23 +8,28 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.targets import codecs, shards
-from trainer.method import diffusion, sdtt
-from trainer.config import RunConfig, load_config, round_steps
-from trainer.model.dit import DiT
-from trainer.method.sampling import make_denoiser
-
 from tools.benchmarks.common import (
-    common_result, example_spec, resolve_device, set_threads, student_loss, x0_rows,
+    common_result,
+    example_spec,
+    resolve_device,
+    set_threads,
+    student_loss,
+    x0_rows,
 )
 from tools.benchmarks.timing import table
+from trainer.config import RunConfig, load_config, round_steps
+from trainer.method import diffusion, sdtt
+from trainer.method.sampling import make_denoiser
+from trainer.model.dit import DiT
+from trainer.targets import codecs, shards
 
 
 def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:

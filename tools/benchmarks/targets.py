@@ -12,15 +12,19 @@ from typing import Any
 
 import torch
 
-from trainer.method import diffusion, sdtt
-from trainer.targets import shards
-from trainer.config import load_config, round_steps
-from trainer.method.sampling import make_denoiser
-
 from tools.benchmarks.common import (
-    common_result, example_spec, load_or_random, resolve_device, set_threads, x0_rows,
+    common_result,
+    example_spec,
+    load_or_random,
+    resolve_device,
+    set_threads,
+    x0_rows,
 )
 from tools.benchmarks.timing import Ratio, cpu_ratio, goal_line, interleaved, med, table
+from trainer.config import load_config, round_steps
+from trainer.method import diffusion, sdtt
+from trainer.method.sampling import make_denoiser
+from trainer.targets import shards
 
 
 def cmd_targets(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,13 +6,13 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-
 
 
 def _sync(device: torch.device) -> None:
@@ -52,7 +52,7 @@ def interleaved(variants: Mapping[str, Callable[[], Any]], repeats: int, device:
     return times, results
 
 
-def cpu_ratio(num: str, den: str) -> "Ratio":
+def cpu_ratio(num: str, den: str) -> Ratio:
     """Ratio.of on the CPU times of the last interleaved() call."""
     return Ratio.of(CPU_TIMES[num], CPU_TIMES[den])
 
@@ -71,7 +71,7 @@ class Ratio:
     hi: float
 
     @classmethod
-    def of(cls, num: Sequence[float], den: Sequence[float]) -> "Ratio":
+    def of(cls, num: Sequence[float], den: Sequence[float]) -> Ratio:
         paired = [a / b for a, b in zip(num, den) if b > 0]
         return cls(med(num) / med(den), min(paired, default=math.nan), max(paired, default=math.nan))
 

@@ -13,20 +13,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from trainer.config import load_config
-from trainer.model.dit import DiT, count_parameters
-
 from tools.benchmarks.common import (
-    READER, REPO, bench_env, check_fits, common_result, make_target_set, rank_reader, shard_urls,
-    student_loss, to_batch,
+    READER,
+    REPO,
+    bench_env,
+    check_fits,
+    common_result,
+    make_target_set,
+    rank_reader,
+    shard_urls,
+    student_loss,
+    to_batch,
 )
 from tools.benchmarks.timing import Ratio, goal_line, med, table
-
+from trainer.config import load_config
+from trainer.model.dit import DiT, count_parameters
 
 TRAIN_MODES = ("ddp", "zero1", "zero2", "zero3")
 
@@ -63,7 +70,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             ratios[f"{m}_over_ddp"], spread[f"{m}_over_ddp"] = r.value, [r.lo, r.hi]
         rows.append([m, 1e3 * med(step[m]), res["global_batch"] / med(step[m]), str(r) if m != "ddp" else "1",
                      med(res["wait_frac"][m])])
-    print(f"train: student SDTT steps on {args.nproc} processes (torchrun, {res['device']}, {res['precision']}), global batch "
+    print(f"train: student SDTT steps on {args.nproc} processes "
+          f"(torchrun, {res['device']}, {res['precision']}), global batch "
           f"{res['global_batch']} ({res['micro_batch']} per rank, no accumulation), {res['parameters']:,} "
           f"parameters, codec {res['codec']} K={res['k']}, loss {res['divergence']}; reader: {res['reader']}; "
           f"{args.repeats} interleaved repetitions of {args.steps} steps per mode (one process pair, all "
@@ -92,8 +100,8 @@ def cmd_train_worker(args: argparse.Namespace) -> dict[str, Any] | None:
     in interleaved blocks of steps fed by the distill job's reader (one stream for all modes)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from trainer.runtime import dist
     from trainer.config import EngineConfig
+    from trainer.runtime import dist
     from trainer.runtime.engine import build_engine, resolve_precision
 
     info = dist.init_distributed()

@@ -21,8 +21,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -479,11 +480,11 @@ def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict[str,
 
         def blocks(idx: np.ndarray) -> Iterator[np.ndarray]:
             for start in range(0, idx.size, _ROWS_PER_WRITE):
-                yield np.asarray(packed[idx[start:start + _ROWS_PER_WRITE]])
+                yield np.asarray(packed[idx[start:start + _ROWS_PER_WRITE]])  # noqa: F821 (deleted below, after use)
 
         digest = _write_splits(out, cfg.seq_len, {"train": (train_idx.size, blocks(train_idx)),
                                                   "valid": (valid_idx.size, blocks(valid_idx))})
-        del packed
+        del packed  # the memmap must close before the scratch file is unlinked
     finally:
         scratch.unlink(missing_ok=True)
     return dict(source=description, tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token; also how ByteTokenizer renders its EOS
 

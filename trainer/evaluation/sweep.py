@@ -7,16 +7,15 @@ judge when one is configured, and always the sample entropy beside them.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from trainer.method import sampling
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
 from trainer.evaluation.quality import JudgeFn, gen_ppl, markov_quality, unigram_entropy
+from trainer.method import sampling
 
 
 def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int, seed: int,
@@ -40,7 +39,7 @@ def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int,
     return torch.cat(out), nfe
 
 
-def quality_row(samples: torch.Tensor, source: Optional[MarkovSource], judge: Optional[JudgeFn]) -> dict:
+def quality_row(samples: torch.Tensor, source: MarkovSource | None, judge: JudgeFn | None) -> dict:
     """Every quality number for one set of samples; absent measures are None, never omitted."""
     row: dict = {"nll": None, "nll_se": None, "nll_gap": None, "bigram_kl": None, "gen_ppl": None}
     if source is not None:
@@ -53,8 +52,8 @@ def quality_row(samples: torch.Tensor, source: Optional[MarkovSource], judge: Op
     return row
 
 
-def evaluate_model(model: nn.Module, cfg: RunConfig, steps_list: list[int], source: Optional[MarkovSource],
-                   judge: Optional[JudgeFn], device: torch.device, progress: bool = False,
+def evaluate_model(model: nn.Module, cfg: RunConfig, steps_list: list[int], source: MarkovSource | None,
+                   judge: JudgeFn | None, device: torch.device, progress: bool = False,
                    keep_samples: bool = False) -> list[dict]:
     """One quality row per step count, each with its timing and number of denoiser calls.
 

@@ -6,15 +6,14 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
 
 from trainer.config import RunConfig, load_config, save_config
 
 log = logging.getLogger("sdtt")
 
 
-def parse_args(description: str, with_round: bool = False, argv: Optional[list[str]] = None,
-               flags: Optional[dict[str, str]] = None) -> argparse.Namespace:
+def parse_args(description: str, with_round: bool = False, argv: list[str] | None = None,
+               flags: dict[str, str] | None = None) -> argparse.Namespace:
     """The common command line; ``flags`` adds boolean options (name -> help)."""
     p = argparse.ArgumentParser(description=description)
     for flag, help_text in (flags or {}).items():
@@ -81,8 +80,8 @@ def eval_dir(run_dir: Path, round_idx: int) -> Path:
 
 def load_model(export_dir: Path, which: str = "ema", expect_model=None, causal: bool = False):
     """An exported model, verified (sha256, names, shapes), in eval mode on CPU: (model, its config)."""
-    from trainer.runtime.checkpoint import load_exported
     from trainer.model.dit import DiT
+    from trainer.runtime.checkpoint import load_exported
 
     state, cfg = load_exported(export_dir, which, expect_model)
     model = DiT(cfg.model, causal=causal)
@@ -90,7 +89,7 @@ def load_model(export_dir: Path, which: str = "ema", expect_model=None, causal: 
     return model.eval(), cfg
 
 
-def device() -> "torch.device":  # noqa: F821
+def device() -> torch.device:  # noqa: F821
     import torch
 
     if torch.cuda.is_available():
@@ -103,14 +102,14 @@ def entry(main, *job_errors: type[Exception]) -> None:
     naming the key or file and exit code 2, not a traceback; preemption passes its code through."""
     import sys
 
-    from trainer.runtime.checkpoint import CheckpointError
-    from trainer.targets.codecs import CodecError
     from trainer.config import ConfigError
     from trainer.data.prepared import DataError
-    from trainer.model.mdlm_import import MDLMImportError
-    from trainer.evaluation.quality import JudgeError
-    from trainer.targets.shards import ShardError
     from trainer.data.tokenizers import TokenizerError
+    from trainer.evaluation.quality import JudgeError
+    from trainer.model.mdlm_import import MDLMImportError
+    from trainer.runtime.checkpoint import CheckpointError
+    from trainer.targets.codecs import CodecError
+    from trainer.targets.shards import ShardError
 
     bad_input = (ConfigError, DataError, CheckpointError, CodecError, ShardError, MDLMImportError, JudgeError,
                  TokenizerError, FileNotFoundError, *job_errors)

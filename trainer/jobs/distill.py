@@ -36,32 +36,40 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.targets import codecs, shards
-from trainer.method import diffusion, sdtt
-from trainer.runtime import dist
-from trainer.targets import reader as SR
-from trainer.runtime.checkpoint import (WEIGHT_FILES, CheckpointError, atomic_write_json, export_weights, load_exported,
-                                read_json, verify_file)
-from trainer.targets.codecs import CodecError
 from trainer.config import ConfigError, RunConfig, round_steps
 from trainer.data.prepared import DataError, MarkovSource, data_dir, load_data_info, load_split
-from trainer.runtime.engine import Engine, build_engine
 from trainer.jobs import common
 from trainer.jobs.pretrain import sample_report
 from trainer.jobs.targets import RowPicker, targets_dir
+from trainer.method import diffusion, sdtt
+from trainer.method.sampling import make_denoiser
+from trainer.model.dit import DiT, count_parameters
+from trainer.runtime import dist
+from trainer.runtime.checkpoint import (
+    WEIGHT_FILES,
+    CheckpointError,
+    atomic_write_json,
+    export_weights,
+    load_exported,
+    read_json,
+    verify_file,
+)
+from trainer.runtime.engine import Engine, build_engine
 from trainer.runtime.loop import Task, train
 from trainer.runtime.metrics import MetricsWriter
-from trainer.model.dit import DiT, count_parameters
 from trainer.runtime.preempt import EXIT_PREEMPTED
-from trainer.method.sampling import make_denoiser
+from trainer.targets import codecs, shards
+from trainer.targets import reader as SR
+from trainer.targets.codecs import CodecError
 
 log = logging.getLogger("sdtt")
 
@@ -86,10 +94,10 @@ class Batch:
     until the teacher fills them in; x0 [B, L] holds the clean rows)."""
 
     indices: list[int]
-    xt: Optional[Tensor] = None
-    t: Optional[Tensor] = None
-    targets: Optional[codecs.Targets] = None
-    x0: Optional[Tensor] = None
+    xt: Tensor | None = None
+    t: Tensor | None = None
+    targets: codecs.Targets | None = None
+    x0: Tensor | None = None
 
 
 def distill_loss(forward: Callable[..., Tensor], batch: Batch, cfg: RunConfig, kind: str) -> Tensor:
@@ -143,7 +151,7 @@ class Init:
                 "export": f"{self.path} with a fresh optimizer"}[self.kind]
 
 
-def _latest(root: Path) -> Optional[tuple[str, dict]]:
+def _latest(root: Path) -> tuple[str, dict] | None:
     """(tag, engine_meta) of a checkpoint root's latest checkpoint, or None."""
     if not (root / "latest").is_file():
         return None
@@ -293,7 +301,7 @@ def run(cfg: RunConfig, run_dir: Path, round_idx: int, info: dist.DistInfo) -> i
 
     # ---- the student ----------------------------------------------------------------------------
     # Rank 0 decides (and warns) once; its verdict, or its error, reaches every rank (no rank waits alone).
-    planned: tuple[Optional[Init], Optional[str]] = (None, None)
+    planned: tuple[Init | None, str | None] = (None, None)
     if info.is_main:
         try:
             planned = (plan_init(cfg, run_dir, round_idx, teacher_file), None)
@@ -489,7 +497,7 @@ def _check_resume(data: dict, geo: SR.Geometry, resample: bool, set_digest: str,
                     "uninterrupted run", where, data.get("skipped"), skipped)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv)
     cfg = common.run_config(args)

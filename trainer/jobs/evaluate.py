@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import time
 
-from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
 from trainer.evaluation.sweep import evaluate_model, format_table
 from trainer.jobs import common
+from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from trainer.runtime.checkpoint import export_weights
 from trainer.jobs import common
-from trainer.model.mdlm_import import import_mdlm
 from trainer.model.dit import count_parameters
+from trainer.model.mdlm_import import import_mdlm
+from trainer.runtime.checkpoint import export_weights
 
 log = logging.getLogger("sdtt")
 

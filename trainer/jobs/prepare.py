@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from trainer.config import ConfigError
-from trainer.jobs import common
 from trainer.data.prepared import DataError, data_dir, load_data_info, prepare_data
 from trainer.data.tokenizers import TokenizerError
+from trainer.jobs import common
 
 
 def main(argv: list[str] | None = None) -> int:

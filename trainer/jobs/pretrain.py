@@ -21,18 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.method import diffusion, sampling
-
-from trainer.runtime import dist
-from trainer.runtime.checkpoint import export_weights, load_exported
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
-from trainer.runtime.engine import Engine, build_engine
+from trainer.evaluation.quality import markov_quality
 from trainer.jobs import common
+from trainer.method import diffusion, sampling
+from trainer.model.dit import DiT, count_parameters
+from trainer.runtime import dist
+from trainer.runtime.checkpoint import export_weights, load_exported
+from trainer.runtime.engine import Engine, build_engine
 from trainer.runtime.loop import Task, step_generator, train
 from trainer.runtime.metrics import MetricsWriter
-from trainer.evaluation.quality import markov_quality
-from trainer.model.dit import DiT, count_parameters
 from trainer.runtime.preempt import EXIT_PREEMPTED
 
 log = logging.getLogger("sdtt")

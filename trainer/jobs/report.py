@@ -14,9 +14,9 @@ import json
 import logging
 from pathlib import Path
 
-from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
 from trainer.evaluation.sweep import format_table
 from trainer.jobs import common
+from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
@@ -48,7 +48,8 @@ def few_step_gaps(rows: list[dict]) -> list[dict]:
         mine = sorted((r for r in rows if (r["model"], r["round"]) == key and r["nll"] is not None),
                       key=lambda r: r["steps"])
         if len(mine) >= 2:
-            out.append({"model": key[0], "round": key[1], "few_steps": mine[0]["steps"], "many_steps": mine[-1]["steps"],
+            out.append({"model": key[0], "round": key[1],
+                        "few_steps": mine[0]["steps"], "many_steps": mine[-1]["steps"],
                         "gap": mine[0]["nll"] - mine[-1]["nll"]})
     return out
 
@@ -119,7 +120,8 @@ def markdown(report: dict, pairs: list[dict]) -> str:
                   f"score {report['nll_floor']:.4f} (the floor).", ""]
     lines += ["## Student at its step count vs the teacher at the same count", "", "```",
               format_table(pairs, ("round", "steps", "teacher_nll", "teacher_nll_se", "student_nll", "student_nll_se",
-                                   "control_nll", "control_nll_se", "teacher_entropy", "student_entropy", "teacher_bigram_kl", "student_bigram_kl",
+                                   "control_nll", "control_nll_se", "teacher_entropy", "student_entropy",
+                                   "teacher_bigram_kl", "student_bigram_kl",
                                    "teacher_gen_ppl", "student_gen_ppl")), "```", "",
               "## The cost of few steps: NLL at the fewest steps minus NLL at the most", "", "```",
               format_table(report["few_step_gap"], ("model", "round", "few_steps", "many_steps", "gap")), "```", "",

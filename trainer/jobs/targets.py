@@ -33,24 +33,25 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer.runtime import dist
-from trainer.method import sdtt
-from trainer.targets import shards
-from trainer.jobs import common
-from trainer.jobs.common import log
-from trainer.runtime.checkpoint import WEIGHT_FILES, load_exported, read_json
 from trainer.config import RunConfig, round_steps
 from trainer.data.prepared import data_dir, load_data_info, load_split
-from trainer.runtime.metrics import MetricsWriter
-from trainer.model.dit import DiT
+from trainer.jobs import common
+from trainer.jobs.common import log
+from trainer.method import sdtt
 from trainer.method.sampling import make_denoiser
+from trainer.model.dit import DiT
+from trainer.runtime import dist
+from trainer.runtime.checkpoint import WEIGHT_FILES, load_exported, read_json
+from trainer.runtime.metrics import MetricsWriter
+from trainer.targets import shards
 
 # Test hook (fault injection): SIGKILL this process after it has written this many samples, so a
 # test can kill a real run in the middle of a shard at a reproducible point.

@@ -10,7 +10,7 @@ is given.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +45,8 @@ def make_denoiser(model: nn.Module, mask_id: int, noise_eps: float, time_conditi
 def sample_diffusion(denoise: Denoiser, batch_size: int, seq_len: int, steps: int, mask_id: int, *,
                      noise_eps: float, sampling_eps: float, generator: torch.Generator,
                      device: torch.device | str = "cpu", cache: bool = True,
-                     prefix: Optional[Tensor] = None, progress: bool = False,
-                     stats: Optional[dict] = None) -> Tensor:
+                     prefix: Tensor | None = None, progress: bool = False,
+                     stats: dict | None = None) -> Tensor:
     """Ancestral sampling from all-MASK over ``steps`` steps, then an argmax for anything left.
 
     cache: reuse the previous denoiser output when no token changed in the last step. Only valid
@@ -80,7 +80,7 @@ def sample_diffusion(denoise: Denoiser, batch_size: int, seq_len: int, steps: in
     return x
 
 
-def _prefix_clamp(prefix: Optional[Tensor], batch_size: int, device: torch.device) -> Callable[[Tensor], Tensor]:
+def _prefix_clamp(prefix: Tensor | None, batch_size: int, device: torch.device) -> Callable[[Tensor], Tensor]:
     if prefix is None:
         return lambda x: x
     prefix = prefix.to(device=device, dtype=torch.long)

@@ -12,16 +12,17 @@ Categoricals are drawn in float64 (trainer.method.diffusion), randomness only fr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from trainer.method import diffusion
 from trainer.targets import codecs
 
-from trainer.method import diffusion
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator]
 DIVERGENCES = ("rkl", "fkl", "mse", "tvd")

@@ -14,9 +14,10 @@ LOCAL_RANK from there. gloo on CPU, nccl on GPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -12,7 +12,7 @@ The average tracks the weights the forward pass uses (bf16 on GPU, fp32 on CPU),
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 

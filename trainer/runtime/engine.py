@@ -49,18 +49,29 @@ import sys
 import time
 import warnings
 from argparse import Namespace
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 
-from trainer.runtime import dist
-from trainer.runtime.checkpoint import (CheckpointError, atomic_write_json, atomic_write_text, capture_rng, model_mismatch,
-                                publish_mode, read_json, restore_rng, sha256_file, verify_file)
 from trainer.config import EngineConfig, ModelConfig, OptimConfig, RunConfig, batch_geometry, save_config, to_dict
+from trainer.runtime import dist
+from trainer.runtime.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    capture_rng,
+    model_mismatch,
+    publish_mode,
+    read_json,
+    restore_rng,
+    sha256_file,
+    verify_file,
+)
 from trainer.runtime.ema import EMA
 from trainer.runtime.lr import lr_at
 
@@ -184,11 +195,11 @@ class Engine:
         """Forward through DeepSpeed (ZeRO-3 gathers parameters in its hooks)."""
         return self.ds(*args, **kwargs)
 
-    def train(self, mode: bool = True) -> "Engine":
+    def train(self, mode: bool = True) -> Engine:
         self.ds.train(mode)
         return self
 
-    def eval(self) -> "Engine":
+    def eval(self) -> Engine:
         return self.train(False)
 
     def lr(self) -> float:
@@ -196,7 +207,7 @@ class Engine:
         return self.schedule(self.step)
 
     # ---- training -------------------------------------------------------------------------------
-    def train_step(self, loss_fn: Callable[["Engine", Any], torch.Tensor],
+    def train_step(self, loss_fn: Callable[[Engine, Any], torch.Tensor],
                    micro_batches: Sequence[Any]) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches.
 
@@ -518,7 +529,7 @@ def build_engine(model: nn.Module, optim: OptimConfig, engine: EngineConfig, tot
                   config["gradient_accumulation_steps"], engine.zero_stage, precision, ema)
 
 
-def consolidated_state_dict(src: "Engine | str | Path", *, verify: bool = True) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(src: Engine | str | Path, *, verify: bool = True) -> dict[str, torch.Tensor]:
     """Full fp32 weights from an engine (collective) or a checkpoint folder ``<root>/<tag>``
     (any process, no process group needed; files verified against the manifest first)."""
     if isinstance(src, Engine):

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer.runtime import dist
 from trainer.config import RunConfig, TrainConfig
+from trainer.runtime import dist
 from trainer.runtime.engine import Engine
 from trainer.runtime.metrics import DataWaitTimer, MetricsWriter, Throughput
 from trainer.runtime.preempt import StopFlag
@@ -40,7 +41,7 @@ class Task:
     loss: Callable[[Engine, Any, torch.Generator], torch.Tensor]  # mean loss of one micro-batch
     tokens_per_step: int  # global tokens per optimizer step (throughput)
     samples_per_step: int
-    evaluate: Optional[Callable[[int], dict[str, float]]] = None  # collective; scalars for TensorBoard
+    evaluate: Callable[[int], dict[str, float]] | None = None  # collective; scalars for TensorBoard
     client_state: Callable[[], dict] = dict  # JSON state saved with each checkpoint (data position)
 
 
@@ -58,7 +59,7 @@ def train(engine: Engine, task: Task, train_cfg: TrainConfig, cfg: RunConfig, ck
         gen = step_generator(seed, step, rank)
         with wait.waiting():
             micro = task.micro_batches(step)
-        stats = engine.train_step(lambda e, mb: task.loss(e, mb, gen), micro)
+        stats = engine.train_step(lambda e, mb: task.loss(e, mb, gen), micro)  # noqa: B023 (called within this step)
         tput.add(task.samples_per_step, task.tokens_per_step)
         bar.update(1)
         done = engine.step

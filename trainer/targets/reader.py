@@ -35,20 +35,21 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.targets import codecs, shards
-from trainer.runtime import dist
-from trainer.method import sdtt
-from trainer.runtime.checkpoint import sha256_file
 from trainer.config import ConfigError
+from trainer.method import sdtt
+from trainer.runtime import dist
+from trainer.runtime.checkpoint import sha256_file
+from trainer.targets import codecs, shards
 from trainer.targets.shards import BadShard, ShardError
 
 ORDER_DOMAIN = 0x5D79  # separates the order's seeds from every other use of (seed, round, ...)
@@ -374,7 +375,8 @@ def _positions(fields: Mapping[str, np.ndarray], codec: str) -> int:
 def collate_fields(samples: Sequence[Mapping[str, Any]], codec: str, mask_id: int, seq_len: int
                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
     """xt [B, L] (int64), t [B] (float32) and every codec field concatenated over the samples in
-    batch order: the row order of the student's masked positions on the same batch (``DiT(rows=xt == MASK)``) (the ragged sampled code
+    batch order: the row order of the student's masked positions on the same batch
+    (``DiT(rows=xt == MASK)``) (the ragged sampled code
     concatenates too: its ``nuniq`` says where each position's ids end)."""
     xts, ts = [], []
     parts: dict[str, list[np.ndarray]] = {f: [] for f in codecs.FIELDS[codec]}

@@ -35,14 +35,15 @@ import math
 import os
 import re
 import tarfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from trainer.targets import codecs
 from trainer.runtime.checkpoint import atomic_write_json, fsync_dir, sha256_file
+from trainer.targets import codecs
 
 FORMAT = "sdtt-targets/1"
 MANIFEST = "manifest.json"
@@ -277,7 +278,7 @@ class ShardWriter:
         finally:
             self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
