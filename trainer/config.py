@@ -17,8 +17,10 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from trainer.errors import BadInput
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInput, ValueError):
     """A configuration problem, with the key and the source it came from in the message."""
 
 

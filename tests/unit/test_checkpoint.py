@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from trainer.config import ModelConfig, RunConfig
-from trainer.runtime.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    capture_rng,
-    export_weights,
-    load_exported,
-    restore_rng,
-    sha256_file,
-)
+from trainer.fileio import atomic_write_text, sha256_file
+from trainer.runtime.checkpoint import CheckpointError, capture_rng, export_weights, load_exported, restore_rng
 
 
 def _draws():

@@ -59,17 +59,20 @@ import torch.distributed as tdist
 from torch import nn
 
 from trainer.config import EngineConfig, ModelConfig, OptimConfig, RunConfig, batch_geometry, save_config, to_dict
+from trainer.fileio import atomic_write_json, atomic_write_text, publish_mode, sha256_file
 from trainer.runtime import dist
 from trainer.runtime.checkpoint import (
+    CLIENT,
+    CONFIG,
+    EMA_FILE,
+    LATEST,
+    META,
+    RNG,
     CheckpointError,
-    atomic_write_json,
-    atomic_write_text,
     capture_rng,
     model_mismatch,
-    publish_mode,
     read_json,
     restore_rng,
-    sha256_file,
     verify_file,
 )
 from trainer.runtime.ema import EMA
@@ -94,12 +97,6 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
 _ds_logger.setLevel(logging.WARNING)
 
-META = "engine_meta.json"
-CLIENT = "client_state.json"
-RNG = "rng.json"
-EMA_FILE = "ema.safetensors"
-CONFIG = "config.yaml"
-LATEST = "latest"
 FORMAT = 1
 _UNIVERSAL_TAG = "uc"
 

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trainer.errors import BadInput
+
 CODECS = ("topk", "sampled", "dense")
 GPT2_VOCAB = 50257
 
@@ -52,7 +54,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class CodecError(ValueError):
+class CodecError(BadInput, ValueError):
     """A code that cannot be encoded or decoded; the message names the codec and the field."""
 
 
