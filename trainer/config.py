@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.errors import BadInput
@@ -253,6 +253,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layer = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"{path}: cannot parse YAML: {_first_line(e)}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), "
+                              f"not a {type(layer).__name__}")
         cfg = _merge(cfg, layer, str(path))
     for item in overrides:
         if "=" not in item:
