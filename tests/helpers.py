@@ -57,6 +57,18 @@ def run_job(module: str, run_dir: Path, *args: str, nproc: int = 2, config: Path
     return proc
 
 
+def exit_code(main, argv: list[str]) -> int:
+    """What ``python -m trainer.jobs.<x> argv`` exits with, run in this process: ``main`` through the
+    jobs' common entry (bad input: one line on stderr and code 2)."""
+    from trainer.jobs.common import entry
+
+    try:
+        entry(lambda: main(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one tag from metrics.jsonl, in write order."""
     out = []

@@ -99,8 +99,8 @@ def verify_file(path: str | Path, entry: Mapping[str, Any]) -> str | None:
         return "missing"
     size = path.stat().st_size
     if size != entry["bytes"]:
-        return f"truncated or altered: {size} bytes, manifest says {entry['bytes']}"
+        return f"size {size} bytes, manifest says {entry['bytes']} (truncated or altered)"
     digest = sha256_file(path)
     if digest != entry["sha256"]:
-        return f"corrupt: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}..."
+        return f"sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}... (corrupt)"
     return None

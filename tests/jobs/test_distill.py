@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, G, N, base_run, env, free_port, run_job, scalars, targets_in_process
+from tests.helpers import REPO, G, N, base_run, env, exit_code, free_port, run_job, scalars, targets_in_process
 from trainer.config import load_config, round_steps
 from trainer.data.rows import RowPicker
 from trainer.distill.batches import Batch, distill_loss, online_targets
@@ -150,7 +150,7 @@ def test_kill9_mid_round_then_restart_is_bit_identical(round1, base, tmp_path):
 def _main_in_process(*args: str) -> int:
     saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     try:
-        return job.main(list(args))
+        return exit_code(job.main, list(args))
     finally:
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(k, None)

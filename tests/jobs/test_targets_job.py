@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, env, run_job
+from tests.helpers import REPO, TINY, env, exit_code, run_job
 from trainer.config import load_config, save_config
 from trainer.data.prepared import prepare_data
 from trainer.data.rows import RowPicker
@@ -57,7 +57,7 @@ def _main_in_process(monkeypatch, *args: str) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return job.main(list(args))
+        return exit_code(job.main, list(args))
     finally:
         torch.set_num_threads(threads)
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -37,7 +37,7 @@ from trainer.layout import EXIT_PREEMPTED, RunLayout
 from trainer.method.sampling import make_denoiser
 from trainer.model.dit import DiT, count_parameters
 from trainer.runtime import dist
-from trainer.runtime.checkpoint import export_weights, load_exported
+from trainer.runtime.checkpoint import export_weights, load_exported, load_model
 from trainer.runtime.engine import build_engine
 from trainer.runtime.loop import Task, train
 from trainer.runtime.metrics import MetricsWriter
@@ -129,7 +129,7 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     # ---- build the data: complete micro-batches, offline or online -------------------------------
     consumed = ConsumedLog(sdir / "consumed", info.rank, engine.step) if dcfg.log_consumed else None
     if dcfg.mode == "online":
-        tmodel = common.load_model(teacher.export, teacher.weights, cfg.model)[0].to(info.device).requires_grad_(False)
+        tmodel = load_model(teacher.export, teacher.weights, cfg.model)[0].to(info.device).requires_grad_(False)
         rows = load_split(ddir, "train")
         if rows.shape[1] != cfg.data.seq_len:
             raise StageError(f"{ddir}: sequences of length {rows.shape[1]}, data.seq_len={cfg.data.seq_len}")
