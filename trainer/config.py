@@ -420,6 +420,32 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
            "must be positive and shorter than the time limit")
 
 
+@dataclass(frozen=True)
+class TrainSetup:
+    """What one training stage optimises with: the optimiser (lr, warm-up and weight decay resolved
+    for the stage), the global batch and the EMA decay (0 = none). ``key`` is the config section that
+    holds the stage's batch size, so geometry errors name the key the user must change."""
+
+    optim: OptimConfig
+    global_batch_size: int
+    ema: float = 0.0
+    key: str = "engine"
+
+
+def pretrain_setup(cfg: RunConfig) -> TrainSetup:
+    """The teacher's pretraining: ``optim.*``, ``engine.global_batch_size``, ``train.ema``."""
+    return TrainSetup(cfg.optim, cfg.engine.global_batch_size, cfg.train.ema, "engine")
+
+
+def distill_setup(cfg: RunConfig) -> TrainSetup:
+    """Every distillation round, and the control run (it must match the students' budget): the
+    paper's recipe in ``distill.lr``, ``distill.warmup_steps``, ``distill.weight_decay``,
+    ``distill.global_batch_size`` and ``distill.ema``; betas, eps, schedule and grad_clip from ``optim``."""
+    d = cfg.distill
+    optim = dataclasses.replace(cfg.optim, lr=d.lr, warmup_steps=d.warmup_steps, weight_decay=d.weight_decay)
+    return TrainSetup(optim, d.global_batch_size, d.ema, "distill")
+
+
 def round_steps(cfg: RunConfig, round_idx: int) -> int:
     """Sampling steps of the student after round ``round_idx`` (1-based): start / 2**round."""
     return cfg.distill.start_steps // (2 ** round_idx)

@@ -8,7 +8,7 @@ Teacher and student init: trainer/distill/rounds.py (``round_teacher``, ``plan_i
 against this student BEFORE training (trainer/targets/header.py) and checksums verified under
 ``targets.verify``; online, the teacher makes DENSE targets for the same samples in the same order
 (trainer/distill/batches.py). Loss: the divergence ``distill.divergence`` between the student's ONE
-prediction on x_t and the targets. Optimiser: the paper's recipe (DistillConfig). Output in
+prediction on x_t and the targets. Optimiser: ``config.distill_setup`` (the paper's recipe). Output in
 ``DIR/round_R/student``: checkpoints, metrics (tb/, metrics.jsonl), ``distill.json`` and the raw + EMA
 export, the next round's teacher; with ``distill.log_consumed`` every rank's sample indices per step
 in ``consumed/``.
@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from trainer.config import RunConfig, round_steps
+from trainer.config import RunConfig, distill_setup, round_steps
 from trainer.data.prepared import MarkovSource, data_dir, load_data_info, load_split
 from trainer.data.rows import RowPicker
 from trainer.distill import rounds
@@ -96,9 +96,7 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     model = DiT(cfg.model)
     if init.kind == "export":
         model.load_state_dict(load_exported(teacher.export, teacher.weights, expect_model=cfg.model)[0])
-    engine = build_engine(model, dataclasses.replace(cfg.optim, weight_decay=dcfg.weight_decay), cfg.engine, total,
-                          info.world_size, lr=dcfg.lr, warmup_steps=dcfg.warmup_steps,
-                          global_batch_size=dcfg.global_batch_size, ema_decay=dcfg.ema, key="distill")
+    engine = build_engine(model, distill_setup(cfg), cfg.engine, total, info.world_size)
     client = {}
     if init.kind in ("resume", "continue"):
         client = engine.load(init.path, expect_model=cfg.model) or {}

@@ -17,16 +17,15 @@ from the extra training, not from SDTT (shared/notes/sdtt-method.md: an under-tr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from trainer.config import RunConfig
+from trainer.config import RunConfig, TrainSetup, distill_setup, pretrain_setup
 from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
 from trainer.distill.rounds import round_teacher
 from trainer.evaluation.samples import sample_report
 from trainer.jobs import common
-from trainer.layout import CONTROL, EXIT_PREEMPTED, RunLayout
+from trainer.layout import CONTROL, EXIT_PREEMPTED, ModelRef, RunLayout
 from trainer.method.losses import mdlm_loss
 from trainer.model.dit import DiT, count_parameters
 from trainer.runtime import dist
@@ -57,24 +56,12 @@ def validate(engine: Engine, valid: torch.Tensor, cfg: RunConfig, rank: int, wor
     return dist.all_reduce_mean(total / max(count, 1))
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What this invocation trains: the teacher, or the control (the teacher trained on with its own
-    MDLM loss for the students' whole budget: same steps, batch, lr and EMA as distillation)."""
-
-    model: int | str  # 0 (the teacher) or CONTROL
-    total_steps: int
-    global_batch: int
-    engine_kwargs: dict
-
-
-def plan(cfg: RunConfig, control: bool) -> Plan:
+def stage(cfg: RunConfig, control: bool) -> tuple[ModelRef, TrainSetup, int]:
+    """What this invocation trains: the teacher (model 0), or the control (the teacher trained on with
+    its own MDLM loss for the students' whole budget: distillation's setup, steps and batch)."""
     if not control:
-        return Plan(0, cfg.train.steps, cfg.engine.global_batch_size, {"ema_decay": cfg.train.ema})
-    d = cfg.distill
-    return Plan(CONTROL, d.rounds * d.steps_per_round, d.global_batch_size,
-                {"lr": d.lr, "warmup_steps": d.warmup_steps, "global_batch_size": d.global_batch_size,
-                 "ema_decay": d.ema, "key": "distill"})
+        return 0, pretrain_setup(cfg), cfg.train.steps
+    return CONTROL, distill_setup(cfg), cfg.distill.rounds * cfg.distill.steps_per_round
 
 
 def main(argv=None) -> int:
@@ -83,7 +70,7 @@ def main(argv=None) -> int:
         "--control": "train the control instead: the teacher continued with its own loss for the students' budget"})
     info = dist.init_distributed()
     cfg = common.run_config(args, write=info.is_main)
-    p = plan(cfg, args.control)
+    model_ref, setup, total_steps = stage(cfg, args.control)
     layout = RunLayout(args.run_dir)
     name = "control" if args.control else "teacher"
 
@@ -100,15 +87,15 @@ def main(argv=None) -> int:
     if args.control:  # the students' starting point: the weights that teach round 1
         teacher = round_teacher(layout, cfg, 1)
         model.load_state_dict(load_exported(teacher.export, teacher.weights, cfg.model)[0])
-    engine = build_engine(model, cfg.optim, cfg.engine, p.total_steps, info.world_size, **p.engine_kwargs)
-    ckpt_root = layout.checkpoints(p.model)
+    engine = build_engine(model, setup, cfg.engine, total_steps, info.world_size)
+    ckpt_root = layout.checkpoints(model_ref)
     engine.load(ckpt_root, expect_model=cfg.model)
-    metrics = MetricsWriter(layout.metrics(p.model))
+    metrics = MetricsWriter(layout.metrics(model_ref))
     if engine.step == 0:
         metrics.config(cfg)
     log.info("%s: %d parameters, world %d, micro-batch %d x %d accumulation, from step %d of %d", name,
              count_parameters(model), info.world_size, engine.micro_batch, engine.grad_accum, engine.step,
-             p.total_steps)
+             total_steps)
 
     source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
     stream = {"it": None, "step": -1}
@@ -116,7 +103,7 @@ def main(argv=None) -> int:
     def micro_batches(step: int) -> list[torch.Tensor]:
         # batches() is a pure function of the step: (re)start it wherever the loop is.
         if stream["step"] != step - 1 or stream["it"] is None:
-            stream["it"] = batches(train_tokens, p.global_batch, info.rank, info.world_size,
+            stream["it"] = batches(train_tokens, setup.global_batch_size, info.rank, info.world_size,
                                    cfg.data.seed, start_step=step)
         _, local = next(stream["it"])
         stream["step"] = step
@@ -130,9 +117,9 @@ def main(argv=None) -> int:
 
     # ---- train ------------------------------------------------------------------------------------
     task = Task(micro_batches=micro_batches, loss=lambda e, x0, g: mdlm_loss(e, x0.to(e.device), g, cfg),
-                tokens_per_step=p.global_batch * cfg.data.seq_len, samples_per_step=p.global_batch,
+                tokens_per_step=setup.global_batch_size * cfg.data.seq_len, samples_per_step=setup.global_batch_size,
                 evaluate=evaluate, client_state=lambda: {"data_step": engine.step})
-    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, p.total_steps, cfg.train.seed, desc=name)
+    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, total_steps, cfg.train.seed, desc=name)
     if not finished:
         metrics.close()
         return EXIT_PREEMPTED
@@ -141,7 +128,7 @@ def main(argv=None) -> int:
     raw = engine.consolidated_state_dict()  # collective
     ema = engine.ema_state_dict()
     if info.is_main:
-        out = export_weights(layout.export(p.model), raw, ema if ema is not None else raw, cfg, step=engine.step,
+        out = export_weights(layout.export(model_ref), raw, ema if ema is not None else raw, cfg, step=engine.step,
                              overwrite=True)
         log.info("exported %s to %s", name, out)
     metrics.close()
