@@ -492,12 +492,8 @@ class Engine:
             return
         from safetensors.torch import load_file
         shapes = {k: tuple(v) for k, v in meta["params"].items()}
-        self.ema.load_state_dict(load_file(tag_dir / EMA_FILE), device=self.ema_device,
+        self.ema.load_state_dict(load_file(tag_dir / EMA_FILE), device=self.device,
                                  expect_shapes=shapes, source=str(tag_dir / EMA_FILE))
-
-    @property
-    def ema_device(self) -> torch.device:
-        return self.device
 
 
 def build_engine(model: nn.Module, setup: TrainSetup, engine: EngineConfig, total_steps: int,
