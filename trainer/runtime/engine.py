@@ -77,7 +77,7 @@ from trainer.runtime.checkpoint import (
 from trainer.runtime.ema import EMA
 from trainer.runtime.lr import lr_at
 
-# --- DeepSpeed import with the CPU workarounds (shared/notes/deepspeed-cpu.md) ---------------------
+# --- DeepSpeed import with the CPU workarounds -------------------------------------------------------
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip the accelerator probe and its warning
 # torch 2.13 warns (FutureWarning) from inside ZeRO's collectives on every step.
