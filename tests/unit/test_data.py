@@ -13,7 +13,6 @@ from trainer.config import DataConfig, SyntheticConfig
 from trainer.data.prepared import (
     DataError,
     MarkovSource,
-    _period,
     batches,
     data_digest,
     expand_paths,
@@ -25,6 +24,7 @@ from trainer.data.prepared import (
     prepare_data,
     split_indices,
 )
+from trainer.data.synthetic import _period
 from trainer.data.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer
 from trainer.jobs import prepare as prepare_job
 
