@@ -33,14 +33,23 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are ids 0..255 and EOS is 256: any text, no files, vocabulary of 257."""
+    """UTF-8 bytes are ids 0..255 and EOS is 256: any text, no files, vocabulary of 257.
+
+    EOS renders as ``<|endoftext|>`` and that text encodes back to EOS, as a Hugging Face tokenizer
+    treats its special tokens: decode then encode is the identity (what retokenising relies on).
+    """
 
     name = "byte"
     vocab_size = 257
     eos_id = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        parts = text.split(EOS_TEXT)
+        out = list(parts[0].encode("utf-8"))
+        for part in parts[1:]:
+            out.append(self.eos_id)
+            out.extend(part.encode("utf-8"))
+        return out
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
