@@ -192,6 +192,12 @@ class EvalConfig:
     judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
     ar_path: str = ""
     seed: int = 1
+    # Text sources (trainer/evaluation/text.py): MAUVE of this many prefix-conditioned samples
+    # against held-out rows (0 = off), the clamped prefix length (0 = seq_len / 4), and how many
+    # held-out rows the likelihood bound is measured on.
+    mauve_samples: int = 256
+    prefix_tokens: int = 0
+    elbo_rows: int = 512
 
 
 @dataclass
@@ -404,6 +410,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(ev.num_samples >= 2, source, "eval.num_samples", "must be at least 2 (for a standard error)")
     _check(ev.batch_size >= 1, source, "eval.batch_size", "must be positive")
     _choice(ev.weights, ("ema", "raw"), source, "eval.weights")
+    _check(ev.mauve_samples >= 0, source, "eval.mauve_samples", "must be >= 0 (0 = no MAUVE)")
+    _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
+           f"must be in [0, data.seq_len={d.seq_len}) (0 = a quarter of the row)")
+    _check(ev.elbo_rows >= 1, source, "eval.elbo_rows", "must be positive")
     if ev.judge == "ar":
         _check(bool(ev.ar_path), source, "eval.ar_path", "eval.judge=ar needs the AR model's export dir")
 

@@ -17,6 +17,7 @@ import time
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
 from trainer.evaluation.sweep import evaluate_model, format_table
+from trainer.evaluation.text import TextEvaluation
 from trainer.jobs import common
 from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
 from trainer.runtime.metrics import MetricsWriter
@@ -51,15 +52,18 @@ def main(argv=None) -> None:
     model, _ = common.load_model(export, cfg.eval.weights, cfg.model)
     model.to(device)
     source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
-    judge = build_judge(cfg, device)
+    # Text: decode, retokenise for the judge, MAUVE, the likelihood bound (trainer/evaluation/text.py).
+    text = None if source else TextEvaluation.build(cfg, args.run_dir, device)
+    judge = None if text else build_judge(cfg, device)
     name = "control" if args.control else "teacher" if r == 0 else "student"
     t0 = time.time()
     rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True)
+    text_result = text.measure(model, rows) if text else {}
     samples_txt = []
     for row in rows:
         x = row.pop("_samples")
         samples_txt.append(f"# {name} round {r}, {row['steps']} steps")
-        samples_txt += [" ".join(map(str, seq.tolist())) for seq in x[:8]]
+        samples_txt += text.sample_lines(x[:8]) if text else [" ".join(map(str, seq.tolist())) for seq in x[:8]]
         row.update(model=name, round=r)
     out = args.run_dir / "control" / "eval" if args.control else common.eval_dir(args.run_dir, r)
     result = {
@@ -67,14 +71,14 @@ def main(argv=None) -> None:
         "round_steps": cfg.distill.start_steps // 2**r,
         "entropy_rate": source.entropy_rate if source else None,
         "nll_floor": source.sequence_entropy_per_token(cfg.data.seq_len) if source else None,
-        "rows": rows, "seconds": round(time.time() - t0, 1),
+        "rows": rows, "seconds": round(time.time() - t0, 1), **text_result,
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "samples.txt", "\n".join(samples_txt) + "\n")
     with MetricsWriter(args.run_dir, enabled=True) as mw:
         for row in rows:
-            vals = {f"eval/{name}/{k}@{row['steps']}": row[k] for k in ("nll", "entropy", "bigram_kl", "gen_ppl")
-                    if row.get(k) is not None}
+            vals = {f"eval/{name}/{k}@{row['steps']}": row[k]
+                    for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}
             mw.scalars(r, vals)
         mw.text(r, f"eval/{name}/samples", "\n\n".join(samples_txt[:3]))
     atomic_write_json(out / "metrics.json", result)  # last: its presence means the stage is done
