@@ -93,3 +93,32 @@ def test_byte_tokenizer_decode_encode_is_the_identity():
     tok = ByteTokenizer()
     ids = [EOS, *"héllo".encode(), EOS, EOS, *b"x", EOS]
     assert tok.encode(tok.decode(ids)) == ids
+
+
+def test_hf_judge_skips_the_first_token(tmp_path):
+    """A Hugging Face causal LM + its tokenizer from one folder (a tiny GPT-2 and a BPE tokenizer
+    trained here): no BOS, so every sample's first token is unscored, as in MDLM."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs"] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=bpe.get_vocab_size(), n_layer=1, n_embd=32, n_head=2,
+                               n_positions=64)).save_pretrained(tmp_path, safe_serialization=True)
+    judge = T.HFTextJudge(tmp_path)
+    texts = ["the lazy fox<|endoftext|>tail", "pack my box"]
+    seqs = T.retokenise(texts, judge)
+    assert seqs[0][-1] == judge.tokenizer.eos_id and judge.tokenizer.eos_id not in seqs[1]
+    got = T.gen_ppl_text(judge, texts)
+    assert got["judge_tokens"] == sum(len(s) - 1 for s in seqs)
+    nll = 0.0
+    for s in seqs:
+        with torch.no_grad():
+            logits = judge.model(torch.tensor([s])).logits[0, :-1].double()
+        nll -= float(torch.log_softmax(logits, -1)[torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
+    assert got["gen_nll"] == pytest.approx(nll / got["judge_tokens"], rel=1e-5)
+    assert T.features(judge, texts).shape == (2, 32)
