@@ -13,6 +13,11 @@ With ``--control`` it trains the *control* instead (``<run>/control/``): the stu
 trained on with the MDLM loss for the same number of steps, batch size, learning rate and EMA as all
 the distillation rounds together. A student that beats its teacher but not the control has gained
 from the extra training, not from SDTT (shared/notes/sdtt-method.md: an under-trained teacher).
+
+With ``--ar`` it trains the autoregressive baseline instead (``<run>/ar/``): the same-size causal DiT
+with next-token loss (trainer/method/autoregressive.py), the teacher's steps, batch and optimiser on
+the same engine; ``val/nll`` is then its exact NLL. It is the text judge (``eval.judge=ar``) and the
+AR baseline of ``tools/bench.py sampling``.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, p
 from trainer.evaluation.quality import markov_quality
 from trainer.jobs import common
 from trainer.method import diffusion, sampling
+from trainer.method.autoregressive import ar_loss
 from trainer.model.dit import DiT, count_parameters
 from trainer.runtime import dist
 from trainer.runtime.checkpoint import export_weights, load_exported
@@ -88,6 +94,31 @@ def sample_report(engine: Engine, cfg: RunConfig, source: MarkovSource | None, n
     return scalars, text
 
 
+def autoregressive_report(engine: Engine, valid: torch.Tensor, cfg: RunConfig, source: MarkovSource | None,
+                          metrics: MetricsWriter, step: int, rank: int, world: int) -> dict[str, float]:
+    """The AR model's validation NLL (exact) and a few KV-cached samples, as ``evaluate`` reports them."""
+    engine.eval()
+    n = cfg.engine.global_batch_size // world
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(cfg.train.eval_batches):
+            x0 = valid[((b * world + rank) * n) % len(valid):][:n].to(engine.device)
+            if len(x0):
+                total += float(ar_loss(engine, x0, cfg.model.vocab_size)) * len(x0)
+                count += len(x0)
+        # ZeRO-3 partitions the weights: every forward must go through the engine (no KV cache then).
+        zero3 = cfg.engine.zero_stage == 3
+        x = sampling.sample_ar(engine if zero3 else engine.module, 4, cfg.data.seq_len, cfg.model.vocab_size,
+                               generator=torch.Generator().manual_seed(cfg.sampling.seed), device=engine.device,
+                               use_cache=not zero3)
+    engine.train()
+    scalars = {"val/nll": dist.all_reduce_mean(total / max(count, 1))}
+    if source is not None:
+        scalars["sample/nll"] = markov_quality(source, x.cpu())["nll"]
+    metrics.text(step, "samples", "\n\n".join(" ".join(map(str, row.tolist())) for row in x.cpu()))
+    return scalars
+
+
 @dataclass(frozen=True)
 class Plan:
     """What this invocation trains: the teacher, or the control (the teacher trained on with its own
@@ -99,7 +130,9 @@ class Plan:
     engine_kwargs: dict
 
 
-def plan(cfg: RunConfig, control: bool) -> Plan:
+def plan(cfg: RunConfig, control: bool, ar: bool = False) -> Plan:
+    if ar:
+        return Plan("ar", cfg.train.steps, cfg.engine.global_batch_size, {"ema_decay": cfg.train.ema})
     if not control:
         return Plan("teacher", cfg.train.steps, cfg.engine.global_batch_size, {"ema_decay": cfg.train.ema})
     d = cfg.distill
@@ -111,10 +144,14 @@ def plan(cfg: RunConfig, control: bool) -> Plan:
 def main(argv=None) -> int:
     common.setup_logging()
     args = common.parse_args(__doc__.splitlines()[1], argv=argv, flags={
-        "--control": "train the control instead: the teacher continued with its own loss for the students' budget"})
+        "--control": "train the control instead: the teacher continued with its own loss for the students' budget",
+        "--ar": "train the autoregressive baseline (causal DiT, next-token loss) into <run>/ar instead"})
     info = dist.init_distributed()
     cfg = common.run_config(args, write=info.is_main)
-    p = plan(cfg, args.control)
+    ar = getattr(args, "ar", False)
+    if ar and args.control:
+        raise SystemExit("--ar and --control train different models: pass one")
+    p = plan(cfg, args.control, ar)
     data = data_dir(cfg.data, args.run_dir)
     if info.is_main:
         prepare_data(cfg.data, data)  # a no-op when the prepare stage already ran
@@ -122,7 +159,7 @@ def main(argv=None) -> int:
     train_tokens, valid = load_split(data, "train"), torch.from_numpy(load_split(data, "valid").astype("int64"))
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = DiT(cfg.model)
+    model = DiT(cfg.model, causal=ar)
     if args.control:  # the students' starting point: the weights that teach round 1
         state, _ = load_exported(common.teacher_export(args.run_dir, 1), common.teacher_weights(cfg, 1), cfg.model)
         model.load_state_dict(state)
@@ -150,12 +187,16 @@ def main(argv=None) -> int:
         return list(local.split(engine.micro_batch))
 
     def evaluate(step: int) -> dict[str, float]:
+        if ar:
+            return autoregressive_report(engine, valid, cfg, source, metrics, step, info.rank, info.world_size)
         scalars = {"val/nll": validate(engine, valid, cfg, info.rank, info.world_size)}
         sample_scalars, text = sample_report(engine, cfg, source)
         metrics.text(step, "samples", text)
         return {**scalars, **sample_scalars}
 
-    task = Task(micro_batches=micro_batches, loss=lambda e, x0, g: mdlm_loss(e, x0, g, cfg),
+    loss = (lambda e, x0, g: ar_loss(e, x0.to(e.device), cfg.model.vocab_size)) if ar else \
+        (lambda e, x0, g: mdlm_loss(e, x0, g, cfg))
+    task = Task(micro_batches=micro_batches, loss=loss,
                 tokens_per_step=p.global_batch * cfg.data.seq_len, samples_per_step=p.global_batch,
                 evaluate=evaluate, client_state=lambda: {"data_step": engine.step})
     finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, p.total_steps, cfg.train.seed, desc=p.name)
