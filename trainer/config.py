@@ -135,6 +135,9 @@ class TrainConfig:
 class TeacherConfig:
     source: str = "pretrain"  # pretrain | import
     import_path: str = ""  # local directory in the published MDLM layout (source=import)
+    # Also train the same-size autoregressive model (trainer.jobs.pretrain --ar, <run>/ar): the text
+    # judge of eval.judge=ar and the AR baseline of the sampling benchmark. A pipeline stage, off by default.
+    train_ar: bool = False
 
 
 @dataclass
@@ -190,7 +193,7 @@ class EvalConfig:
     batch_size: int = 64
     weights: str = "ema"  # which exported weights are evaluated: ema | raw
     judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
-    ar_path: str = ""
+    ar_path: str = ""  # the AR model's export dir; "" = <run>/ar/export (trainer.jobs.pretrain --ar)
     seed: int = 1
     # Text sources (trainer/evaluation/text.py): MAUVE of this many prefix-conditioned samples
     # against held-out rows (0 = off), the clamped prefix length (0 = seq_len / 4), and how many
@@ -414,8 +417,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
            f"must be in [0, data.seq_len={d.seq_len}) (0 = a quarter of the row)")
     _check(ev.elbo_rows >= 1, source, "eval.elbo_rows", "must be positive")
-    if ev.judge == "ar":
-        _check(bool(ev.ar_path), source, "eval.ar_path", "eval.judge=ar needs the AR model's export dir")
+    _check(ev.judge != "ar" or bool(ev.ar_path) or cfg.teacher.train_ar, source, "eval.judge",
+           "eval.judge=ar needs the AR model: set teacher.train_ar=true (the pipeline trains it into "
+           "<run>/ar) or eval.ar_path to an AR export")
 
     sl = cfg.slurm
     _check(sl.time_min >= 1, source, "slurm.time_min", "must be positive")

@@ -11,6 +11,7 @@ so the report can put the student at N steps beside the teacher at N steps. Writ
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -46,6 +47,8 @@ def main(argv=None) -> None:
     args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv,
                              flags={"--control": "evaluate the control (trainer.jobs.pretrain --control)"})
     cfg = common.run_config(args)
+    if cfg.eval.judge == "ar" and not cfg.eval.ar_path:  # the run's own AR stage (pretrain --ar)
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ar_path=str(args.run_dir / "ar" / "export")))
     r = args.round
     device = common.device()
     export = args.run_dir / "control" / "export" if args.control else common.model_export(args.run_dir, r)
