@@ -1,6 +1,7 @@
 """Benchmarks: speed and storage targets, measured as RATIOS side by side in one run.
 
     python tools/bench.py sampling [--config configs/tiny.yaml] [--device cpu] [--seq-len L] [--batch 8]
+                                   [--export EXPORT] [--ar-export RUN/ar/export]
     python tools/bench.py targets  [--config ...] [--samples N] [--profile]
     python tools/bench.py train    [--config ...] [--targets DIR] [--modes ddp,zero1,zero2,zero3]
     python tools/bench.py loader   [--config ...] [--targets DIR]
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("sampling", "student 8-64 steps vs the 1024-step teacher vs AR with a KV cache", 5)
     s.add_argument("--device", default=None)
     s.add_argument("--export", default=None, help="an export dir (model.safetensors...) instead of random weights")
+    s.add_argument("--ar-export", default=None,
+                   help="the AR stage's export (<run>/ar/export) as the AR baseline (default: --export's weights)")
     s.add_argument("--seq-len", type=int, default=0, help="default: data.seq_len")
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--student-steps", type=int, nargs="+", default=[8, 16, 32, 64])
