@@ -71,6 +71,10 @@ class DataConfig:
     num_valid_sequences: int = 512
     seed: int = 0  # split / ordering seed
     cache_dir: str = ""  # where prepared token data lives; "" = <run>/data
+    # MDLM's row wrapping: every document [BOS] doc [EOS], every row [BOS] ... [EOS] (mdlm-owt's
+    # training data); off: documents joined by EOS and cut anywhere (trainer/data/packing.py).
+    wrap: bool = False
+    workers: int = 0  # tokeniser processes when preparing text; 0 = every CPU this process may use
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -339,6 +343,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         _check(s.concentration > 0, source, "data.synthetic.concentration", "must be positive")
         _check(0 <= s.leak < 1, source, "data.synthetic.leak", "must be in [0, 1)")
         _check(d.num_train_sequences > 0, source, "data.num_train_sequences", "must be positive")
+    _check(d.workers >= 0, source, "data.workers", "must be >= 0 (0 = all available CPUs)")
+    _check(not d.wrap or d.seq_len > 2, source, "data.wrap", "wrapped rows need data.seq_len > 2")
     if d.source == "text":
         _check(len(d.paths) > 0, source, "data.paths", "data.source=text needs at least one glob")
     if d.source == "hf":

@@ -4,11 +4,14 @@ Three sources (``DataConfig.source``):
 - ``synthetic``: a seeded sparse first-order Markov chain with a small uniform leak
   (``MarkovSource``, trainer/data/synthetic.py) whose likelihood, entropy rate and bigram law are
   exact, so model quality is measured against the truth, not a proxy;
-- ``text``: local ``.txt`` (one document per file) and ``.jsonl`` (one document per line) files;
+- ``text``: local files and folders (trainer/data/corpus.py: plain text, jsonl, parquet, arrow,
+  ``save_to_disk`` folders);
 - ``hf``: a Hugging Face dataset by name (optional ``datasets`` package, cache or hub).
 
-Text is tokenised, each document followed by EOS, concatenated and cut into rows of ``seq_len``.
-``prepare_data`` writes ``train.npy``/``valid.npy`` (int32 [N, L]) and then ``data.json`` (what made
+Text is tokenised in ``data.workers`` processes and packed into rows of ``seq_len``, each document
+followed by EOS, or MDLM's ``[BOS] ... [EOS]`` rows with ``data.wrap`` (trainer/data/packing.py).
+``prepare_data`` writes ``train.npy``/``valid.npy`` ([N, L], uint16 when the vocabulary fits in
+16 bits, else int32; memory-mapped by every reader) and then ``data.json`` (what made
 them and a sha256 digest); every file appears by an atomic rename and data.json comes last, so a
 reader that finds data.json finds complete arrays. ``batches`` turns the train array into the
 deterministic, resumable per-rank stream the training loops consume.
@@ -16,11 +19,12 @@ deterministic, resumable per-rank stream the training loops consume.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
+import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,129 +32,42 @@ import numpy as np
 import torch
 
 from trainer.config import DataConfig
+from trainer.data.corpus import documents, expand_paths, iter_hf_documents, iter_text_documents  # noqa: F401
 from trainer.data.errors import DataError
+from trainer.data.packing import BATCH_DOCS, Packer, bos_id, encode_docs, pack_stream, token_dtype
 from trainer.data.synthetic import DENSE_MAX_VOCAB, MarkovSource  # noqa: F401 (re-exported)
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
 
-FORMAT_VERSION = 1  # bump when the meaning of prepared files or of their inputs changes
+# bump when the meaning of prepared files or of their inputs changes. 2: uint16 tokens when the vocabulary
+# fits, data.wrap, plain-text/parquet/arrow/save_to_disk inputs.
+FORMAT_VERSION = 2
 SPLITS = ("train", "valid")
 
 
 # --------------------------------------------------------------------------------------------------
-# Text sources
+# Packing (serial; prepare_data uses trainer/data/packing.py's parallel stream)
 # --------------------------------------------------------------------------------------------------
-_TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-def expand_paths(patterns: Sequence[str]) -> list[Path]:
-    """Files matched by the globs, each pattern's matches sorted (a stable document order)."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True))
-        matches = [m for m in matches if m.is_file()]
-        if not matches:
-            raise DataError(f"data.paths: glob '{pattern}' matches no file")
-        for m in matches:
-            if m.suffix not in _TEXT_SUFFIXES:
-                raise DataError(f"data.paths: {m} is neither .txt nor .jsonl")
-            if m not in files:
-                files.append(m)
-    return files
-
-
-def iter_text_documents(files: Sequence[Path], text_field: str) -> Iterator[str]:
-    """A ``.txt`` file is one document; a ``.jsonl`` line is one document (its ``text_field``)."""
-    for path in files:
-        try:
-            if path.suffix == ".txt":
-                yield path.read_text(encoding="utf-8")
-                continue
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield _jsonl_text(line, text_field, f"{path}:{lineno}")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text: {e}") from None
-
-
-def _jsonl_text(line: str, text_field: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON: {e}") from None
-    if not isinstance(record, dict) or text_field not in record:
-        raise DataError(f"{where}: no field '{text_field}' (data.text_field)")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise DataError(f"{where}: field '{text_field}' is {type(text).__name__}, not a string")
-    return text
-
-
-def iter_hf_documents(cfg: DataConfig) -> Iterator[str]:
-    """Documents of a Hugging Face dataset (``data.hf_name``), from the local cache or the hub."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("data.source=hf needs the optional 'datasets' package: install the project's "
-                        "'hf' extra (pip install -e '.[hf]') or 'pip install datasets'") from None
-    what = f"'{cfg.hf_name}' (config '{cfg.hf_config or 'default'}', split '{cfg.hf_split}')"
-    try:
-        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=cfg.hf_split)
-    except Exception as e:  # offline, not cached, unknown name or split: all end the same way here
-        raise DataError(f"data.hf_name: cannot load Hugging Face dataset {what}: {type(e).__name__}: {e}. "
-                        f"Without network access it must already be in the local Hugging Face cache "
-                        f"(HF_HOME / HF_DATASETS_CACHE); HF_DATASETS_OFFLINE=1 reads the cache only") from None
-    if cfg.text_field not in ds.column_names:
-        raise DataError(f"data.text_field: dataset {what} has no column '{cfg.text_field}' "
-                        f"(columns: {', '.join(ds.column_names)})")
-    for batch in ds.iter(batch_size=1024):
-        for text in batch[cfg.text_field]:
-            if not isinstance(text, str):
-                raise DataError(f"data.text_field: dataset {what} has a non-string '{cfg.text_field}'")
-            yield text
-
-
-# --------------------------------------------------------------------------------------------------
-# Packing
-# --------------------------------------------------------------------------------------------------
-_ENCODE_BATCH = 512  # documents per tokenizer call (the Rust tokenizers parallelise a batch)
-
-
-def pack_documents(docs: Iterable[str], tokenizer: Tokenizer, seq_len: int,
-                   max_rows: int = 0) -> Iterator[np.ndarray]:
-    """Tokenise, append EOS after each document, concatenate and cut into rows of ``seq_len``.
-
-    Yields int32 blocks [k, seq_len]; the final partial row is dropped. With ``max_rows > 0`` it
-    stops after that many rows (so a capped run does not tokenise a whole corpus).
-    """
-    carry = np.empty(0, dtype=np.int32)
+def pack_documents(docs: Iterable[str], tokenizer: Tokenizer, seq_len: int, max_rows: int = 0,
+                   wrap: bool = False) -> Iterator[np.ndarray]:
+    """Tokenise in this process and cut into int32 rows [k, seq_len] (trainer/data/packing.py's
+    layouts); the final partial row is dropped; stops after ``max_rows`` rows when > 0."""
+    packer = Packer(seq_len, tokenizer.eos_id, bos_id(tokenizer), wrap)
     emitted = 0
     batch: list[str] = []
-
-    def flush() -> np.ndarray:
-        nonlocal carry, emitted
-        ids = [np.asarray(t + [tokenizer.eos_id], dtype=np.int32) for t in tokenizer.encode_batch(batch)]
-        batch.clear()
-        flat = np.concatenate([carry, *ids])
-        n = flat.size // seq_len
+    for doc in itertools.chain(docs, [None]):
+        if doc is not None:
+            batch.append(doc)
+            if len(batch) < BATCH_DOCS:
+                continue
+        rows = packer.add(encode_docs(tokenizer, batch, wrap))
+        batch = []
         if max_rows:
-            n = min(n, max_rows - emitted)
-        carry = flat[n * seq_len:]
-        emitted += n
-        return flat[:n * seq_len].reshape(n, seq_len)
-
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == _ENCODE_BATCH:
-            block = flush()
-            if block.size:
-                yield block
-            if max_rows and emitted >= max_rows:
-                return
-    if batch:
-        block = flush()
-        if block.size:
-            yield block
+            rows = rows[:max_rows - emitted]
+        if rows.size:
+            emitted += rows.shape[0]
+            yield rows
+        if max_rows and emitted >= max_rows:
+            return
 
 
 def split_indices(n: int, num_valid: int, num_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +95,7 @@ def data_dir(cfg: DataConfig, run_dir: str | Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir) / "data"
 
 
-def prepare_data(cfg: DataConfig, out_dir: str | Path) -> Path:
+def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = False) -> Path:
     """Write ``train.npy``, ``valid.npy`` and ``data.json`` under ``out_dir`` (once).
 
     If data.json exists with the same inputs, nothing is rewritten. If it exists with different
@@ -202,7 +119,7 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> Path:
         info = _prepare_synthetic(cfg, out)
     else:
         assert tokenizer is not None
-        info = _prepare_text(cfg, tokenizer, out)
+        info = _prepare_text(cfg, tokenizer, out, progress)
     info.update(format=FORMAT_VERSION, inputs=inputs, seq_len=cfg.seq_len)
     _write_json_atomic(out / "data.json", info)
     return out
@@ -215,14 +132,21 @@ def _digest_inputs(cfg: DataConfig, tokenizer: Tokenizer | None) -> dict[str, An
     if cfg.source == "synthetic":
         return dict(common, synthetic=dataclasses.asdict(cfg.synthetic))
     assert tokenizer is not None
-    common.update(tokenizer=tokenizer.name, text_field=cfg.text_field)
+    common.update(tokenizer=tokenizer.name, text_field=cfg.text_field, wrap=cfg.wrap)
     if cfg.source == "text":
         # Path and size, not content: hashing a large corpus on every job start would cost minutes.
-        files = [[str(p.resolve()), p.stat().st_size] for p in expand_paths(cfg.paths)]
-        return dict(common, files=files)
+        files = [[str(p.resolve()), _size(p)] for p in expand_paths(cfg.paths)]
+        return dict(common, files=files, hf_split=cfg.hf_split)
     if cfg.source == "hf":
         return dict(common, hf_name=cfg.hf_name, hf_config=cfg.hf_config, hf_split=cfg.hf_split)
     raise DataError(f"data.source: unknown source '{cfg.source}'")
+
+
+def _size(path: Path) -> int:
+    """A file's size; a save_to_disk folder's total size."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file())
+    return path.stat().st_size
 
 
 def _prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
@@ -238,41 +162,40 @@ def _prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
             n = min(_ROWS_PER_WRITE, counts[split] - start)
             yield source.sample(n, cfg.seq_len, streams[split])
 
-    digest = _write_splits(out, cfg.seq_len, {s: (counts[s], blocks(s)) for s in SPLITS})
+    dtype = token_dtype(cfg.synthetic.vocab_size)
+    digest = _write_splits(out, cfg.seq_len, {s: (counts[s], blocks(s)) for s in SPLITS}, dtype)
     s = cfg.synthetic
     return dict(
         source=(f"synthetic Markov chain (vocab {s.vocab_size}, branching {s.branching}, "
                 f"concentration {s.concentration}, leak {s.leak}, seed {s.seed})"),
-        tokenizer="synthetic", vocab_size=s.vocab_size, eos_id=None,
+        tokenizer="synthetic", vocab_size=s.vocab_size, eos_id=None, dtype=dtype.name,
         num_train=counts["train"], num_valid=counts["valid"], digest=digest,
         entropy_rate=source.entropy_rate,
         sequence_entropy_per_token=source.sequence_entropy_per_token(cfg.seq_len),
     )
 
 
-def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict[str, Any]:
-    if cfg.source == "text":
-        files = expand_paths(cfg.paths)
-        docs = iter_text_documents(files, cfg.text_field)
-        description = f"text: {len(files)} files from {', '.join(cfg.paths)}"
-    else:
-        docs = iter_hf_documents(cfg)
-        description = f"hf: {cfg.hf_name}" + (f"/{cfg.hf_config}" if cfg.hf_config else "") + \
-            f" split {cfg.hf_split}"
+def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path, progress: bool = False) -> dict[str, Any]:
+    docs, description = documents(cfg)
     max_rows = cfg.num_train_sequences + cfg.num_valid_sequences if cfg.num_train_sequences > 0 else 0
+    dtype = token_dtype(tokenizer.vocab_size)
+    workers = cfg.workers or available_cpus()
     # Pack into a flat scratch file first: the corpus size is unknown until the end and may not fit
     # in memory; the split then copies rows out of its memory map.
     scratch = out / f".packed.{os.getpid()}.tmp"
-    n_rows = 0
+    stats: dict = {}
+    t0 = time.perf_counter()
     try:
         with scratch.open("wb") as f:
-            for block in pack_documents(docs, tokenizer, cfg.seq_len, max_rows):
+            for block in pack_stream(docs, cfg.tokenizer, tokenizer, cfg.seq_len, wrap=cfg.wrap, workers=workers,
+                                     max_rows=max_rows, dtype=dtype, progress=progress, stats=stats):
                 f.write(block.tobytes())
-                n_rows += block.shape[0]
+        n_rows = stats["rows"]
+        seconds = time.perf_counter() - t0
         if n_rows == 0:
             raise DataError(f"data.source={cfg.source}: {description} gives no complete sequence of "
                             f"data.seq_len={cfg.seq_len} tokens")
-        packed = np.memmap(scratch, dtype=np.int32, mode="r", shape=(n_rows, cfg.seq_len))
+        packed = np.memmap(scratch, dtype=dtype, mode="r", shape=(n_rows, cfg.seq_len))
         train_idx, valid_idx = split_indices(n_rows, cfg.num_valid_sequences, cfg.num_train_sequences,
                                              cfg.seed)
 
@@ -281,16 +204,27 @@ def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict[str,
                 yield np.asarray(packed[idx[start:start + _ROWS_PER_WRITE]])  # noqa: F821 (deleted below, after use)
 
         digest = _write_splits(out, cfg.seq_len, {"train": (train_idx.size, blocks(train_idx)),
-                                                  "valid": (valid_idx.size, blocks(valid_idx))})
+                                                  "valid": (valid_idx.size, blocks(valid_idx))}, dtype)
         del packed  # the memmap must close before the scratch file is unlinked
     finally:
         scratch.unlink(missing_ok=True)
     return dict(source=description, tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,
-                eos_id=tokenizer.eos_id, num_train=int(train_idx.size), num_valid=int(valid_idx.size),
-                num_packed=n_rows, digest=digest)
+                eos_id=tokenizer.eos_id, bos_id=bos_id(tokenizer) if cfg.wrap else None, wrap=cfg.wrap,
+                dtype=dtype.name, num_train=int(train_idx.size), num_valid=int(valid_idx.size), num_packed=n_rows,
+                digest=digest, text_bytes=stats["bytes"], tokens=stats["tokens"], workers=workers,
+                pack_seconds=round(seconds, 4), mb_per_s=float(f"{stats['bytes'] / 1e6 / max(seconds, 1e-9):.4g}"))
 
 
-def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable[np.ndarray]]]) -> str:
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable[np.ndarray]]],
+                  dtype: np.dtype) -> str:
     """Write each split to a temporary .npy, hashing the rows as they go, then rename all of them.
     Returns the digest: sha256 over (name, shape, dtype, C-order bytes) of each split in order."""
     digest = hashlib.sha256()
@@ -298,11 +232,11 @@ def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable
     for split, (n, blocks) in splits.items():
         tmp = out / f".{split}.{os.getpid()}.tmp"
         tmp_paths[split] = tmp
-        digest.update(f"{split}:{n}x{seq_len}:int32;".encode())
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n, seq_len))
+        digest.update(f"{split}:{n}x{seq_len}:{dtype.name};".encode())
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, seq_len))
         row = 0
         for block in blocks:
-            block = np.ascontiguousarray(block, dtype=np.int32)
+            block = np.ascontiguousarray(block, dtype=dtype)
             arr[row:row + block.shape[0]] = block
             digest.update(block.tobytes())
             row += block.shape[0]
@@ -347,7 +281,8 @@ def load_data_info(out_dir: str | Path) -> dict[str, Any]:
 
 
 def load_split(out_dir: str | Path, split: str) -> np.ndarray:
-    """A prepared split as a read-only memory map (int32 [N, L]), checked against data.json."""
+    """A prepared split as a read-only memory map ([N, L] of data.json's dtype: uint16 when the
+    vocabulary fits, else int32), checked against data.json. Readers convert rows to int64."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
     info = load_data_info(out_dir)
@@ -359,8 +294,9 @@ def load_split(out_dir: str | Path, split: str) -> np.ndarray:
     except (ValueError, OSError) as e:  # bad header, truncated data
         raise DataError(f"{path}: corrupt token file: {e}") from None
     expected = (info[f"num_{split}"], info["seq_len"])
-    if arr.dtype != np.int32 or arr.shape != expected:
-        raise DataError(f"{path}: holds {arr.dtype} {arr.shape}, data.json says int32 {expected}")
+    dtype = np.dtype(info.get("dtype", "int32"))
+    if arr.dtype != dtype or arr.shape != expected:
+        raise DataError(f"{path}: holds {arr.dtype} {arr.shape}, data.json says {dtype.name} {expected}")
     return arr
 
 
