@@ -122,3 +122,45 @@ def test_hf_judge_skips_the_first_token(tmp_path):
         nll -= float(torch.log_softmax(logits, -1)[torch.arange(len(s) - 1), torch.tensor(s[1:])].sum())
     assert got["gen_nll"] == pytest.approx(nll / got["judge_tokens"], rel=1e-5)
     assert T.features(judge, texts).shape == (2, 32)
+
+
+def test_render_samples_decodes_text_sources():
+    from trainer.config import DataConfig
+    from trainer.data.tokenizers import render_samples
+
+    rows = [[104, 105, 10, 256], [104, 257, 105, 106]]  # "hi\n<eos>", and one holding MASK (257)
+    assert render_samples(DataConfig(source="text", paths=["x"]), rows) == ["hi\\n<|endoftext|>", "104 257 105 106"]
+    assert render_samples(DataConfig(), [[1, 2]]) == ["1 2"]
+
+
+def test_report_text_section_and_hparams(tmp_path):
+    """The report's text tables and the TensorBoard hparams summary, from evaluation files."""
+    import json as _json
+
+    from trainer.evaluation import text_report
+    from trainer.runtime.metrics import MetricsWriter, read_tb_scalars
+
+    def ev(model, r, round_steps, rows):
+        d = tmp_path / ("teacher" if r == 0 else f"round_{r}") / "eval"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(_json.dumps({
+            "model": model, "round": r, "round_steps": round_steps, "judge": "ar", "tokenizer": "byte",
+            "prefix_tokens": 8, "elbo_nll": 3.0 - r, "elbo_nll_se": 0.1, "elbo_ppl": 20.0, "elbo_rows": 48,
+            "rows": [{"steps": s, "gen_ppl": g, "entropy": 4.0, "mauve": m, "judge_tokens": 100, "samples": 16}
+                     for s, g, m in rows]}))
+
+    ev("teacher", 0, 8, [(4, 90.0, 0.2), (8, 50.0, 0.5)])
+    ev("student", 1, 4, [(4, 60.0, 0.4), (8, 45.0, 0.6)])
+    md = text_report.markdown_section(tmp_path, rounds=1)
+    assert "Judge: ar" in md and "mauve" in md and "elbo_nll" in md
+    final = text_report.final_metrics(tmp_path, rounds=1)
+    assert final == {"final/teacher/gen_ppl": 50.0, "final/teacher/entropy": 4.0, "final/teacher/mauve": 0.5,
+                     "final/teacher/elbo_nll": 3.0, "final/round_1/gen_ppl": 60.0, "final/round_1/entropy": 4.0,
+                     "final/round_1/mauve": 0.4, "final/round_1/elbo_nll": 2.0}
+    hp = text_report.hparams(load_config(None, []))
+    assert hp["model.d_model"] == 128 and hp["eval.steps"] == "[8, 16, 32, 64, 128, 256, 512, 1024]"
+    with MetricsWriter(tmp_path, enabled=True) as mw:
+        mw.hparams(hp, final)
+    tb = read_tb_scalars(tmp_path / "tb" / "hparams")
+    assert tb["final/round_1/mauve"][0][1] == pytest.approx(0.4)
+    assert text_report.markdown_section(tmp_path / "nothing", rounds=1) == ""

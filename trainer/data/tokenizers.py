@@ -7,6 +7,7 @@ target shards, so a job can refuse data made with another tokenizer.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -152,6 +153,28 @@ def _hash_files(paths: Sequence[Path]) -> str:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(spec: str) -> Tokenizer:
+    return load_tokenizer(spec)
+
+
+def render_samples(data_cfg, rows) -> list[str]:
+    """Sample rows (ids [n, L]) as readable lines: decoded text (newlines shown as \\n) for text
+    sources, space-separated ids for the synthetic one or when an id is outside the vocabulary (an
+    unfinished sample may hold MASK). For TensorBoard's sample text and samples.txt."""
+    ids = [[int(i) for i in row] for row in rows]
+    if data_cfg.source == "synthetic":
+        return [" ".join(map(str, r)) for r in ids]
+    tok = _cached(data_cfg.tokenizer)
+    out = []
+    for r in ids:
+        if all(0 <= i < tok.vocab_size for i in r):
+            out.append(tok.decode(r).replace("\\", "\\\\").replace("\n", "\\n"))
+        else:
+            out.append(" ".join(map(str, r)))
+    return out
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

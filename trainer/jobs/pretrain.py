@@ -28,6 +28,7 @@ import torch
 
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
+from trainer.data.tokenizers import render_samples
 from trainer.evaluation.quality import markov_quality
 from trainer.jobs import common
 from trainer.method import diffusion, sampling
@@ -90,7 +91,7 @@ def sample_report(engine: Engine, cfg: RunConfig, source: MarkovSource | None, n
     if source is not None:
         q = markov_quality(source, x)
         scalars = {f"sample/nll@{cfg.sampling.steps}": q["nll"], f"sample/entropy@{cfg.sampling.steps}": q["entropy"]}
-    text = "\n\n".join(" ".join(map(str, row.tolist())) for row in x[:4])
+    text = "\n\n".join(render_samples(cfg.data, x[:4]))  # decoded for text sources
     return scalars, text
 
 
@@ -115,7 +116,7 @@ def autoregressive_report(engine: Engine, valid: torch.Tensor, cfg: RunConfig, s
     scalars = {"val/nll": dist.all_reduce_mean(total / max(count, 1))}
     if source is not None:
         scalars["sample/nll"] = markov_quality(source, x.cpu())["nll"]
-    metrics.text(step, "samples", "\n\n".join(" ".join(map(str, row.tolist())) for row in x.cpu()))
+    metrics.text(step, "samples", "\n\n".join(render_samples(cfg.data, x.cpu())))
     return scalars
 
 
