@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.jobs.common import model_export  # noqa: E402
+from trainer.layout import CONTROL, RunLayout  # noqa: E402
 from trainer.model.mdlm_export import MDLMExportError, export_mdlm  # noqa: E402
 from trainer.runtime.checkpoint import WEIGHT_FILES, CheckpointError, load_exported, read_json  # noqa: E402
 
 
 def source_export(run_dir: Path, round_idx: int, control: bool) -> Path:
-    return run_dir / "control" / "export" if control else model_export(run_dir, round_idx)
+    return RunLayout(run_dir).export(CONTROL if control else round_idx)
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,8 @@ import torch
 
 from tests.helpers import FAST, run_job, scalars
 from trainer.data.prepared import load_split
-from trainer.jobs.common import load_model
 from trainer.method.autoregressive import nll_per_token, shift_right
+from trainer.runtime.checkpoint import load_model
 from trainer.runtime.metrics import read_tb_scalars
 
 STEPS = ["train.steps=80", "train.eval_every=40", "train.ckpt_every=40", "optim.warmup_steps=10"]

@@ -37,6 +37,7 @@ from trainer.data.errors import DataError
 from trainer.data.packing import BATCH_DOCS, Packer, bos_id, encode_docs, pack_stream, token_dtype
 from trainer.data.synthetic import DENSE_MAX_VOCAB, MarkovSource  # noqa: F401 (re-exported)
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
+from trainer.fileio import atomic_write_json
 
 # bump when the meaning of prepared files or of their inputs changes. 2: uint16 tokens when the vocabulary
 # fits, data.wrap, plain-text/parquet/arrow/save_to_disk inputs.
@@ -121,7 +122,7 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = False) -
         assert tokenizer is not None
         info = _prepare_text(cfg, tokenizer, out, progress)
     info.update(format=FORMAT_VERSION, inputs=inputs, seq_len=cfg.seq_len)
-    _write_json_atomic(out / "data.json", info)
+    atomic_write_json(out / "data.json", info, indent=2)
     return out
 
 
@@ -247,12 +248,6 @@ def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable
     for split, tmp in tmp_paths.items():
         os.replace(tmp, out / f"{split}.npy")
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _jsonable(obj: Any) -> Any:

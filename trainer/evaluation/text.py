@@ -117,7 +117,7 @@ def build_text_judge(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device)
     if not cfg.eval.judge:
         return None
     if cfg.eval.judge == "ar":
-        from trainer.jobs.common import load_model
+        from trainer.runtime.checkpoint import load_model
 
         path = Path(cfg.eval.ar_path)
         if not (path / "export.json").is_file():
