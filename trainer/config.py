@@ -69,6 +69,7 @@ class DataConfig:
     hf_name: str = ""
     hf_config: str = ""
     hf_split: str = "train"
+    hf_revision: str = ""  # a hub branch/tag/commit, e.g. refs/convert/parquet (the hub's parquet conversion)
     num_train_sequences: int = 20000  # synthetic: how many to draw; text: cap (0 = all)
     num_valid_sequences: int = 512
     seed: int = 0  # split / ordering seed
@@ -76,7 +77,7 @@ class DataConfig:
     # MDLM's row wrapping: every document [BOS] doc [EOS], every row [BOS] ... [EOS] (mdlm-owt's
     # training data); off: documents joined by EOS and cut anywhere (trainer/data/packing.py).
     wrap: bool = False
-    workers: int = 0  # tokeniser processes when preparing text; 0 = every CPU this process may use
+    workers: int = 0  # tokeniser processes when preparing text; 0 = auto (CPUs available, one per 32 MB of files)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -109,3 +109,10 @@ def test_capped_packing_stops_reading(tmp_path):
     rows = list(pack_stream(endless(), "byte", ByteTokenizer(), 101, workers=2, max_rows=300))
     assert sum(r.shape[0] for r in rows) == 300
     assert next(read) <= 300 + 5 * 256  # the cap's documents + the in-flight window (+ one batch)
+
+
+def test_auto_workers_follow_the_input_size(tmp_path):
+    from trainer.data.prepared import auto_workers
+
+    (tmp_path / "small.txt").write_text("tiny")
+    assert auto_workers(DataConfig(source="text", paths=[str(tmp_path / "small.txt")])) == 1

@@ -172,9 +172,11 @@ def _iter_dataset(ds, text_field: str, where: str) -> Iterator[str]:
 def iter_hf_documents(cfg: DataConfig) -> Iterator[str]:
     """Documents of a Hugging Face dataset (``data.hf_name``), from the local cache or the hub."""
     datasets = _datasets()
-    what = f"'{cfg.hf_name}' (config '{cfg.hf_config or 'default'}', split '{cfg.hf_split}')"
+    what = (f"'{cfg.hf_name}' (config '{cfg.hf_config or 'default'}', split '{cfg.hf_split}'"
+            + (f", revision '{cfg.hf_revision}')" if cfg.hf_revision else ")"))
     try:
-        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=cfg.hf_split)
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=cfg.hf_split,
+                                   revision=cfg.hf_revision or None)
     except Exception as e:  # offline, not cached, unknown name or split, script datasets: all end here
         raise DataError(f"data.hf_name: cannot load Hugging Face dataset {what}: {type(e).__name__}: {e}. "
                         f"Without network access it must already be in the local Hugging Face cache "

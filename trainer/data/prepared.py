@@ -139,7 +139,8 @@ def _digest_inputs(cfg: DataConfig, tokenizer: Tokenizer | None) -> dict[str, An
         files = [[str(p.resolve()), _size(p)] for p in expand_paths(cfg.paths)]
         return dict(common, files=files, hf_split=cfg.hf_split)
     if cfg.source == "hf":
-        return dict(common, hf_name=cfg.hf_name, hf_config=cfg.hf_config, hf_split=cfg.hf_split)
+        return dict(common, hf_name=cfg.hf_name, hf_config=cfg.hf_config, hf_split=cfg.hf_split,
+                    hf_revision=cfg.hf_revision)
     raise DataError(f"data.source: unknown source '{cfg.source}'")
 
 
@@ -180,7 +181,7 @@ def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path, progress: bo
     docs, description = documents(cfg)
     max_rows = cfg.num_train_sequences + cfg.num_valid_sequences if cfg.num_train_sequences > 0 else 0
     dtype = token_dtype(tokenizer.vocab_size)
-    workers = cfg.workers or available_cpus()
+    workers = cfg.workers or auto_workers(cfg)
     # Pack into a flat scratch file first: the corpus size is unknown until the end and may not fit
     # in memory; the split then copies rows out of its memory map.
     scratch = out / f".packed.{os.getpid()}.tmp"
@@ -214,6 +215,19 @@ def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path, progress: bo
                 dtype=dtype.name, num_train=int(train_idx.size), num_valid=int(valid_idx.size), num_packed=n_rows,
                 digest=digest, text_bytes=stats["bytes"], tokens=stats["tokens"], workers=workers,
                 pack_seconds=round(seconds, 4), mb_per_s=float(f"{stats['bytes'] / 1e6 / max(seconds, 1e-9):.4g}"))
+
+
+AUTO_MB_PER_WORKER = 32  # below this much text per process, spawning one costs more than it saves
+
+
+def auto_workers(cfg: DataConfig) -> int:
+    """data.workers=0: every available CPU, but no more than one per AUTO_MB_PER_WORKER MB of local
+    input (a worker's start-up, seconds on a busy machine, must pay for itself)."""
+    cpus = available_cpus()
+    if cfg.source != "text":
+        return cpus
+    total = sum(_size(p) for p in expand_paths(cfg.paths))
+    return max(1, min(cpus, -(-total // (AUTO_MB_PER_WORKER * 10**6))))
 
 
 def available_cpus() -> int:
