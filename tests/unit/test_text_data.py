@@ -116,3 +116,20 @@ def test_auto_workers_follow_the_input_size(tmp_path):
 
     (tmp_path / "small.txt").write_text("tiny")
     assert auto_workers(DataConfig(source="text", paths=[str(tmp_path / "small.txt")])) == 1
+
+
+def test_wrapping_uses_the_tokenizers_bos(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    from trainer.data.packing import bos_id
+    from trainer.data.tokenizers import HFTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(DOCS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<s>"])
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "bos_token": "<s>"}')
+    tok = HFTokenizer(tmp_path)
+    assert (tok.eos_id, tok.bos_id, bos_id(tok)) == (0, 1, 1)
+    assert encode_docs(tok, ["ab"], wrap=True).tolist()[::len(tok.encode("ab")) + 1] == [1, 0]
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    assert bos_id(HFTokenizer(tmp_path)) == 0  # no BOS named: EOS, as GPT-2

@@ -106,6 +106,8 @@ class HFTokenizer:
                                  f"{', '.join(f.name for f in files)}: {e}") from None
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id: int = self._find_eos()
+        # MDLM's wrapped rows start with BOS: the config's bos_token, else EOS (GPT-2 uses one token for both).
+        self.bos_id: int | None = self._find_special("bos_token")
         hashed = files + [self.dir / n for n in _CONFIG_FILES if (self.dir / n).is_file()]
         self.name: str = f"{self.dir.resolve().name}-{_hash_files(hashed)[:12]}"
 
@@ -117,22 +119,29 @@ class HFTokenizer:
         raise TokenizerError(f"{self.dir}: no tokenizer files: expected tokenizer.json, or vocab.json "
                              f"and merges.txt")
 
-    def _find_eos(self) -> int:
+    def _find_special(self, key: str) -> int | None:
+        """The id of ``key`` (eos_token, bos_token) from the tokenizer's config files, if named there."""
         for fname in _CONFIG_FILES:
             path = self.dir / fname
             if not path.is_file():
                 continue
             try:
-                eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+                tok = json.loads(path.read_text(encoding="utf-8")).get(key)
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
                 raise TokenizerError(f"{path}: not a JSON object: {e}") from None
-            if isinstance(eos, dict):  # AddedToken serialisation: {"content": "...", ...}
-                eos = eos.get("content")
-            if isinstance(eos, str):
-                tid = self._tok.token_to_id(eos)
+            if isinstance(tok, dict):  # AddedToken serialisation: {"content": "...", ...}
+                tok = tok.get("content")
+            if isinstance(tok, str):
+                tid = self._tok.token_to_id(tok)
                 if tid is None:
-                    raise TokenizerError(f"{path}: eos_token '{eos}' is not in the vocabulary")
+                    raise TokenizerError(f"{path}: {key} '{tok}' is not in the vocabulary")
                 return tid
+        return None
+
+    def _find_eos(self) -> int:
+        found = self._find_special("eos_token")
+        if found is not None:
+            return found
         tid = self._tok.token_to_id(EOS_TEXT)
         if tid is None:
             raise TokenizerError(f"{self.dir}: no eos_token in {' or '.join(_CONFIG_FILES)} and no "
