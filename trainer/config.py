@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.errors import BadInput
+from trainer.fileio import atomic_write_text
 
 
 class ConfigError(BadInput, ValueError):
@@ -177,7 +178,8 @@ class DistillConfig:
     global_batch_size: int = 128
     ema: float = 0.9999
     # Which weights of student r become teacher r + 1: its EMA, or (the paper's default) its raw
-    # weights. Round 1's teacher is the pretrained/imported one: targets.use_ema (common.teacher_weights).
+    # weights. Round 1's teacher is the pretrained/imported one: targets.use_ema
+    # (trainer.distill.rounds.teacher_weights).
     ema_as_teacher: bool = False
     # Also train and evaluate the control: the round-1 weights trained on with the MDLM loss for
     # the students' whole budget. The honest baseline when the teacher is not converged.
@@ -295,21 +297,11 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig from ``to_dict`` output (e.g. read from a checkpoint), validated."""
-    cfg = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(d), "stored config")
-    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate(run, source="stored config")
-    return run
 
 
 # --------------------------------------------------------------------------------------------------

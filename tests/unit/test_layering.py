@@ -75,6 +75,17 @@ def test_method_and_model_do_no_io_and_need_no_process_group(package):
     assert violations(lambda m, d: _under(m, package) and _under(d, IO_MODULES)) == []
 
 
+@pytest.mark.parametrize("package,allowed", [
+    ("trainer.method", ("trainer.config", "trainer.method", "trainer.targets.codecs")),
+    ("trainer.model", ("trainer.config", "trainer.errors", "trainer.model")),
+])
+def test_method_and_model_import_only_what_their_docstrings_say(package, allowed):
+    """trainer/method/__init__.py and trainer/model/__init__.py state these allow-lists (a package's
+    bare name, as in ``from trainer.targets import codecs``, is not an import of its other modules)."""
+    assert violations(lambda m, d: _under(m, package) and _under(d, "trainer") and not _under(d, allowed)
+                      and d not in ("trainer", "trainer.targets")) == []
+
+
 def test_cluster_imports_only_config_layout_errors_and_fileio_of_trainer():
     """How jobs reach machines knows nothing of models: jobs run trainer code as child processes."""
     assert violations(lambda m, d: _under(m, "cluster") and _under(d, "trainer")

@@ -14,6 +14,7 @@ counts as data time (``train/data_wait_frac``) in both modes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,15 @@ from torch import Tensor
 from trainer.config import RunConfig
 from trainer.data.rows import RowPicker
 from trainer.distill.consumed import ConsumedLog
+from trainer.distill.rounds import TeacherRef
+from trainer.layout import RunLayout
 from trainer.method import sdtt
 from trainer.method.losses import sdtt_loss
-from trainer.targets import codecs, shards
+from trainer.targets import codecs, header, shards
 from trainer.targets import reader as SR
 from trainer.targets.codecs import CodecError
+
+log = logging.getLogger("sdtt")
 
 
 @dataclass
@@ -74,6 +79,40 @@ def offline_batch(samples: list[dict[str, Any]], codec: str, k: int, cfg: RunCon
         keys = ", ".join(str(s.get("key")) for s in samples)
         raise shards.ShardError(f"samples {keys}: {e}") from None
     return Batch([int(s["meta"]["index"]) for s in samples], xt.to(device), t, targets)
+
+
+@dataclass(frozen=True)
+class RoundData:
+    """What round r trains on, checked: the order's units, the shards left out, the set's digest
+    (``online`` for the online student) and the codec/K of its targets."""
+
+    units: list[SR.Unit]
+    bad: list[shards.BadShard]
+    digest: str
+    codec: str
+    k: int
+
+
+def check_round_data(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher: TeacherRef,
+                     data_info: dict[str, Any], data_json: Path) -> RoundData:
+    """Before anything trains. Offline: the manifest against this student (``header.check``, naming
+    every differing field) and every shard's checksum under ``targets.verify`` (a collective: call on
+    every rank). Online: the units the targets job would have written, targets dense."""
+    if cfg.distill.mode == "online":
+        g = cfg.targets
+        per_shard = shards.samples_per_shard(g.samples_per_shard, g.shard_max_bytes, shards.max_sample_bytes(
+            g.codec, g.k, cfg.model.vocab_size, cfg.data.seq_len))
+        units = SR.planned_units(shards.ShardPlan(g.num_samples, per_shard))
+        return RoundData(units, [], "online", "dense", cfg.model.vocab_size)
+    tset = layout.targets(round_idx)
+    manifest = shards.read_manifest(tset)
+    header.check(manifest, header.describe(cfg, round_idx, teacher.id(layout), data_info), tset / shards.MANIFEST,
+                 cfg.distill.divergence, header.sources(data_json, teacher.file))
+    bad = SR.verify_shards(tset, manifest, cfg.targets.verify)  # collective
+    for b in bad:
+        log.warning("skipping shard %s: %s (targets.verify=skip)", tset / b.name, b.reason)
+    digest = shards.header_digest({k: v for k, v in manifest.items() if k not in ("shards", "totals")})
+    return RoundData(SR.units_of(manifest, [b.name for b in bad]), bad, digest, manifest["codec"], int(manifest["k"]))
 
 
 class BatchSource(Protocol):

@@ -110,15 +110,19 @@ def plan_init(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher_file: P
     return Init("export", str(teacher_file), 0, {"from": "export", "path": layout.rel(teacher_file), "step": 0})
 
 
-def check_resume(data: dict, streams: int, global_batch: int, resample: bool, set_digest: str,
+def check_resume(data: dict, step: int, streams: int, global_batch: int, resample: bool, set_digest: str,
                  skipped: list[str], where: Path) -> None:
-    """The order a checkpoint's data position refers to must be the one this run would read."""
+    """The order a checkpoint's data position refers to must be the one this run would read, at
+    ``step`` of the round."""
     for key, now in (("streams", streams), ("global_batch", global_batch), ("resample", resample),
                      ("targets", set_digest)):
         if data.get(key) != now:
             hint = " (set distill.streams to the checkpoint's value)" if key == "streams" else ""
             raise StageError(f"{where}: the checkpoint's data position is for {key}={data.get(key)!r}, this run "
                              f"has {now!r}: the sample order would change{hint}")
+    if data.get("step") != step:
+        raise StageError(f"{where}: the checkpoint records data step {data.get('step')}, expected {step} (steps "
+                         "since the round's start)")
     if sorted(data.get("skipped", [])) != sorted(skipped):
         log.warning("%s: skipped shards changed since the checkpoint (%s -> %s): the remaining order differs from an "
                     "uninterrupted run", where, data.get("skipped"), skipped)

@@ -27,7 +27,7 @@ from trainer.config import RunConfig, distill_setup, round_steps
 from trainer.data.prepared import MarkovSource, data_dir, load_data_info, load_split
 from trainer.data.rows import RowPicker
 from trainer.distill import rounds
-from trainer.distill.batches import OfflineBatches, OnlineBatches, distill_loss
+from trainer.distill.batches import OfflineBatches, OnlineBatches, check_round_data, distill_loss
 from trainer.distill.consumed import ConsumedLog
 from trainer.errors import StageError
 from trainer.evaluation.samples import sample_report
@@ -41,7 +41,7 @@ from trainer.runtime.checkpoint import export_weights, load_exported, load_model
 from trainer.runtime.engine import build_engine
 from trainer.runtime.loop import Task, train
 from trainer.runtime.metrics import MetricsWriter
-from trainer.targets import header, shards
+from trainer.targets import header
 from trainer.targets import reader as SR
 
 log = logging.getLogger("sdtt")
@@ -61,25 +61,9 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     sdir, ckpt_root = layout.model_dir(round_idx), layout.checkpoints(round_idx)
 
     # ---- check the data before anything trains ---------------------------------------------------
-    bad: list[shards.BadShard] = []
-    if dcfg.mode == "online":
-        units = SR.planned_units(shards.ShardPlan(cfg.targets.num_samples, shards.samples_per_shard(
-            cfg.targets.samples_per_shard, cfg.targets.shard_max_bytes,
-            shards.max_sample_bytes(cfg.targets.codec, cfg.targets.k, cfg.model.vocab_size, cfg.data.seq_len))))
-        set_digest, codec, k = "online", "dense", cfg.model.vocab_size
-    else:
-        tset = layout.targets(round_idx)
-        manifest = shards.read_manifest(tset)
-        header.check(manifest, header.describe(cfg, round_idx, teacher.id(layout), data_info), tset / shards.MANIFEST,
-                     dcfg.divergence, header.sources(ddir / "data.json", teacher.file))
-        bad = SR.verify_shards(tset, manifest, cfg.targets.verify)  # collective
-        for b in bad:
-            log.warning("skipping shard %s: %s (targets.verify=skip)", tset / b.name, b.reason)
-        units = SR.units_of(manifest, [b.name for b in bad])
-        set_digest = shards.header_digest({k_: v for k_, v in manifest.items() if k_ not in ("shards", "totals")})
-        codec, k = manifest["codec"], int(manifest["k"])
+    rd = check_round_data(cfg, layout, round_idx, teacher, data_info, ddir / "data.json")  # collective
     geo = SR.geometry(dcfg.global_batch_size, info.world_size, info.rank, dcfg.streams, dcfg.loader_workers)
-    order = SR.SampleOrder(units, geo.streams, cfg.seed, round_idx, resample=dcfg.resample)
+    order = SR.SampleOrder(rd.units, geo.streams, cfg.seed, round_idx, resample=dcfg.resample)
 
     # ---- build the student: rank 0 plans the init once, every rank gets its verdict or its error ----
     planned: tuple[rounds.Init | None, str | None] = (None, None)
@@ -106,23 +90,19 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
             raise StageError(f"{init.path}: loaded step {engine.step}, planned {init.round_start}")
     data_state = client.get("data", {})
     if data_state:
-        rounds.check_resume(data_state, geo.streams, geo.streams * geo.per_stream, dcfg.resample, set_digest,
-                            [b.name for b in bad], ckpt_root)
-        if data_state.get("step") != engine.step - init.round_start:
-            raise StageError(f"{ckpt_root}: checkpoint at step {engine.step} records data step "
-                             f"{data_state.get('step')}, expected {engine.step - init.round_start} (round starts "
-                             f"at {init.round_start})")
+        rounds.check_resume(data_state, engine.step - init.round_start, geo.streams, geo.streams * geo.per_stream,
+                            dcfg.resample, rd.digest, [b.name for b in rd.bad], ckpt_root)
     consumed_before = int(data_state.get("samples_consumed", 0))
     metrics = MetricsWriter(layout.metrics(round_idx))
     if engine.step == init.round_start:
         metrics.config(cfg)
-    metrics.scalars(engine.step, {"data/skipped_shards": float(len(bad))})
+    metrics.scalars(engine.step, {"data/skipped_shards": float(len(rd.bad))})
     log.info("distill round %d (%s, %s targets, %s): student %d parameters from %s; steps %d -> %d of %d (global "
              "batch %d = %d ranks x %d x %d accumulation); teacher %s (%s, %s...); data: %s; skipped shards: %d",
-             round_idx, dcfg.mode, codec, dcfg.divergence, count_parameters(model), init.describe(), engine.step,
+             round_idx, dcfg.mode, rd.codec, dcfg.divergence, count_parameters(model), init.describe(), engine.step,
              total, total - init.round_start, dcfg.global_batch_size, info.world_size, engine.micro_batch,
              engine.grad_accum, teacher.export, teacher.weights, teacher.sha256[:12], SR.describe(order, geo),
-             len(bad))
+             len(rd.bad))
 
     # ---- build the data: complete micro-batches, offline or online -------------------------------
     consumed = ConsumedLog(sdir / "consumed", info.rank, engine.step) if dcfg.log_consumed else None
@@ -137,7 +117,7 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
                                RowPicker(rows.shape[0], cfg.seed, round_idx), order, geo, engine.device,
                                engine.micro_batch, init.round_start, consumed)
     else:
-        source = OfflineBatches(layout.targets(round_idx), order, geo, dcfg.loader_workers, codec, k, cfg,
+        source = OfflineBatches(layout.targets(round_idx), order, geo, dcfg.loader_workers, rd.codec, rd.k, cfg,
                                 engine.device, engine.micro_batch, init.round_start, consumed)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
 
@@ -153,7 +133,7 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
         return {"round": round_idx, "round_start": init.round_start, "init": init.record,
                 "data": {"step": engine.step - init.round_start, "streams": geo.streams,
                          "global_batch": dcfg.global_batch_size, "resample": dcfg.resample,
-                         "targets": set_digest, "skipped": sorted(b.name for b in bad),
+                         "targets": rd.digest, "skipped": sorted(b.name for b in rd.bad),
                          "samples_consumed": consumed_total()}}
 
     # ---- evaluation: probe loss, then samples at the round's student step count --------------------
@@ -173,7 +153,7 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
         scalars = {"eval/probe_loss": dist.all_reduce_mean(value)}
         sample_scalars, text = sample_report(engine, eval_cfg, markov, engine.device)
         metrics.text(step, "samples", text)
-        scalars = {**sample_scalars, **scalars, "data/skipped_shards": float(len(bad))}
+        scalars = {**sample_scalars, **scalars, "data/skipped_shards": float(len(rd.bad))}
         if not dcfg.resample:  # (a resampled stream has draws, not epochs)
             scalars["data/epoch"] = float(source.epoch)
         return scalars
@@ -203,8 +183,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     if info.is_main:
         atomic_write_json(sdir / "distill.json", {
             "round": round_idx, "mode": dcfg.mode, "init": init.record, "round_start": init.round_start,
-            "final_step": engine.step, "samples_consumed": n, "targets": set_digest,
-            "skipped_shards": [[b.name, b.reason] for b in bad], "teacher": layout.rel(teacher.file),
+            "final_step": engine.step, "samples_consumed": n, "targets": rd.digest,
+            "skipped_shards": [[b.name, b.reason] for b in rd.bad], "teacher": layout.rel(teacher.file),
             "teacher_weights": teacher.weights, "teacher_sha256": teacher.sha256,
             "next_teacher_weights": rounds.teacher_weights(cfg, round_idx + 1)})
         out = export_weights(layout.export(round_idx), raw, ema if ema is not None else raw, cfg, step=engine.step,

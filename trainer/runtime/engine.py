@@ -77,7 +77,7 @@ from trainer.runtime.checkpoint import (
 from trainer.runtime.ema import EMA
 from trainer.runtime.lr import lr_at
 
-# --- DeepSpeed import with the CPU workarounds (shared/notes/deepspeed-cpu.md) ---------------------
+# --- DeepSpeed import with the CPU workarounds -------------------------------------------------------
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip the accelerator probe and its warning
 # torch 2.13 warns (FutureWarning) from inside ZeRO's collectives on every step.
@@ -492,12 +492,8 @@ class Engine:
             return
         from safetensors.torch import load_file
         shapes = {k: tuple(v) for k, v in meta["params"].items()}
-        self.ema.load_state_dict(load_file(tag_dir / EMA_FILE), device=self.ema_device,
+        self.ema.load_state_dict(load_file(tag_dir / EMA_FILE), device=self.device,
                                  expect_shapes=shapes, source=str(tag_dir / EMA_FILE))
-
-    @property
-    def ema_device(self) -> torch.device:
-        return self.device
 
 
 def build_engine(model: nn.Module, setup: TrainSetup, engine: EngineConfig, total_steps: int,
