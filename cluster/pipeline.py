@@ -11,6 +11,7 @@ the file helpers (sha256).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -81,6 +82,12 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
         stages.append(Stage("eval_control", "trainer.jobs.evaluate", (*last, "--control"),
                             product=str(at.eval_metrics(CONTROL)), depends=("control",)))
         evals.append("eval_control")
+    if cfg.teacher.train_ar:  # the optional AR stage: the judge of eval.judge=ar and the AR baseline
+        stages.insert(2, Stage("ar", "trainer.jobs.pretrain", ("--ar",), distributed=True,
+                               product="ar/export/export.json", depends=("prepare",)))
+        if cfg.eval.judge == "ar" and not cfg.eval.ar_path:  # the evaluations read <run>/ar/export
+            stages = [dataclasses.replace(s, depends=(*s.depends, "ar")) if s.module == "trainer.jobs.evaluate"
+                      else s for s in stages]
     stages.append(Stage("report", "trainer.jobs.report", product=str(at.report), depends=tuple(evals)))
     return stages
 

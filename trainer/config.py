@@ -70,10 +70,15 @@ class DataConfig:
     hf_name: str = ""
     hf_config: str = ""
     hf_split: str = "train"
+    hf_revision: str = ""  # a hub branch/tag/commit, e.g. refs/convert/parquet (the hub's parquet conversion)
     num_train_sequences: int = 20000  # synthetic: how many to draw; text: cap (0 = all)
     num_valid_sequences: int = 512
     seed: int = 0  # split / ordering seed
     cache_dir: str = ""  # where prepared token data lives; "" = <run>/data
+    # MDLM's row wrapping: every document [BOS] doc [EOS], every row [BOS] ... [EOS] (mdlm-owt's
+    # training data); off: documents joined by EOS and cut anywhere (trainer/data/packing.py).
+    wrap: bool = False
+    workers: int = 0  # tokeniser processes when preparing text; 0 = auto (CPUs available, one per 32 MB of files)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -138,6 +143,9 @@ class TrainConfig:
 class TeacherConfig:
     source: str = "pretrain"  # pretrain | import
     import_path: str = ""  # local directory in the published MDLM layout (source=import)
+    # Also train the same-size autoregressive model (trainer.jobs.pretrain --ar, <run>/ar): the text
+    # judge of eval.judge=ar and the AR baseline of the sampling benchmark. A pipeline stage, off by default.
+    train_ar: bool = False
 
 
 @dataclass
@@ -194,8 +202,14 @@ class EvalConfig:
     batch_size: int = 64
     weights: str = "ema"  # which exported weights are evaluated: ema | raw
     judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
-    ar_path: str = ""
+    ar_path: str = ""  # the AR model's export dir; "" = <run>/ar/export (trainer.jobs.pretrain --ar)
     seed: int = 1
+    # Text sources (trainer/evaluation/text.py): MAUVE of this many prefix-conditioned samples
+    # against held-out rows (0 = off), the clamped prefix length (0 = seq_len / 4), and how many
+    # held-out rows the likelihood bound is measured on.
+    mauve_samples: int = 256
+    prefix_tokens: int = 0
+    elbo_rows: int = 512
 
 
 @dataclass
@@ -327,6 +341,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         _check(s.concentration > 0, source, "data.synthetic.concentration", "must be positive")
         _check(0 <= s.leak < 1, source, "data.synthetic.leak", "must be in [0, 1)")
         _check(d.num_train_sequences > 0, source, "data.num_train_sequences", "must be positive")
+    _check(d.workers >= 0, source, "data.workers", "must be >= 0 (0 = all available CPUs)")
+    _check(not d.wrap or d.seq_len > 2, source, "data.wrap", "wrapped rows need data.seq_len > 2")
     if d.source == "text":
         _check(len(d.paths) > 0, source, "data.paths", "data.source=text needs at least one glob")
     if d.source == "hf":
@@ -401,8 +417,13 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(ev.num_samples >= 2, source, "eval.num_samples", "must be at least 2 (for a standard error)")
     _check(ev.batch_size >= 1, source, "eval.batch_size", "must be positive")
     _choice(ev.weights, ("ema", "raw"), source, "eval.weights")
-    if ev.judge == "ar":
-        _check(bool(ev.ar_path), source, "eval.ar_path", "eval.judge=ar needs the AR model's export dir")
+    _check(ev.mauve_samples >= 0, source, "eval.mauve_samples", "must be >= 0 (0 = no MAUVE)")
+    _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
+           f"must be in [0, data.seq_len={d.seq_len}) (0 = a quarter of the row)")
+    _check(ev.elbo_rows >= 1, source, "eval.elbo_rows", "must be positive")
+    _check(ev.judge != "ar" or bool(ev.ar_path) or cfg.teacher.train_ar, source, "eval.judge",
+           "eval.judge=ar needs the AR model: set teacher.train_ar=true (the pipeline trains it into "
+           "<run>/ar) or eval.ar_path to an AR export")
 
     sl = cfg.slurm
     _check(sl.time_min >= 1, source, "slurm.time_min", "must be positive")

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from trainer.evaluation import text_report
 from trainer.evaluation.sweep import format_table
 from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
@@ -22,7 +23,7 @@ from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
 
-ROW_KEYS = ("model", "round", "steps", "nll", "nll_se", "nll_gap", "gen_ppl", "entropy", "bigram_kl",
+ROW_KEYS = ("model", "round", "steps", "nll", "nll_se", "nll_gap", "gen_ppl", "entropy", "bigram_kl", "mauve",
             "samples", "nfe", "seconds")
 
 
@@ -138,9 +139,12 @@ def main(argv=None) -> None:
     pairs = head_to_head(report)
     report["head_to_head"] = pairs
     fig = plot(report, args.run_dir / "quality_vs_steps.png")
+    rounds, control = cfg.distill.rounds, cfg.distill.control
     with MetricsWriter(args.run_dir, enabled=True) as mw:
         mw.figure(cfg.distill.rounds, "report/quality_vs_steps", fig)
-    atomic_write_text(args.run_dir / "report.md", markdown(report, pairs))
+        mw.hparams(text_report.hparams(cfg), text_report.final_metrics(args.run_dir, rounds, control))
+    text = text_report.markdown_section(args.run_dir, rounds, control)  # text runs: the field's protocol
+    atomic_write_text(args.run_dir / "report.md", markdown(report, pairs) + ("\n" + text if text else ""))
     atomic_write_json(args.run_dir / "report.json", report)  # last: the stage's product
     print(format_table(report["rows"]))
     print()

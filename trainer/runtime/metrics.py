@@ -64,6 +64,12 @@ class MetricsWriter:
         body = to_yaml(cfg) if not isinstance(cfg, str) else cfg
         self.text(0, "config", "\n".join("    " + line for line in body.splitlines()))
 
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """TensorBoard's hparams summary (the HPARAMS tab: one row per run, its settings and its final
+        metrics), written beside the run's events under ``tb/hparams``."""
+        if self.enabled:
+            self._tb.add_hparams(dict(hparams), {k: float(v) for k, v in metrics.items()}, run_name="hparams")
+
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()
