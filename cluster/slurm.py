@@ -64,7 +64,7 @@ from submitit.core.utils import DelayedSubmission
 
 from cluster import pipeline, rendezvous
 from cluster.pipeline import Stage
-from cluster.resources import ClusterSpec, StageResources, stage_resources
+from cluster.resources import ClusterSpec, StageResources, job_environment, stage_resources
 from trainer.config import RunConfig
 
 __all__ = ["submit_chain", "job_states", "StageJob", "snapshot_code", "sigterm_proof_requeue", "requeue_job",
@@ -523,6 +523,7 @@ class StageJob(submitit.helpers.Checkpointable):
                 raise self._fail(task, f"exited 0 but did not write {run_dir / st.product}", returncode=rc)
             self._mark(task, "done", seconds=seconds)
             _say(f"stage {st.name}: done in {seconds:.0f} s")
+            pipeline.release_outputs(run_dir, st, _say)
             return {"stage": st.name, "rank": 0, "status": "done", "returncode": 0}
 
         if self._is_stopped(rc):
@@ -540,25 +541,31 @@ class StageJob(submitit.helpers.Checkpointable):
 # Submission
 # --------------------------------------------------------------------------------------------------
 def executor_parameters(res: StageResources, cfg: RunConfig, code_dir: Path, dependency_ids: Sequence[str],
-                        ) -> dict[str, Any]:
+                        env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one stage: the resources ``--dry-run`` shows, with job
-    ids in place of stage names in the dependency."""
-    q = shlex.quote(str(code_dir))
-    params: dict[str, Any] = {
-        "job_name": f"sdtt-{res.stage}", "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
-        "cpus_per_task": res.cpus_per_task, "mem": f"{res.mem_gb_per_task * res.tasks_per_node}G",
+    ids in place of stage names in the dependency. ``env``: variables exported in the job
+    (``cluster.resources.job_environment``)."""
+    return {
+        "job_name": res.job_name, "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task, "mem": res.mem,
         "time": res.time_min, "signal_delay_s": cfg.slurm.signal_lead_s,
-        # The job runs the snapshot, never the live repository, and derives its rendezvous from
-        # SLURM alone (see LAUNCHER_VARS).
-        "setup": [f"unset {' '.join(LAUNCHER_VARS)}", f"export PYTHONPATH={q}", f"cd {q}"],
+        "setup": setup_lines(cfg, code_dir, env or {}),
         # Held until the whole chain is recorded (submit_chain releases it).
-        "additional_parameters": {"requeue": res.requeue, "hold": True, **res.extra},
+        "additional_parameters": {"requeue": res.requeue, "hold": True,
+                                  **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node > 0 else {}),
+                                  **({"dependency": "afterok:" + ":".join(dependency_ids),
+                                      "kill_on_invalid_dep": "yes"} if dependency_ids else {}),
+                                  **{k.replace("-", "_"): (True if v == "" else v) for k, v in res.extra.items()}},
     }
-    if res.gpus_per_node > 0:
-        params["gpus_per_node"] = res.gpus_per_node
-    if dependency_ids:
-        params["dependency"] = "afterok:" + ":".join(dependency_ids)
-    return params
+
+
+def setup_lines(cfg: RunConfig, code_dir: Path, env: Mapping[str, str]) -> list[str]:
+    """The job script's lines before ``srun``: the site's ``slurm.setup`` (module load, conda, ...),
+    the job environment, then what makes the job run the snapshot, never the live repository, and
+    derive its rendezvous from SLURM alone (see LAUNCHER_VARS)."""
+    q = shlex.quote(str(code_dir))
+    return [*cfg.slurm.setup, *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+            f"unset {' '.join(LAUNCHER_VARS)}", f"export PYTHONPATH={q}", f"cd {q}"]
 
 
 def submit_chain(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, run_dir: Path, repo: Path,
@@ -575,17 +582,18 @@ def submit_chain(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, run_dir
     preflight(todo, cfg, spec)
     _clear_queue(run_dir, todo, log)
     code_dir = snapshot_code(Path(repo), run_dir)
+    env = job_environment(cfg, os.environ)
     attempt = time.strftime("%Y%m%d-%H%M%S")
     stop_timeout = max(30.0, cfg.slurm.signal_lead_s - 30.0)  # leave time to requeue before the kill
     submitted: dict[str, str] = {}
     rows = []
     try:
         for st in todo:
-            res = stage_resources(st, cfg, spec)
+            res = stage_resources(st, cfg, spec, run_dir.name)
             deps = [submitted[d] for d in st.depends if d in submitted]
             folder = run_dir / "logs" / "slurm" / st.name / attempt
             ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.slurm.max_requeues)
-            ex.update_parameters(**executor_parameters(res, cfg, code_dir, deps))
+            ex.update_parameters(**executor_parameters(res, cfg, code_dir, deps, env))
             job = ex.submit(StageJob(st, str(run_dir), str(code_dir), downstream(stages, st.name), stop_timeout))
             submitted[st.name] = job.job_id
             pipeline.mark(run_dir, st, "submitted", job_id=job.job_id, folder=str(folder), code=str(code_dir))
@@ -622,7 +630,7 @@ def preflight(todo: Sequence[Stage], cfg: RunConfig, spec: ClusterSpec) -> None:
     shapes: dict[tuple[str, ...], str] = {}
     for st in todo:
         lines = tuple(line for line in stage_resources(st, cfg, spec).sbatch_lines()
-                      if not line.startswith(("--dependency=", "--job-name=")))
+                      if not line.startswith(("--dependency=", "--job-name=", "--kill-on-invalid-dep")))
         shapes.setdefault(lines, st.name)
     for lines, name in shapes.items():
         proc = subprocess.run(["sbatch", "--test-only", *lines, "--wrap", "true"], capture_output=True, text=True,
