@@ -50,7 +50,10 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
     Round r's targets need round r-1's student (the teacher for r = 1); eval_r runs beside the next
     round's targets since both only read student r. eval_0 evaluates the teacher.
     """
-    stages = [Stage("prepare", "trainer.jobs.prepare", product="data/data.json")]
+    # The prepared data lives in data.cache_dir when set (absolute once tools/submit.py resolved it;
+    # joining an absolute path to the run folder gives the path itself), else in <run>/data.
+    data_json = str(Path(cfg.data.cache_dir) / "data.json") if cfg.data.cache_dir else "data/data.json"
+    stages = [Stage("prepare", "trainer.jobs.prepare", product=data_json)]
     if cfg.teacher.source == "import":
         stages.append(Stage("teacher", "trainer.jobs.import_teacher", product="teacher/export/export.json",
                             depends=("prepare",)))

@@ -216,7 +216,7 @@ class StageSlurmConfig:
 def _default_stage_slurm() -> dict[str, StageSlurmConfig]:
     # prepare and report compute nothing on a GPU; report is seconds of work.
     return {"prepare": StageSlurmConfig(gpus_per_node=0),
-            "report": StageSlurmConfig(gpus_per_node=0, time="30", cpus_per_task=2, mem_gb_per_task=8)}
+            "report": StageSlurmConfig(gpus_per_node=0, time="30")}
 
 
 STAGE_KINDS = ("prepare", "teacher", "targets", "distill", "eval", "control", "report")
