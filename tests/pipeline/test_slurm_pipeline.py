@@ -442,10 +442,12 @@ def test_a_run_submitted_from_another_directory_with_relative_paths(slurm_cluste
 # --------------------------------------------------------------------------------------------------
 @on_slurm
 def test_a_failing_stage_cancels_its_dependants(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
-    """The teacher import points at a folder that does not exist: valid config, runtime failure.
+    """The teacher import points at a folder without weights: it exists (a missing path would be
+    refused at submit), so the config is valid and the failure comes at run time.
     Every later stage is cancelled at once (not left PENDING DependencyNeverSatisfied) and the
     failure is explained in the state file, --status and the job's log."""
     run = tmp_path / "run"
+    (tmp_path / "no-such-mdlm").mkdir()
     bad = ["teacher.source=import", f"teacher.import_path={tmp_path / 'no-such-mdlm'}"]
     submit("--config", str(TINY), *SLURM_FLAGS, "--run-dir", str(run), *OVERRIDES, *FIT, *bad)
     names = [s.name for s in stages_of(run)]
@@ -459,7 +461,7 @@ def test_a_failing_stage_cancels_its_dependants(slurm_cluster: LocalSlurm, tmp_p
     assert st["teacher"]["status"] == "failed" and st["teacher"]["returncode"] != 0
     for n in later:
         assert st[n]["reason"].startswith("upstream stage teacher failed: exit code"), st[n]
-    assert "no-such-mdlm: no such file or directory" in st["teacher"]["reason"]  # the child's own error
+    assert "no-such-mdlm: no model.safetensors found" in st["teacher"]["reason"]  # the child's own error
     ids = [str(st[n]["job_id"]) for n in later]
     deadline = time.monotonic() + 60
     while set(sacct(ids).values()) != {"CANCELLED"}:  # nothing left waiting in the queue
