@@ -39,8 +39,9 @@ DIR ...`` as a child process with the torchrun variables set, and waits:
 ``job_states`` (for ``tools/submit.py --status``) reads squeue for jobs still queued (with the
 pending reason) and sacct for the others.
 
-This module imports nothing from ``trainer/`` except ``trainer.config`` (the import rule of
-DESIGN.md): the few trainer constants it needs are repeated below and a test checks they agree.
+This module imports nothing from ``trainer/`` except ``trainer.config`` (the import rule tools ->
+cluster -> trainer.config, which a test checks): the few trainer constants it needs are repeated
+below and a test checks they agree.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ consolidated raw and EMA weights to ``<run>/teacher/export``: what every later s
 With ``--control`` it trains the *control* instead (``<run>/control/``): the students' starting weights
 trained on with the MDLM loss for the same number of steps, batch size, learning rate and EMA as all
 the distillation rounds together. A student that beats its teacher but not the control has gained
-from the extra training, not from SDTT (shared/notes/sdtt-method.md: an under-trained teacher).
+from the extra training, not from SDTT (the risk with an under-trained teacher).
 """
 from __future__ import annotations
 
