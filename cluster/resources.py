@@ -152,11 +152,13 @@ def stage_resources(stage: Stage, cfg: RunConfig, spec: ClusterSpec, run_name: s
         tasks = gpus if gpus > 0 else spec.cpu_slots_per_node
     else:
         tasks = 1
-    extra: dict[str, str] = {}
     sl = cfg.slurm
-    for key, value in (("partition", own.partition or spec.partition), ("account", spec.account),
-                       ("qos", spec.qos), ("constraint", spec.constraint), ("exclude", spec.exclude),
-                       ("reservation", spec.reservation)):
+    extra: dict[str, str] = {}
+    for key, value in (("partition", own.partition or spec.partition or sl.partition),
+                       ("account", spec.account or sl.account), ("qos", spec.qos or sl.qos),
+                       ("constraint", "" if own.constraint == "none" else
+                        (own.constraint or spec.constraint or sl.constraint)),
+                       ("exclude", spec.exclude or sl.exclude), ("reservation", spec.reservation or sl.reservation)):
         if value:
             extra[key] = value
     extra.update(sl.additional)

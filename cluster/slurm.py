@@ -18,7 +18,7 @@ dependencies:
   (``DependencyNeverSatisfied``), which are cancelled.
 
 Inside a job, :class:`StageJob` (a submitit Checkpointable) runs in every task: it computes the
-rendezvous from SLURM's variables (cluster.rendezvous), starts ``python -m <stage module> --run-dir
+rendezvous from submitit's view of the SLURM task (:func:`task_rendezvous`), starts ``python -m <stage module> --run-dir
 DIR ...`` as a child process with the torchrun variables set, and waits:
 
 * child exits 0: rank 0 checks the product and marks the stage done;
@@ -29,9 +29,10 @@ DIR ...`` as a child process with the torchrun variables set, and waits:
   which WAITS for its child to have saved and exited before it lets submitit requeue the job
   (the requeue kills every task of the step). Stages without a StopFlag (targets, eval, ...) die on
   the signal; their rerun redoes only what was not published (targets: incomplete shards);
-* child fails: the stage is marked failed and the jobs of every stage downstream of it are
-  cancelled (they would otherwise wait forever as ``PENDING DependencyNeverSatisfied``), and the
-  job fails with a message naming the stage, exit code, the child's last error line, rank and log;
+* child fails: the stage is marked failed, every stage downstream of it is recorded cancelled (SLURM
+  cancels their jobs itself: they are submitted with ``--kill-on-invalid-dep=yes``, so none waits
+  forever as ``PENDING DependencyNeverSatisfied``), and the job fails with a message naming the
+  stage, exit code, the child's last error line, rank and log;
 * child stopped by SIGTERM alone (no preemption signal): a plain ``scancel`` ends the stage and
   cancels its dependants (never requeued: the checkpoint stays for a resubmission), anything else
   is requeued or left to SLURM (``StageJob._stopped_without_checkpoint``).
@@ -63,7 +64,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import DelayedSubmission
 
-from cluster import pipeline, rendezvous
+from cluster import pipeline
 from cluster.pipeline import Stage
 from cluster.resources import ClusterSpec, StageResources, job_environment, stage_resources
 from trainer.config import RunConfig
@@ -78,7 +79,7 @@ CODE_DIRS = ("trainer", "cluster", "tools", "configs")
 # The trainer's stop signals (trainer/runtime/preempt.py StopFlag): stop at a step boundary and checkpoint.
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # Launcher variables a job must NOT inherit from the submitting shell: sbatch copies its environment
-# into the job, and a RANK left there would make cluster.rendezvous take it for a torchrun launch.
+# into the job, and a RANK left there would make the trainer take it for a torchrun launch.
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Job states after which a job never runs again (everything else may still start, or is running).
 FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -280,6 +281,43 @@ def _mark_cancelled(run_dir: Path, name: str, entry: Mapping[str, Any], why: str
     pipeline.mark(run_dir, Stage(name, ""), "cancelled", reason=why, **keep)
 
 
+# MASTER_PORT of a job: 20000 + job id % 12000, in [20000, 32000): unprivileged, and below Linux's
+# ephemeral range (32768-60999), so no outgoing connection on the node holds it by chance (submitit's
+# own pick, random in [20000, 60000] seeded by the job id, overlaps that range).
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12000
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where a task's child sits in the job, as the torchrun variables the trainer reads."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    def torchrun_env(self) -> dict[str, str]:
+        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
+                "LOCAL_WORLD_SIZE": str(self.local_world_size), "GROUP_RANK": str(self.node_rank),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def task_rendezvous() -> Rendezvous:
+    """This SLURM task's rendezvous, read by submitit (``TorchDistributedEnvironment``: ranks from
+    SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, rank 0 on the first host of the job's node list), with
+    the port derived from the job id (``SLURM_PORT_BASE``). The one reader of SLURM's launch
+    variables: the trainer reads only the torchrun variables this produces. Homogeneous jobs only
+    (the same tasks on every node), which is what submit_chain submits."""
+    tde = submitit.helpers.TorchDistributedEnvironment()
+    job = submitit.JobEnvironment()
+    digits = re.sub(r"\D", "", str(job.raw_job_id)) or "0"
+    return Rendezvous(tde.rank, tde.local_rank, tde.world_size, tde.local_world_size, job.node, tde.master_addr,
+                      SLURM_PORT_BASE + int(digits) % SLURM_PORT_SPAN)
+
+
 class _ChildEnded(BaseException):
     """Raised out of ``checkpoint()`` (a signal handler) into ``StageJob.__call__`` when the child had
     already finished (successfully or not) when the preemption signal came: nothing to requeue.
@@ -292,7 +330,8 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class _Task:
-    """Where this task sits, from SLURM's variables."""
+    """Where this task sits: rank and job id as submitit reads them, plus the two things it does
+    not keep (SLURM's restart count and node name)."""
 
     rank: int
     job_id: str
@@ -300,10 +339,10 @@ class _Task:
     node: str
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> _Task:
-        job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-        return cls(rank=int(env.get("SLURM_PROCID", "0")), job_id=job_id or env.get("SLURM_JOB_ID", "?"),
-                   restarts=int(env.get("SLURM_RESTART_COUNT", "0") or 0), node=env.get("SLURMD_NODENAME", "?"))
+    def current(cls, env: Mapping[str, str]) -> _Task:
+        job = submitit.JobEnvironment()
+        return cls(rank=job.global_rank, job_id=job.job_id, restarts=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+                   node=env.get("SLURMD_NODENAME", "?"))
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -328,12 +367,12 @@ class StageJob(submitit.helpers.Checkpointable):
         return StageJob(self.stage, self.run_dir, self.code_dir, self.dependants, self.stop_timeout_s)
 
     # ---- the child --------------------------------------------------------------------------------
-    def child_environment(self, environ: Mapping[str, str]) -> tuple[dict[str, str], rendezvous.Rendezvous]:
+    def child_environment(self, environ: Mapping[str, str]) -> tuple[dict[str, str], Rendezvous]:
         """A copy of this task's environment with the torchrun variables of its rendezvous (rank 0 on
         the first node of the step, port from the job id) and the code snapshot on PYTHONPATH."""
         env = dict(environ)
-        rdzv = rendezvous.from_env(env)
-        rendezvous.apply(rdzv, env)
+        rdzv = task_rendezvous()
+        env.update(rdzv.torchrun_env())
         env["PYTHONPATH"] = self.code_dir
         env.setdefault("PYTHONUNBUFFERED", "1")
         # torch would otherwise start one thread per core of the node in every task.
@@ -428,12 +467,13 @@ class StageJob(submitit.helpers.Checkpointable):
         return str(Path(folder) / f"{task.job_id}_{task.rank}_log.err") if folder else "the job's stderr"
 
     def _cancel_dependants(self, why: str) -> list[str]:
-        """Cancel the recorded jobs of every downstream stage; returns 'stage (job N)' for each."""
+        """Record every downstream stage's job as cancelled, with the reason; returns 'stage (job N)'
+        for each. SLURM itself cancels the jobs: each was submitted with ``--kill-on-invalid-dep=yes``,
+        so once this job fails (or is cancelled) its afterok dependants, and theirs, are ended."""
         run_dir = Path(self.run_dir)
         state = pipeline.read_state(run_dir)["stages"]
         victims = {n: str(state[n]["job_id"]) for n in self.dependants
                    if state.get(n, {}).get("status") in ("submitted", "running") and "job_id" in state[n]}
-        scancel(victims.values())
         for name in victims:
             _mark_cancelled(run_dir, name, state[name], why)
         return [f"{n} (job {j})" for n, j in victims.items()]
@@ -491,7 +531,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self._signalled: int | None = None
         self._stopping = False
         run_dir, st = Path(self.run_dir), self.stage
-        task = _Task.from_env(os.environ)
+        task = _Task.current(os.environ)
         if pipeline.is_done(run_dir, st):  # a requeue after it finished: nothing to do
             _say(f"stage {st.name}: already done")
             return {"stage": st.name, "rank": task.rank, "status": "done", "returncode": 0}

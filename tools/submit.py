@@ -192,7 +192,8 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
     for st in stages:
         res = stage_resources(st, cfg, spec, run_dir.name)
         state = "" if st.name in todo else "  (done: skipped)"
-        gpus = f"{res.nodes * res.gpus_per_node} GPUs" if res.gpus_per_node else "no GPU"
+        n_gpus = res.nodes * res.gpus_per_node
+        gpus = f"{n_gpus} GPU{'s' if n_gpus > 1 else ''}" if n_gpus else "no GPU"
         print(f"\n[{st.name}] {res.nodes} x {res.tasks_per_node} tasks, {gpus}, "
               f"time {res.time_min // 60}h{res.time_min % 60:02d}m{state}")
         print(f"  python -m {st.module} --run-dir {run_dir} {' '.join(st.args)}".rstrip())

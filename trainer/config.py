@@ -211,6 +211,7 @@ class StageSlurmConfig:
     cpus_per_task: int = 0  # 0 = slurm.cpus_per_task
     mem_gb_per_task: int = 0  # 0 = slurm.mem_gb_per_task
     partition: str = ""  # "" = --partition / slurm.partition (e.g. a CPU partition for prepare/report)
+    constraint: str = ""  # "" = --constraint / slurm.constraint; "none" = no constraint (e.g. on a CPU partition)
 
 
 def _default_stage_slurm() -> dict[str, StageSlurmConfig]:

@@ -89,6 +89,7 @@ def test_small_on_8_nodes_prints_resources_and_budget_and_names_the_missing_toke
 def test_stage_overrides_time_nodes_gpus_partition() -> None:
     cfg = load_config(TINY, ["slurm.stages.eval.time=1-00:00:00", "slurm.stages.eval.gpus_per_node=2",
                              "slurm.stages.distill.nodes=1", "slurm.stages.prepare.partition=cpu",
+                             "slurm.constraint=h100", "slurm.stages.prepare.constraint=none",
                              "slurm.mem_gb_per_task=0"])
     spec = ClusterSpec(nodes=2, gpus_per_node=4, time_min=90)
     res = {s.name: stage_resources(s, cfg, spec, "myrun") for s in pipeline.build_chain(cfg)}
@@ -96,6 +97,7 @@ def test_stage_overrides_time_nodes_gpus_partition() -> None:
     assert (res["distill_2"].nodes, res["distill_2"].tasks_per_node) == (1, 4)
     assert (res["teacher"].nodes, res["teacher"].time_min) == (2, 90)
     assert res["prepare"].extra["partition"] == "cpu" and res["prepare"].gpus_per_node == 0
+    assert "constraint" not in res["prepare"].extra and res["teacher"].extra["constraint"] == "h100"
     assert res["teacher"].job_name == "myrun-teacher"
     assert "--mem=0" in res["teacher"].sbatch_lines()
 

@@ -28,7 +28,7 @@ def parse_args(description: str, with_round: bool = False, argv: list[str] | Non
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/slurm.py)
     # Rank 0 tells the story; the others speak up only for warnings and errors.
     level = logging.INFO if rank == "0" else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
