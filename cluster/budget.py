@@ -196,8 +196,9 @@ def render(b: Budget, cfg: RunConfig) -> list[str]:
     if b.target_bytes_per_round:
         keep = "targets.keep=true: every round kept" if cfg.targets.keep else \
             "targets.keep=false: a round's shards removed once its distill is done"
+        rounds = f"{cfg.distill.rounds} round" + ("s" if cfg.distill.rounds > 1 else "")
         out.append(f"  target storage: {_b(b.target_bytes_per_round)} per round, {_b(b.target_bytes_all_rounds)} "
-                   f"for {cfg.distill.rounds} rounds; on disk at once: {_b(b.target_bytes_peak)} ({keep})")
+                   f"for {rounds}; on disk at once: {_b(b.target_bytes_peak)} ({keep})")
     return out
 
 
