@@ -200,7 +200,7 @@ def test_stored_config_holds_absolute_paths(tmp_path: Path) -> None:
 def test_a_list_config_gets_the_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "list.yaml"
     bad.write_text("- name: tiny\n- model: {}\n")
-    with pytest.raises(ConfigError, match=r"list.yaml: the top level must be a mapping of config keys"):
+    with pytest.raises(ConfigError, match=r"list.yaml: the top level must be a mapping of sections"):
         load_config(bad)
     proc = submit("--config", str(bad), "--dry-run")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
