@@ -397,6 +397,8 @@ def make_site(site: Path) -> list[str]:
     judge = transformers.GPT2Config(vocab_size=V1 - 1, n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2,
                                     bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(judge).save_pretrained(site / "models" / "judge")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the text evaluation retokenises with the judge's
+        (site / "models" / "judge" / name).write_bytes((site / "tokenizer" / name).read_bytes())
     return [f"model.vocab_size={V1 - 1}", f"model.d_model={D}", f"model.n_layers={LAYERS}", f"model.n_heads={HEADS}",
             f"model.cond_dim={COND}", f"model.max_seq_len={LENGTH}", f"data.seq_len={LENGTH}",
             "data.source=text", "data.paths=[corpus/*.txt]", "data.tokenizer=tokenizer", "data.cache_dir=cache",
