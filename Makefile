@@ -1,6 +1,7 @@
 # Two entry points, both from nothing on a fresh machine:
 #   make demo   the whole tiny pipeline on this machine (runs/demo/)
 #   make test   the test suite, with a real local SLURM cluster started for it and stopped after
+#   make gpu-check   the GPU checks (tools/gpu_check.py): one JSON; says so and exits 0 without a GPU
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -9,9 +10,14 @@ STAMP := $(VENV)/.installed
 SLURM_STATE ?= /tmp/sdtt-slurm
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
+# DeepSpeed's CPU accelerator only where there is no NVIDIA GPU: on a GPU machine DeepSpeed must pick
+# CUDA itself (a cpu accelerator there fails against the NCCL/cuda process group).
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAVE_GPU),)
 export DS_ACCELERATOR ?= cpu
+endif
 
-.PHONY: demo text-demo test test-fast lint venv slurm-up slurm-down clean
+.PHONY: demo text-demo test test-fast lint venv slurm-up slurm-down clean gpu-check
 
 venv: $(STAMP)
 
@@ -43,6 +49,11 @@ test: $(STAMP) lint
 # The inner loop: unit tests only (no torchrun, no SLURM), well under 3 minutes.
 test-fast: $(STAMP) lint
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# On a GPU machine, under 8 minutes: the tiny pipeline on one GPU, small-shape pretrain/distill steps
+# with MFU, student@16 vs AR+KV sampling at L=1024, the targets benchmark -> runs/gpu-check/gpu_check.json.
+gpu-check: $(STAMP)
+	$(BIN)/python tools/gpu_check.py --out runs/gpu-check/gpu_check.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check trainer cluster tools tests
