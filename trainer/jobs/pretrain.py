@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trainer.config import RunConfig
@@ -88,24 +89,47 @@ def sample_report(engine: Engine, cfg: RunConfig, source: MarkovSource | None, n
     return scalars, text
 
 
+CONTROL_SEED_DOMAIN = 0xC0  # the control's per-step noise (t, mask): a stream the teacher never drew
+
+
 @dataclass(frozen=True)
 class Plan:
     """What this invocation trains: the teacher, or the control (the teacher trained on with its own
-    MDLM loss for the students' whole budget: same steps, batch, lr and EMA as distillation)."""
+    MDLM loss for the students' whole budget: same steps, batch, lr and EMA as distillation).
+
+    data_offset: the first step of ``batches`` (at ``global_batch``) this run reads. The control
+    continues the teacher's data stream where the teacher stopped (the examples after its last
+    one), so it trains on what the teacher has not seen yet, as the students do, instead of
+    replaying the teacher's first batches. noise_seed: the seed of the per-step noise (t and mask);
+    the control's comes from its own domain, so no (x0, t, mask) example repeats one of the teacher's.
+    """
 
     name: str
     total_steps: int
     global_batch: int
     engine_kwargs: dict
+    data_offset: int = 0
+    noise_seed: int = 0
+
+
+def control_noise_seed(train_seed: int) -> int:
+    """The control's step-noise seed: a hash of (train.seed, CONTROL_SEED_DOMAIN), unrelated to train.seed."""
+    state = np.random.SeedSequence([train_seed, CONTROL_SEED_DOMAIN]).generate_state(2, dtype=np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
 
 
 def plan(cfg: RunConfig, control: bool) -> Plan:
     if not control:
-        return Plan("teacher", cfg.train.steps, cfg.engine.global_batch_size, {"ema_decay": cfg.train.ema})
+        return Plan("teacher", cfg.train.steps, cfg.engine.global_batch_size, {"ema_decay": cfg.train.ema},
+                    noise_seed=cfg.train.seed)
     d = cfg.distill
+    # The teacher consumed train.steps x its global batch examples; continue after them at the
+    # control's batch (rounded up: never re-read the teacher's last examples).
+    seen = cfg.train.steps * cfg.engine.global_batch_size
     return Plan("control", d.rounds * d.steps_per_round, d.global_batch_size,
                 {"lr": d.lr, "warmup_steps": d.warmup_steps, "global_batch_size": d.global_batch_size,
-                 "ema_decay": d.ema, "key": "distill"})
+                 "ema_decay": d.ema, "key": "distill"},
+                data_offset=-(-seen // d.global_batch_size), noise_seed=control_noise_seed(cfg.train.seed))
 
 
 def main(argv=None) -> int:
@@ -144,7 +168,7 @@ def main(argv=None) -> int:
         # batches() is a pure function of the step: (re)start it wherever the loop is.
         if stream["step"] != step - 1 or stream["it"] is None:
             stream["it"] = batches(train_tokens, p.global_batch, info.rank, info.world_size,
-                                   cfg.data.seed, start_step=step)
+                                   cfg.data.seed, start_step=p.data_offset + step)
         _, local = next(stream["it"])
         stream["step"] = step
         return list(local.split(engine.micro_batch))
@@ -158,7 +182,7 @@ def main(argv=None) -> int:
     task = Task(micro_batches=micro_batches, loss=lambda e, x0, g: mdlm_loss(e, x0, g, cfg),
                 tokens_per_step=p.global_batch * cfg.data.seq_len, samples_per_step=p.global_batch,
                 evaluate=evaluate, client_state=lambda: {"data_step": engine.step})
-    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, p.total_steps, cfg.train.seed, desc=p.name)
+    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, p.total_steps, p.noise_seed, desc=p.name)
     if not finished:
         metrics.close()
         return EXIT_PREEMPTED
