@@ -192,6 +192,12 @@ class EvalConfig:
     judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
     ar_path: str = ""
     seed: int = 1
+    # Sampling temperatures swept at the compared step counts (each round's count, for the teacher
+    # and the control; its own count for a student), to read every model's quality at the data's own
+    # entropy (trainer/evaluation/paired.py). 1.0 is always evaluated at every count in eval.steps.
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    # True source samples drawn for the reference row (entropy, NLL floor, bigram-KL floor); 0 = none.
+    reference_samples: int = 4096
 
 
 @dataclass
@@ -404,6 +410,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(ev.num_samples >= 2, source, "eval.num_samples", "must be at least 2 (for a standard error)")
     _check(ev.batch_size >= 1, source, "eval.batch_size", "must be positive")
     _choice(ev.weights, ("ema", "raw"), source, "eval.weights")
+    _check(len(ev.temperatures) > 0 and all(float(x) > 0 for x in ev.temperatures), source, "eval.temperatures",
+           "must be a non-empty list of positive sampling temperatures")
+    _check(ev.reference_samples >= 0, source, "eval.reference_samples", "must be >= 0 (0 = no reference row)")
     if ev.judge == "ar":
         _check(bool(ev.ar_path), source, "eval.ar_path", "eval.judge=ar needs the AR model's export dir")
 
