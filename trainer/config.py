@@ -143,7 +143,7 @@ class TargetsConfig:
 
     num_samples: int = 4096
     teacher_steps: int = 2  # m ancestral teacher steps per student step
-    codec: str = "topk"  # topk | sampled | dense
+    codec: str = "topk"  # topk | topk_is (top-K + importance-sampled tail ids) | sampled | dense
     k: int = 16
     samples_per_shard: int = 256
     shard_max_bytes: int = 256 * 1024 * 1024
@@ -376,7 +376,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     g = cfg.targets
     _check(g.num_samples >= 1, source, "targets.num_samples", "must be positive")
     _check(g.teacher_steps >= 1, source, "targets.teacher_steps", "must be at least 1")
-    _choice(g.codec, ("topk", "sampled", "dense"), source, "targets.codec")
+    _choice(g.codec, ("topk", "topk_is", "sampled", "dense"), source, "targets.codec")
     _check(1 <= g.k <= m.vocab_size, source, "targets.k", f"must be in [1, model.vocab_size={m.vocab_size}]")
     _check(g.samples_per_shard >= 1, source, "targets.samples_per_shard", "must be positive")
     _check(g.shard_max_bytes >= 1024, source, "targets.shard_max_bytes", "must be at least 1024")
@@ -394,6 +394,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     # (trainer/method/sdtt.py, SUPPORTED).
     _check(ds.mode != "offline" or g.codec != "sampled" or ds.divergence == "fkl", source, "distill.divergence",
            f"'{ds.divergence}' cannot be computed from targets.codec=sampled targets; use fkl, or targets.codec=topk")
+    # The tail draws estimate the within-tail KL of either direction; TV and MSE have no such estimate.
+    _check(ds.mode != "offline" or g.codec != "topk_is" or ds.divergence in ("rkl", "fkl"), source,
+           "distill.divergence", f"'{ds.divergence}' cannot be computed from targets.codec=topk_is targets; "
+           "use rkl or fkl, or targets.codec=topk")
     _check(ds.lr > 0, source, "distill.lr", "must be positive")
     _check(ds.global_batch_size >= 1, source, "distill.global_batch_size", "must be positive")
     _check(0 <= ds.ema < 1, source, "distill.ema", "must be in [0, 1)")
