@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--distill-steps", type=int, default=300)
     s.add_argument("--eval-samples", type=int, default=1024)
     s.add_argument("--seeds", type=int, default=3, help="distillation runs per codec (training noise)")
+    s.add_argument("--codecs", nargs="+", default=["dense", "topk", "topk_is", "sampled"],
+                   help="codecs to distil with (dense reverse KL is always the reference)")
 
     w = sub.add_parser("_train_worker")  # internal: one torchrun rank of `train`
     for a in ("--config", "--targets", "--modes", "--out"):
