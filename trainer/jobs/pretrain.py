@@ -11,8 +11,10 @@ consolidated raw and EMA weights to ``<run>/teacher/export``: what every later s
 
 With ``--control`` it trains the *control* instead (``<run>/control/``): the students' starting weights
 trained on with the MDLM loss for the same number of steps, batch size, learning rate and EMA as all
-the distillation rounds together. A student that beats its teacher but not the control has gained
-from the extra training, not from SDTT (shared/notes/sdtt-method.md: an under-trained teacher).
+the distillation rounds together, on the teacher's data stream from where the teacher stopped
+(examples it has not seen) and with per-step noise from its own seed domain (``Plan``). A student
+that beats its teacher but not the control has gained from the extra training, not from SDTT
+(shared/notes/sdtt-method.md: an under-trained teacher).
 """
 from __future__ import annotations
 
