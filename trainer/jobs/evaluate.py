@@ -34,10 +34,11 @@ def step_counts(cfg: RunConfig) -> list[int]:
 
 def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[float]]:
     """The step counts to sweep ``eval.temperatures`` at: the teacher (round 0) and the control at
-    every round's count (each student is compared with them there), a student at its own count."""
+    every round's student count (each student is compared with them there at matched entropy), a
+    student at its own count. Sampling dominates the evaluation's cost, so nothing else is swept."""
     temps = [float(x) for x in cfg.eval.temperatures]
     if control or round_idx == 0:
-        counts = [cfg.distill.start_steps // 2**r for r in range(cfg.distill.rounds + 1)]
+        counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
     else:
         counts = [cfg.distill.start_steps // 2**round_idx]
     return {n: temps for n in counts}
