@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from trainer.config import load_config  # noqa: E402
 from trainer.evaluation.paired import t_interval  # noqa: E402
 
 # The measures seeds.md shows per round, in this order (the rest are in seeds.json).
@@ -127,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     if not reports:
         raise SystemExit(f"[seeds] no seed-*/report.json under {args.run_dir}")
     agg = aggregate(reports)
-    meta = {"config": args.config, "seeds": sorted(reports), "overrides": args.overrides, "seconds": timings}
+    config = args.config
+    if config is None:  # --aggregate-only: the run's own name (every seed folder holds its config.yaml)
+        saved = args.run_dir / f"seed-{min(reports)}" / "config.yaml"
+        config = f"{saved} (name: {load_config(saved).name})" if saved.exists() else None
+    meta = {"config": config, "seeds": sorted(reports), "overrides": args.overrides, "seconds": timings}
     (args.run_dir / "seeds.json").write_text(json.dumps({"meta": meta, "aggregate": agg}, indent=1))
     text = markdown(agg, reports, meta)
     (args.run_dir / "seeds.md").write_text(text)
