@@ -5,13 +5,13 @@ DIR [--round R]``) with the file whose presence means "done" (its *product*). Th
 ``<run>/pipeline_state.json`` records each finished stage with the sha256 of its product, so a
 resubmitted run folder skips what is done (and notices a product changed behind its back) and
 resumes what is not. This module knows job names and files, never models: it imports only the
-config (for the number of rounds and the teacher source).
+config (for the number of rounds and the teacher source), the run-folder layout (the products) and
+the file helpers (sha256).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import RunConfig
+from trainer.fileio import sha256_file
+from trainer.layout import CONTROL, RunLayout
 
-STATE_FILE = "pipeline_state.json"
+STATE_FILE = RunLayout(Path()).state.name
 
 
 @dataclass(frozen=True)
@@ -46,53 +48,46 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
     Round r's targets need round r-1's student (the teacher for r = 1); eval_r runs beside the next
     round's targets since both only read student r. eval_0 evaluates the teacher.
     """
-    stages = [Stage("prepare", "trainer.jobs.prepare", product="data/data.json")]
+    at = RunLayout(Path())  # run-relative products
+    stages = [Stage("prepare", "trainer.jobs.prepare", product=str(at.data_info))]
     if cfg.teacher.source == "import":
-        stages.append(Stage("teacher", "trainer.jobs.import_teacher", product="teacher/export/export.json",
+        stages.append(Stage("teacher", "trainer.jobs.import_teacher", product=str(at.export_manifest(0)),
                             depends=("prepare",)))
     else:
         stages.append(Stage("teacher", "trainer.jobs.pretrain", distributed=True,
-                            product="teacher/export/export.json", depends=("prepare",)))
+                            product=str(at.export_manifest(0)), depends=("prepare",)))
     stages.append(Stage("eval_0", "trainer.jobs.evaluate", ("--round", "0"),
-                        product="teacher/eval/metrics.json", depends=("teacher",)))
+                        product=str(at.eval_metrics(0)), depends=("teacher",)))
     prev = "teacher"
     evals = ["eval_0"]
     for r in range(1, cfg.distill.rounds + 1):
         rr = ("--round", str(r))
         if cfg.distill.mode == "offline":
             stages.append(Stage(f"targets_{r}", "trainer.jobs.targets", rr, distributed=True,
-                                product=f"round_{r}/targets/manifest.json", depends=(prev,)))
+                                product=str(at.targets_manifest(r)), depends=(prev,)))
             distill_dep: tuple[str, ...] = (f"targets_{r}",)
         else:
             distill_dep = (prev,)
         stages.append(Stage(f"distill_{r}", "trainer.jobs.distill", rr, distributed=True,
-                            product=f"round_{r}/student/export/export.json", depends=distill_dep))
+                            product=str(at.export_manifest(r)), depends=distill_dep))
         stages.append(Stage(f"eval_{r}", "trainer.jobs.evaluate", rr,
-                            product=f"round_{r}/eval/metrics.json", depends=(f"distill_{r}",)))
+                            product=str(at.eval_metrics(r)), depends=(f"distill_{r}",)))
         evals.append(f"eval_{r}")
         prev = f"distill_{r}"
     if cfg.distill.control:
         last = ("--round", str(cfg.distill.rounds))
         stages.append(Stage("control", "trainer.jobs.pretrain", ("--control",), distributed=True,
-                            product="control/export/export.json", depends=("teacher",)))
+                            product=str(at.export_manifest(CONTROL)), depends=("teacher",)))
         stages.append(Stage("eval_control", "trainer.jobs.evaluate", (*last, "--control"),
-                            product="control/eval/metrics.json", depends=("control",)))
+                            product=str(at.eval_metrics(CONTROL)), depends=("control",)))
         evals.append("eval_control")
-    stages.append(Stage("report", "trainer.jobs.report", product="report.json", depends=tuple(evals)))
+    stages.append(Stage("report", "trainer.jobs.report", product=str(at.report), depends=tuple(evals)))
     return stages
 
 
 # --------------------------------------------------------------------------------------------------
 # State
 # --------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def _locked_state(run_dir: Path) -> Iterator[dict]:
     """Read-modify-write of the state file under an exclusive lock (stages may finish together),

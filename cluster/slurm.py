@@ -66,12 +66,11 @@ from cluster import pipeline, rendezvous
 from cluster.pipeline import Stage
 from cluster.resources import ClusterSpec, StageResources, stage_resources
 from trainer.config import RunConfig
+from trainer.layout import EXIT_PREEMPTED
 
 __all__ = ["submit_chain", "job_states", "StageJob", "snapshot_code", "sigterm_proof_requeue", "requeue_job",
            "downstream", "EXIT_PREEMPTED", "CODE_DIRS"]
 
-# trainer/runtime/preempt.py: a job that was signalled, checkpointed and stopped exits with this (EX_TEMPFAIL).
-EXIT_PREEMPTED = 75
 # What a job needs of the repository: copied into the run folder at submission.
 CODE_DIRS = ("trainer", "cluster", "tools", "configs")
 # The trainer's stop signals (trainer/runtime/preempt.py StopFlag): stop at a step boundary and checkpoint.

@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from trainer.errors import BadInput
+from trainer.fileio import atomic_write_text
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInput, ValueError):
     """A configuration problem, with the key and the source it came from in the message."""
 
 
@@ -167,7 +170,8 @@ class DistillConfig:
     global_batch_size: int = 128
     ema: float = 0.9999
     # Which weights of student r become teacher r + 1: its EMA, or (the paper's default) its raw
-    # weights. Round 1's teacher is the pretrained/imported one: targets.use_ema (common.teacher_weights).
+    # weights. Round 1's teacher is the pretrained/imported one: targets.use_ema
+    # (trainer.distill.rounds.teacher_weights).
     ema_as_teacher: bool = False
     # Also train and evaluate the control: the round-1 weights trained on with the MDLM loss for
     # the students' whole budget. The honest baseline when the teacher is not converged.
@@ -257,6 +261,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layer = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"{path}: cannot parse YAML: {_first_line(e)}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), "
+                              f"not a {type(layer).__name__}")
         cfg = _merge(cfg, layer, str(path))
     for item in overrides:
         if "=" not in item:
@@ -282,21 +289,11 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig from ``to_dict`` output (e.g. read from a checkpoint), validated."""
-    cfg = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(d), "stored config")
-    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate(run, source="stored config")
-    return run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,6 +423,32 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(sl.cpus_per_task >= 1, source, "slurm.cpus_per_task", "must be positive")
     _check(0 < sl.signal_lead_s < sl.time_min * 60, source, "slurm.signal_lead_s",
            "must be positive and shorter than the time limit")
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What one training stage optimises with: the optimiser (lr, warm-up and weight decay resolved
+    for the stage), the global batch and the EMA decay (0 = none). ``key`` is the config section that
+    holds the stage's batch size, so geometry errors name the key the user must change."""
+
+    optim: OptimConfig
+    global_batch_size: int
+    ema: float = 0.0
+    key: str = "engine"
+
+
+def pretrain_setup(cfg: RunConfig) -> TrainSetup:
+    """The teacher's pretraining: ``optim.*``, ``engine.global_batch_size``, ``train.ema``."""
+    return TrainSetup(cfg.optim, cfg.engine.global_batch_size, cfg.train.ema, "engine")
+
+
+def distill_setup(cfg: RunConfig) -> TrainSetup:
+    """Every distillation round, and the control run (it must match the students' budget): the
+    paper's recipe in ``distill.lr``, ``distill.warmup_steps``, ``distill.weight_decay``,
+    ``distill.global_batch_size`` and ``distill.ema``; betas, eps, schedule and grad_clip from ``optim``."""
+    d = cfg.distill
+    optim = dataclasses.replace(cfg.optim, lr=d.lr, warmup_steps=d.warmup_steps, weight_decay=d.weight_decay)
+    return TrainSetup(optim, d.global_batch_size, d.ema, "distill")
 
 
 def round_steps(cfg: RunConfig, round_idx: int) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ConfigError, EngineConfig, OptimConfig
+from trainer.config import ConfigError, EngineConfig, OptimConfig, RunConfig, TrainSetup, distill_setup, pretrain_setup
 from trainer.runtime.dist import read_env
 from trainer.runtime.lr import lr_at
 
@@ -95,17 +95,22 @@ def test_env_errors_name_the_variable():
 def test_ds_config_geometry_and_errors():
     from trainer.runtime.engine import ds_config
 
-    cfg = ds_config(OptimConfig(grad_clip=0.5), EngineConfig(zero_stage=3, global_batch_size=32, micro_batch_size=4), 2)
+    cfg = ds_config(TrainSetup(OptimConfig(grad_clip=0.5), 32), EngineConfig(zero_stage=3, micro_batch_size=4), 2)
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (4, 4)
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"]["params"]["torch_adam"] is True
     assert cfg["bf16"]["enabled"] is torch.cuda.is_available()
     with pytest.raises(ConfigError, match="engine.global_batch_size"):
-        ds_config(OptimConfig(), EngineConfig(global_batch_size=30), 4)
+        ds_config(TrainSetup(OptimConfig(), 30), EngineConfig(), 4)
     with pytest.raises(ConfigError, match="engine.micro_batch_size"):
-        ds_config(OptimConfig(), EngineConfig(global_batch_size=32, micro_batch_size=3), 2)
+        ds_config(TrainSetup(OptimConfig(), 32), EngineConfig(micro_batch_size=3), 2)
     with pytest.raises(ConfigError, match="distill.global_batch_size"):
-        ds_config(OptimConfig(), EngineConfig(), 3, global_batch_size=16, key="distill")
+        ds_config(TrainSetup(OptimConfig(), 16, key="distill"), EngineConfig(), 3)
+    # each stage's own settings reach DeepSpeed: distillation's lr and weight decay, not optim's
+    params = ds_config(distill_setup(RunConfig()), EngineConfig(), 2)["optimizer"]["params"]
+    assert params["lr"] == RunConfig().distill.lr != RunConfig().optim.lr
+    pretrain = ds_config(pretrain_setup(RunConfig()), EngineConfig(), 2)["optimizer"]["params"]
+    assert pretrain["lr"] == RunConfig().optim.lr
 
 
 # --------------------------------------------------------------------------------------------------

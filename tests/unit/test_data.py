@@ -27,6 +27,7 @@ from trainer.data.prepared import (
 )
 from trainer.data.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer
 from trainer.jobs import prepare as prepare_job
+from trainer.jobs.common import entry
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,5 +309,8 @@ def test_prepare_job(tmp_path, capsys):
     info = load_data_info(tmp_path / "run" / "data")
     assert prepare_job.main(argv) == 0  # idempotent
     assert load_data_info(tmp_path / "run" / "data") == info
-    assert prepare_job.main(["--run-dir", str(tmp_path / "run"), "data.bogus=1"]) == 2
-    assert "data.bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # what `python -m trainer.jobs.prepare` does with bad input
+        entry(lambda: prepare_job.main(["--run-dir", str(tmp_path / "run"), "data.bogus=1"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error (rank 0): ") and "data.bogus" in err

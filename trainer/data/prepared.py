@@ -30,12 +30,14 @@ import torch
 
 from trainer.config import DataConfig, SyntheticConfig
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
+from trainer.errors import BadInput
+from trainer.fileio import atomic_write_json
 
 FORMAT_VERSION = 1  # bump when the meaning of prepared files or of their inputs changes
 SPLITS = ("train", "valid")
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """Bad or missing data; the message names the file, glob or config key."""
 
 
@@ -406,7 +408,7 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> Path:
         assert tokenizer is not None
         info = _prepare_text(cfg, tokenizer, out)
     info.update(format=FORMAT_VERSION, inputs=inputs, seq_len=cfg.seq_len)
-    _write_json_atomic(out / "data.json", info)
+    atomic_write_json(out / "data.json", info, indent=2)
     return out
 
 
@@ -515,12 +517,6 @@ def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable
     for split, tmp in tmp_paths.items():
         os.replace(tmp, out / f"{split}.npy")
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from trainer.errors import BadInput
+
 EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token; also how ByteTokenizer renders its EOS
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BadInput, ValueError):
     """A tokenizer could not be loaded or used; the message names the path or the id."""
 
 

@@ -20,8 +20,10 @@ import time
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
 from trainer.evaluation.sweep import evaluate_model, format_table
+from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
-from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
+from trainer.layout import CONTROL, RunLayout
+from trainer.runtime.checkpoint import load_model
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
@@ -50,7 +52,7 @@ def build_judge(cfg: RunConfig, device):
     if not cfg.eval.judge:
         return None
     if cfg.eval.judge == "ar":
-        model, _ = common.load_model(common.Path(cfg.eval.ar_path), "ema", causal=True)
+        model, _ = load_model(cfg.eval.ar_path, "ema", causal=True)
         return mq.OwnARJudge(model.to(device), batch_size=cfg.eval.batch_size)
     return mq.HFJudge(cfg.eval.judge, device=device, batch_size=cfg.eval.batch_size)
 
@@ -62,8 +64,8 @@ def main(argv=None) -> None:
     cfg = common.run_config(args)
     r = args.round
     device = common.device()
-    export = args.run_dir / "control" / "export" if args.control else common.model_export(args.run_dir, r)
-    model, _ = common.load_model(export, cfg.eval.weights, cfg.model)
+    which = CONTROL if args.control else r
+    model, _ = load_model(RunLayout(args.run_dir).export(which), cfg.eval.weights, cfg.model)
     model.to(device)
     source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
     judge = build_judge(cfg, device)
@@ -77,7 +79,7 @@ def main(argv=None) -> None:
         samples_txt.append(f"# {name} round {r}, {row['steps']} steps, temperature {row['temperature']:g}")
         samples_txt += [" ".join(map(str, seq.tolist())) for seq in x[:8]]
         row.update(model=name, round=r)
-    out = args.run_dir / "control" / "eval" if args.control else common.eval_dir(args.run_dir, r)
+    out = RunLayout(args.run_dir).eval(which)
     result = {
         "model": name, "round": r, "weights": cfg.eval.weights,
         "round_steps": cfg.distill.start_steps // 2**r,

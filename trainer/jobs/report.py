@@ -18,8 +18,9 @@ from pathlib import Path
 
 from trainer.evaluation import compare
 from trainer.evaluation.sweep import format_table
+from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
-from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
+from trainer.layout import CONTROL, RunLayout
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
@@ -30,9 +31,8 @@ ROW_KEYS = ("model", "round", "steps", "temperature", "nll", "nll_se", "nll_gap"
 
 def load_evals(run_dir: Path, rounds: int, control: bool = False) -> list[dict]:
     """Every evaluation's metrics.json (teacher, each round's student, the control when trained)."""
-    paths = [common.eval_dir(run_dir, r) / "metrics.json" for r in range(rounds + 1)]
-    if control:
-        paths.append(run_dir / "control" / "eval" / "metrics.json")
+    layout = RunLayout(run_dir)
+    paths = [layout.eval_metrics(m) for m in [*range(rounds + 1), *([CONTROL] if control else [])]]
     evals = []
     for path in paths:
         if not path.exists():
