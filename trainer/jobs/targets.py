@@ -1,31 +1,14 @@
 """Offline SDTT targets for one round: ``python -m trainer.jobs.targets --run-dir DIR --round R
 [--config FILE] [key=value ...]``, or the same under ``torchrun --nproc_per_node N`` / srun.
 
-* Config: ``--config`` if given, else ``DIR/config.yaml`` (the run's resolved config), then the
-  key=value overrides (trainer/jobs/common.py, as every job).
-* Data: the prepared train split (``data.cache_dir`` or ``DIR/data``; trainer/data/prepared.py). The job does
-  not prepare data: a missing folder is an error naming it.
-* Teacher: round 1 -> ``DIR/teacher/export``; round r > 1 -> ``DIR/round_{r-1}/student/export``;
-  the weights named by ``trainer.distill.rounds.teacher_weights`` (``round_teacher``; loaded verified).
-* Step size: the round-r student samples with N_r = distill.start_steps / 2**r steps
-  (config.round_steps); its one step replaces the teacher's m = targets.teacher_steps steps, so
-
-      dt_r = (1 - diffusion.sampling_eps) / (m * N_r)        (sdtt.teacher_dt)
-
-  With m = 2 that is the teacher's own grid spacing, (1 - sampling_eps) / N_{r-1}: round 1 of the
-  paper (start 1024) has the 1024-step teacher step dt = (1 - eps)/1024 and the student learn
-  1/512; dt doubles every round.
-* Samples: i = 0 .. targets.num_samples - 1. Sample i denoises train row perm_e[i mod N] with
-  e = i // N (N train rows) and perm_e a permutation seeded by (seed, round, e): every row once per
-  pass, in an order that differs between rounds. t, the mask and the teacher's noise come from the
-  generator of (seed, round, i) (sdtt.make_examples).
-* Sharding: shard j = samples [j S, (j + 1) S); rank r writes shards r, r + W, ...; the teacher runs
-  on batches of targets.batch_size consecutive indices from each shard's start, so the batch
-  composition is fixed by index (batched matmuls differ in the last bit with the batch) and a
-  sample's content is the same for any number of ranks (trainer/targets/writer.py). Complete shards
-  of an interrupted run are skipped, incomplete ones redone; rank 0 writes manifest.json after a barrier.
-Output: ``DIR/round_R/targets/`` (trainer/targets/shards.py). Progress on rank 0 (tqdm), samples/s and
-MB/s in the log and TensorBoard (``targets/...`` tags, step = samples written).
+Reads the prepared train split (the job does not prepare data: a missing folder is an error naming
+it) and round R's teacher (trainer/distill/rounds.py: model R - 1's export). Writes the target set
+``DIR/round_R/targets/``: its header (trainer/targets/header.py), sample i's clean row
+(trainer/data/rows.py) and noise from (seed, round, i), shard j = samples [j S, (j + 1) S) written by
+rank j mod W in teacher batches fixed by index (trainer/targets/writer.py), so the set is the same
+for any number of ranks. Complete shards of an interrupted run are skipped, incomplete ones redone;
+rank 0 writes manifest.json last. The contract: docs/DESIGN.md. Progress on rank 0 (tqdm),
+samples/s and MB/s in the log and TensorBoard (``targets/...`` tags, step = samples written).
 """
 from __future__ import annotations
 

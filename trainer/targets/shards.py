@@ -448,7 +448,7 @@ def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Human summary (tools/inspect_shards.py, python -m trainer.targets.codecs --targets)
+# Human summary (tools/inspect_shards.py)
 # --------------------------------------------------------------------------------------------------
 def summarize(out_dir: str | Path) -> list[str]:
     m = read_manifest(out_dir)
