@@ -11,6 +11,7 @@ the file helpers (sha256).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -37,6 +38,10 @@ class Stage:
     distributed: bool = False  # one task per GPU (per CPU slot without GPUs) across the nodes
     product: str = ""  # run-relative file that exists exactly when the stage has finished
     depends: tuple[str, ...] = field(default_factory=tuple)
+    # Run-relative target folders whose shards nothing reads once this stage is done: removed right
+    # after its done record is written (targets.keep: false). Their manifest stays (the producer's
+    # product), with RELEASED.json beside it, so a later rerun of this stage redoes the producer.
+    releases: tuple[str, ...] = ()
 
     def command(self, run_dir: Path, python: str = sys.executable) -> list[str]:
         return [python, "-m", self.module, "--run-dir", str(run_dir), *self.args]
@@ -49,7 +54,10 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
     round's targets since both only read student r. eval_0 evaluates the teacher.
     """
     at = RunLayout(Path())  # run-relative products
-    stages = [Stage("prepare", "trainer.jobs.prepare", product=str(at.data_info))]
+    # The prepared data lives in data.cache_dir when set (absolute once tools/submit.py resolved it;
+    # joining an absolute path to the run folder gives the path itself), else in <run>/data.
+    data_json = str(Path(cfg.data.cache_dir) / "data.json") if cfg.data.cache_dir else str(at.data_info)
+    stages = [Stage("prepare", "trainer.jobs.prepare", product=data_json)]
     if cfg.teacher.source == "import":
         stages.append(Stage("teacher", "trainer.jobs.import_teacher", product=str(at.export_manifest(0)),
                             depends=("prepare",)))
@@ -68,8 +76,9 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
             distill_dep: tuple[str, ...] = (f"targets_{r}",)
         else:
             distill_dep = (prev,)
+        releases = (str(at.targets(r)),) if cfg.distill.mode == "offline" and not cfg.targets.keep else ()
         stages.append(Stage(f"distill_{r}", "trainer.jobs.distill", rr, distributed=True,
-                            product=str(at.export_manifest(r)), depends=distill_dep))
+                            product=str(at.export_manifest(r)), depends=distill_dep, releases=releases))
         stages.append(Stage(f"eval_{r}", "trainer.jobs.evaluate", rr,
                             product=str(at.eval_metrics(r)), depends=(f"distill_{r}",)))
         evals.append(f"eval_{r}")
@@ -81,6 +90,12 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
         stages.append(Stage("eval_control", "trainer.jobs.evaluate", (*last, "--control"),
                             product=str(at.eval_metrics(CONTROL)), depends=("control",)))
         evals.append("eval_control")
+    if cfg.teacher.train_ar:  # the optional AR stage: the judge of eval.judge=ar and the AR baseline
+        stages.insert(2, Stage("ar", "trainer.jobs.pretrain", ("--ar",), distributed=True,
+                               product="ar/export/export.json", depends=("prepare",)))
+        if cfg.eval.judge == "ar" and not cfg.eval.ar_path:  # the evaluations read <run>/ar/export
+            stages = [dataclasses.replace(s, depends=(*s.depends, "ar")) if s.module == "trainer.jobs.evaluate"
+                      else s for s in stages]
     stages.append(Stage("report", "trainer.jobs.report", product=str(at.report), depends=tuple(evals)))
     return stages
 
@@ -120,6 +135,8 @@ def mark(run_dir: Path, stage: Stage, status: str, **extra) -> None:
     if status == "done":
         entry["product"] = stage.product
         entry["sha256"] = sha256_file(Path(run_dir) / stage.product)
+        # Done again after its outputs were released: they are back (see release_outputs).
+        (Path(run_dir) / stage.product).parent.joinpath(RELEASED).unlink(missing_ok=True)
     with _locked_state(Path(run_dir)) as state:
         state["stages"][stage.name] = entry
 
@@ -134,14 +151,58 @@ def is_done(run_dir: Path, stage: Stage) -> bool:
 
 
 def pending(run_dir: Path, stages: list[Stage]) -> list[Stage]:
-    """The stages still to run: not done, or downstream of something not done."""
-    todo: list[Stage] = []
-    redo: set[str] = set()
-    for st in stages:  # stages are in topological order
-        if any(d in redo for d in st.depends) or not is_done(run_dir, st):
-            todo.append(st)
-            redo.add(st.name)
-    return todo
+    """The stages still to run: not done, or downstream of something not done, or a done stage
+    whose outputs were released (targets.keep: false) while a stage reading them must run again."""
+    forced: set[str] = set()
+    while True:
+        todo: list[Stage] = []
+        redo: set[str] = set()
+        for st in stages:  # stages are in topological order
+            if st.name in forced or any(d in redo for d in st.depends) or not is_done(run_dir, st):
+                todo.append(st)
+                redo.add(st.name)
+        by_name = {s.name: s for s in stages}
+        need = {d for st in todo for d in st.depends
+                if d not in redo and d in by_name and is_released(run_dir, by_name[d])}
+        if not need:
+            return todo
+        forced |= need
+
+
+RELEASED = "RELEASED.json"
+SHARD_PROGRESS = "progress"  # trainer/targets/shards.py PROGRESS: per-shard records of a target set
+
+
+def is_released(run_dir: Path, stage: Stage) -> bool:
+    return bool(stage.product) and (Path(run_dir) / stage.product).parent.joinpath(RELEASED).exists()
+
+
+def release_outputs(run_dir: Path, stage: Stage, log=print) -> list[str]:
+    """After ``stage`` is recorded done, remove the target shards it was the last reader of
+    (``stage.releases``), keeping each folder's manifest and plan; returns the folders cleared.
+    Does nothing unless the done record and its product digest are in place."""
+    if not stage.releases or not is_done(run_dir, stage):
+        return []
+    cleared = []
+    for rel in stage.releases:
+        folder = Path(run_dir) / rel
+        if not folder.is_dir():
+            continue
+        freed = 0
+        for p in sorted(folder.glob("*.tar")) + sorted(folder.glob(".*.tar.tmp")):
+            freed += p.stat().st_size
+            p.unlink()
+        progress = folder / SHARD_PROGRESS
+        if progress.is_dir():
+            for p in progress.iterdir():
+                p.unlink()
+            progress.rmdir()
+        note = {"after": stage.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "bytes_freed": freed,
+                "why": "targets.keep: false; nothing reads these shards after this stage"}
+        (folder / RELEASED).write_text(json.dumps(note, indent=2))
+        cleared.append(rel)
+        log(f"[{stage.name}] removed the target shards of {rel} ({freed / 1e6:.1f} MB; targets.keep: false)")
+    return cleared
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,6 +252,7 @@ def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: lis
             raise RuntimeError(f"stage '{st.name}' exited 0 but did not write {run_dir / st.product}")
         mark(run_dir, st, "done", seconds=round(time.time() - t0, 1))
         log(f"[{st.name}] done in {time.time() - t0:.0f}s")
+        release_outputs(run_dir, st, log)
 
 
 def _tee() -> bool:

@@ -99,7 +99,8 @@ def test_clean_run_writes_a_complete_described_set(clean_run):
         assert 1e-3 <= s["meta"]["t"] <= 1
     assert not list(out.rglob("*.tmp"))
     tags = {json.loads(line)["tag"] for line in (clean_run / "metrics.jsonl").read_text().splitlines()}
-    assert {"targets/samples_per_s", "targets/mb_per_s", "targets/bytes_per_position"} <= tags
+    # one curve per round: round 2's rates do not continue round 1's
+    assert {"targets/round_1/samples_per_s", "targets/round_1/mb_per_s", "targets/round_1/bytes_per_position"} <= tags
 
 
 def test_two_processes_write_the_same_samples_as_one(clean_run, base_run, tmp_path):

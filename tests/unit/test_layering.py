@@ -86,6 +86,17 @@ def test_method_and_model_import_only_what_their_docstrings_say(package, allowed
                       and d not in ("trainer", "trainer.targets")) == []
 
 
+@pytest.mark.parametrize("package,forbidden", [
+    ("trainer.data", ("trainer.runtime", "trainer.jobs")),
+    ("trainer.evaluation", ("trainer.runtime.engine", "trainer.jobs")),
+    ("trainer.targets", ("trainer.runtime.engine", "trainer.jobs")),
+    ("trainer.distill", ("trainer.jobs",)),
+])
+def test_packages_keep_their_docstrings_rule(package, forbidden):
+    """Each package's __init__ docstring says what it never imports."""
+    assert violations(lambda m, d: _under(m, package) and _under(d, forbidden)) == []
+
+
 def test_cluster_imports_only_config_layout_errors_and_fileio_of_trainer():
     """How jobs reach machines knows nothing of models: jobs run trainer code as child processes."""
     assert violations(lambda m, d: _under(m, "cluster") and _under(d, "trainer")

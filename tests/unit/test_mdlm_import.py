@@ -1,8 +1,8 @@
 """Importing a teacher in MDLM's published layout, checked against an independent reference forward.
 
-The reference below is written from the facts in notes/sdtt-method.md ("The published MDLM
-checkpoint layout"), in float64 with explicit formulas (manual LayerNorm, tanh-GELU, per-pair rotary,
-softmax attention), and reads the weights by MDLM's key names. It shares no code with
+The reference below is written from the published MDLM checkpoint layout (kuleshov-group/mdlm-owt),
+in float64 with explicit formulas (manual LayerNorm, tanh-GELU, per-pair rotary, softmax attention),
+and reads the weights by MDLM's key names. It shares no code with
 trainer/model/dit.py, so a wrong key mapping, rotary convention, chunk order or modulate would show.
 """
 from __future__ import annotations

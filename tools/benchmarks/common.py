@@ -93,8 +93,18 @@ def bench_env() -> dict[str, str]:
     return e
 
 
+def _repo_relative(path: Any) -> str:
+    """A path inside the repository as repository-relative (results hold no machine's paths)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def common_result(name: str, args: argparse.Namespace, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
-    return {"bench": name, "config": str(args.config), "overrides": list(args.overrides), "device": str(device),
+    return {"bench": name, "config": _repo_relative(args.config), "overrides": list(args.overrides),
+            "device": str(device),
             "threads": torch.get_num_threads(), "repeats": args.repeats, "model": cfg.model.__dict__.copy(),
             "parameters": _param_count(cfg),
             "torch": torch.__version__}

@@ -31,6 +31,7 @@ from trainer.distill.rounds import TeacherRef
 from trainer.layout import RunLayout
 from trainer.method import sdtt
 from trainer.method.losses import sdtt_loss
+from trainer.runtime import dist
 from trainer.targets import codecs, header, shards
 from trainer.targets import reader as SR
 from trainer.targets.codecs import CodecError
@@ -55,6 +56,18 @@ def distill_loss(forward: Callable[..., Tensor], batch: Batch, cfg: RunConfig, k
     x_t and the batch's targets. ``forward(xt, sigma, rows=...)`` is the student (an engine or a model)."""
     assert batch.xt is not None and batch.t is not None and batch.targets is not None
     return sdtt_loss(forward, batch.xt, batch.t, batch.targets, cfg, kind)
+
+
+def probe_loss(model: Any, batch: Batch, cfg: RunConfig, kind: str) -> float:
+    """``distill_loss`` on a fixed batch in eval mode under no_grad, mean over ranks (a collective).
+    Score it BEFORE sampling: the first forward after training re-gathers ZeRO-3's persistent
+    parameters, and inside the sampler's inference_mode they would become inference tensors that
+    the next backward refuses."""
+    model.eval()
+    with torch.no_grad():
+        value = float(distill_loss(model, batch, cfg, kind))
+    model.train()
+    return dist.all_reduce_mean(value)
 
 
 def online_targets(denoise: sdtt.Denoiser, batch: Batch, spec: sdtt.ExampleSpec, device: torch.device) -> Batch:

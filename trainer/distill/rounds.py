@@ -19,6 +19,7 @@ from pathlib import Path
 from trainer.config import RunConfig
 from trainer.errors import StageError
 from trainer.layout import RunLayout
+from trainer.runtime import dist
 from trainer.runtime.checkpoint import WEIGHT_FILES, CheckpointDir, read_json, verify_file
 from trainer.targets.header import TeacherId
 
@@ -108,6 +109,21 @@ def plan_init(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher_file: P
         log.warning("round %d: no checkpoint of round %d in %s: starting from the export with a fresh optimizer",
                     round_idx, round_idx - 1, prev.root)
     return Init("export", str(teacher_file), 0, {"from": "export", "path": layout.rel(teacher_file), "step": 0})
+
+
+def agree_init(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher_file: Path) -> Init:
+    """``plan_init`` on rank 0, once (its warnings once); its verdict, or its error, reaches every
+    rank (a collective: no rank waits alone)."""
+    planned: tuple[Init | None, str | None] = (None, None)
+    if dist.is_main():
+        try:
+            planned = (plan_init(cfg, layout, round_idx, teacher_file), None)
+        except (StageError, KeyError, OSError) as e:
+            planned = (None, f"{type(e).__name__}: {e}" if isinstance(e, (KeyError, OSError)) else str(e))
+    init, error = dist.broadcast_object(planned)
+    if error is not None or init is None:
+        raise StageError(error or "no init plan")
+    return init
 
 
 def check_resume(data: dict, step: int, streams: int, global_batch: int, resample: bool, set_digest: str,

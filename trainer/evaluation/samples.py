@@ -7,6 +7,7 @@ import torch
 
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
+from trainer.data.tokenizers import render_samples
 from trainer.evaluation.quality import markov_quality
 from trainer.method import sampling
 
@@ -29,5 +30,5 @@ def sample_report(model: Any, cfg: RunConfig, source: MarkovSource | None, devic
     if source is not None:
         q = markov_quality(source, x)
         scalars = {f"sample/nll@{cfg.sampling.steps}": q["nll"], f"sample/entropy@{cfg.sampling.steps}": q["entropy"]}
-    text = "\n\n".join(" ".join(map(str, row.tolist())) for row in x[:4])
+    text = "\n\n".join(render_samples(cfg.data, x[:4]))  # decoded for text sources
     return scalars, text

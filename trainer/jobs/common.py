@@ -32,7 +32,7 @@ def parse_args(description: str, with_round: bool = False, argv: list[str] | Non
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/slurm.py)
     # Rank 0 tells the story; the others speak up only for warnings and errors.
     level = logging.INFO if rank == "0" else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
@@ -67,6 +67,6 @@ def entry(main) -> None:
     try:
         sys.exit(main())
     except (BadInput, FileNotFoundError) as e:
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/slurm.py)
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

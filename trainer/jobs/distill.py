@@ -27,7 +27,7 @@ from trainer.config import RunConfig, distill_setup, round_steps
 from trainer.data.prepared import MarkovSource, data_dir, load_data_info, load_split
 from trainer.data.rows import RowPicker
 from trainer.distill import rounds
-from trainer.distill.batches import OfflineBatches, OnlineBatches, check_round_data, distill_loss
+from trainer.distill.batches import OfflineBatches, OnlineBatches, check_round_data, distill_loss, probe_loss
 from trainer.distill.consumed import ConsumedLog
 from trainer.errors import StageError
 from trainer.evaluation.samples import sample_report
@@ -65,16 +65,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     geo = SR.geometry(dcfg.global_batch_size, info.world_size, info.rank, dcfg.streams, dcfg.loader_workers)
     order = SR.SampleOrder(rd.units, geo.streams, cfg.seed, round_idx, resample=dcfg.resample)
 
-    # ---- build the student: rank 0 plans the init once, every rank gets its verdict or its error ----
-    planned: tuple[rounds.Init | None, str | None] = (None, None)
-    if info.is_main:
-        try:
-            planned = (rounds.plan_init(cfg, layout, round_idx, teacher.file), None)
-        except (StageError, KeyError, OSError) as e:
-            planned = (None, f"{type(e).__name__}: {e}" if isinstance(e, (KeyError, OSError)) else str(e))
-    init, error = dist.broadcast_object(planned)
-    if error is not None or init is None:
-        raise StageError(error or "no init plan")
+    # ---- build the student: its init (planned on rank 0, agreed by all), engine, resume position ------
+    init = rounds.agree_init(cfg, layout, round_idx, teacher.file)
     total = init.round_start + dcfg.steps_per_round
     torch.manual_seed(cfg.train.seed)  # identical (and then overwritten) initial weights on every rank
     model = DiT(cfg.model)
@@ -142,15 +134,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     probe = []
 
     def evaluate(step: int) -> dict[str, float]:
-        # The probe (this rank's first samples of the round) is scored under no_grad BEFORE sampling on
-        # purpose: the first forward after training re-gathers ZeRO-3's persistent parameters, and inside
-        # the sampler's inference_mode they would become inference tensors the next backward refuses.
-        probe[:] = probe or [source.probe()]
-        engine.eval()
-        with torch.no_grad():
-            value = float(distill_loss(engine, probe[0], cfg, dcfg.divergence))
-        engine.train()
-        scalars = {"eval/probe_loss": dist.all_reduce_mean(value)}
+        probe[:] = probe or [source.probe()]  # this rank's first samples of the round; scored first
+        scalars = {"eval/probe_loss": probe_loss(engine, probe[0], cfg, dcfg.divergence)}
         sample_scalars, text = sample_report(engine, eval_cfg, markov, engine.device)
         metrics.text(step, "samples", text)
         scalars = {**sample_scalars, **scalars, "data/skipped_shards": float(len(rd.bad))}

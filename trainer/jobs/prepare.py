@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     # The run folder's config.yaml when it has one (the pipeline's resolved config), and the
     # first stage of a new run writes it.
     cfg = common.run_config(args, write=True)
-    out = prepare_data(cfg.data, data_dir(cfg.data, args.run_dir))
+    out = prepare_data(cfg.data, data_dir(cfg.data, args.run_dir), progress=True)
     info = load_data_info(out)
     if info["vocab_size"] > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
@@ -33,7 +33,11 @@ def summary(out: Path, info: dict) -> str:
              f"  source     {info['source']}",
              f"  tokenizer  {info['tokenizer']} (vocab {info['vocab_size']})",
              f"  sequences  train {info['num_train']}, valid {info['num_valid']}, length {info['seq_len']}",
+             f"  stored     {info.get('dtype', 'int32')}" + (", rows [BOS] ... [EOS]" if info.get("wrap") else ""),
              f"  digest     {info['digest']}"]
+    if "mb_per_s" in info:
+        lines.append(f"  packed     {info['text_bytes'] / 1e6:.1f} MB of text into {info['tokens']} tokens in "
+                     f"{info['pack_seconds']:.1f} s: {info['mb_per_s']:.2f} MB/s with {info['workers']} worker(s)")
     if "entropy_rate" in info:
         lines.append(f"  entropy    rate {info['entropy_rate']:.4f} nats/token; a true sample of length "
                      f"{info['seq_len']}: {info['sequence_entropy_per_token']:.4f} nats/token")

@@ -15,6 +15,11 @@ the distillation rounds together, on the teacher's data stream from where the te
 (examples it has not seen) and with per-step noise from its own seed domain (``control_stream``). A
 student that beats its teacher but not the control has gained from the extra training, not from
 SDTT (the case of an under-trained teacher).
+
+With ``--ar`` it trains the autoregressive baseline instead (``<run>/ar/``): the same-size causal DiT
+with next-token loss (trainer/method/autoregressive.py), the teacher's steps, batch and optimiser on
+the same engine; ``val/nll`` is then its exact NLL. It is the text judge (``eval.judge=ar``) and the
+AR baseline of ``tools/bench.py sampling``.
 """
 from __future__ import annotations
 
@@ -26,9 +31,11 @@ import torch
 from trainer.config import RunConfig, TrainSetup, distill_setup, pretrain_setup
 from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
 from trainer.distill.rounds import round_teacher
+from trainer.evaluation.ar_report import AR_DIR, autoregressive_report
 from trainer.evaluation.samples import sample_report
 from trainer.jobs import common
 from trainer.layout import CONTROL, EXIT_PREEMPTED, ModelRef, RunLayout
+from trainer.method.autoregressive import ar_loss
 from trainer.method.losses import mdlm_loss
 from trainer.model.dit import DiT, count_parameters
 from trainer.runtime import dist
@@ -95,13 +102,16 @@ def control_stream(cfg: RunConfig, control: bool) -> tuple[int, int]:
 def main(argv=None) -> int:
     common.setup_logging()
     args = common.parse_args(__doc__.splitlines()[1], argv=argv, flags={
-        "--control": "train the control instead: the teacher continued with its own loss for the students' budget"})
+        "--control": "train the control instead: the teacher continued with its own loss for the students' budget",
+        "--ar": "train the autoregressive baseline (causal DiT, next-token loss) into <run>/ar instead"})
     info = dist.init_distributed()
     cfg = common.run_config(args, write=info.is_main)
-    model_ref, setup, total_steps = stage(cfg, args.control)
+    if args.ar and args.control:
+        raise SystemExit("--ar and --control train different models: pass one")
+    model_ref, setup, total_steps = stage(cfg, args.control)  # --ar: the teacher's setup and steps
     data_offset, noise_seed = control_stream(cfg, args.control)
     layout = RunLayout(args.run_dir)
-    name = "control" if args.control else "teacher"
+    name = "control" if args.control else "ar" if args.ar else "teacher"
 
     # ---- build the data ---------------------------------------------------------------------------
     data = data_dir(cfg.data, args.run_dir)
@@ -112,14 +122,14 @@ def main(argv=None) -> int:
 
     # ---- build the model --------------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = DiT(cfg.model)
+    model = DiT(cfg.model, causal=args.ar)
     if args.control:  # the students' starting point: the weights that teach round 1
         teacher = round_teacher(layout, cfg, 1)
         model.load_state_dict(load_exported(teacher.export, teacher.weights, cfg.model)[0])
     engine = build_engine(model, setup, cfg.engine, total_steps, info.world_size)
-    ckpt_root = layout.checkpoints(model_ref)
+    ckpt_root = args.run_dir / AR_DIR / "checkpoints" if args.ar else layout.checkpoints(model_ref)
     engine.load(ckpt_root, expect_model=cfg.model)
-    metrics = MetricsWriter(layout.metrics(model_ref))
+    metrics = MetricsWriter(args.run_dir / AR_DIR if args.ar else layout.metrics(model_ref))
     if engine.step == 0:
         metrics.config(cfg)
     log.info("%s: %d parameters, world %d, micro-batch %d x %d accumulation, from step %d of %d", name,
@@ -139,13 +149,17 @@ def main(argv=None) -> int:
         return list(local.split(engine.micro_batch))
 
     def evaluate(step: int) -> dict[str, float]:
+        if args.ar:
+            return autoregressive_report(engine, valid, cfg, source, metrics, step, info.rank, info.world_size)
         scalars = {"val/nll": validate(engine, valid, cfg, info.rank, info.world_size)}
         sample_scalars, text = sample_report(engine, cfg, source, engine.device)
         metrics.text(step, "samples", text)
         return {**scalars, **sample_scalars}
 
     # ---- train ------------------------------------------------------------------------------------
-    task = Task(micro_batches=micro_batches, loss=lambda e, x0, g: mdlm_loss(e, x0.to(e.device), g, cfg),
+    loss = (lambda e, x0, g: ar_loss(e, x0.to(e.device), cfg.model.vocab_size)) if args.ar else \
+        (lambda e, x0, g: mdlm_loss(e, x0.to(e.device), g, cfg))
+    task = Task(micro_batches=micro_batches, loss=loss,
                 tokens_per_step=setup.global_batch_size * cfg.data.seq_len, samples_per_step=setup.global_batch_size,
                 evaluate=evaluate, client_state=lambda: {"data_step": engine.step})
     finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, total_steps, noise_seed, desc=name)
@@ -157,8 +171,8 @@ def main(argv=None) -> int:
     raw = engine.consolidated_state_dict()  # collective
     ema = engine.ema_state_dict()
     if info.is_main:
-        out = export_weights(layout.export(model_ref), raw, ema if ema is not None else raw, cfg, step=engine.step,
-                             overwrite=True)
+        export = args.run_dir / AR_DIR / "export" if args.ar else layout.export(model_ref)
+        out = export_weights(export, raw, ema if ema is not None else raw, cfg, step=engine.step, overwrite=True)
         log.info("exported %s to %s", name, out)
     metrics.close()
     dist.barrier()

@@ -112,6 +112,7 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
 
     # ---- write the shards, then the manifest -------------------------------------------------------
     metrics = MetricsWriter(layout.metrics(0), enabled=info.is_main)
+    tag = f"targets/round_{round_idx}"
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     rows = RowPicker(train.shape[0], cfg.seed, round_idx)
     written, bytes_written, t0 = 0, 0, time.perf_counter()
@@ -132,10 +133,10 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
             rec = write_shard(out, plan, j, info.rank, digest, denoise, spec, x0_of, tcfg.batch_size, on_sample)
             bytes_written += rec["bytes"]
             dt_shard = max(time.perf_counter() - t_shard, 1e-9)
-            rate = {"targets/samples_per_s": rec["samples"] / dt_shard,
-                    "targets/mb_per_s": rec["bytes"] / 1e6 / dt_shard}
+            rate = {f"{tag}/samples_per_s": rec["samples"] / dt_shard,  # tag: one curve per round
+                    f"{tag}/mb_per_s": rec["bytes"] / 1e6 / dt_shard}
             metrics.scalars(written, rate)
-            bar.set_postfix(samples_s=f"{rate['targets/samples_per_s']:.1f}", mb_s=f"{rate['targets/mb_per_s']:.2f}")
+            bar.set_postfix(samples_s=f"{rate[f'{tag}/samples_per_s']:.1f}", mb_s=f"{rate[f'{tag}/mb_per_s']:.2f}")
         bar.close()
         elapsed = max(time.perf_counter() - t0, 1e-9)
         log.info(f"targets: rank {info.rank} wrote {written} samples in {len(todo)} shard(s), "
@@ -146,8 +147,9 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
         if info.is_main:
             manifest = shards.write_manifest(out, head, plan)
             total = manifest["totals"]
-            metrics.scalars(tcfg.num_samples, {"targets/bytes_per_position": total["bytes_per_position"],
-                                            "targets/payload_bytes_per_position": total["payload_bytes_per_position"]})
+            metrics.scalars(tcfg.num_samples, {
+                f"{tag}/bytes_per_position": total["bytes_per_position"],
+                f"{tag}/payload_bytes_per_position": total["payload_bytes_per_position"]})
             log.info("\n".join(shards.summarize(out)))
         dist.barrier()
         return manifest

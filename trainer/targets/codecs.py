@@ -2,7 +2,7 @@
 
 An SDTT target is a full distribution over V tokens at every masked position; with GPT-2's vocabulary
 that is ~200 KB per position in fp32, so the offline target set needs a sparse code
-(/work/shared/notes/offline-targets.md). Three codecs, chosen by ``targets.codec``:
+(measured trade-offs: docs/benchmarks.md, storage). Three codecs, chosen by ``targets.codec``:
 
 ``dense``
     ``logp`` fp32 [M, V]. Exact. For tests and small vocabularies.
