@@ -5,13 +5,14 @@ DIR [--round R]``) with the file whose presence means "done" (its *product*). Th
 ``<run>/pipeline_state.json`` records each finished stage with the sha256 of its product, so a
 resubmitted run folder skips what is done (and notices a product changed behind its back) and
 resumes what is not. This module knows job names and files, never models: it imports only the
-config (for the number of rounds and the teacher source).
+config (for the number of rounds and the teacher source), the run-folder layout (the products) and
+the file helpers (sha256).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import RunConfig
+from trainer.fileio import sha256_file
+from trainer.layout import CONTROL, RunLayout
 
-STATE_FILE = "pipeline_state.json"
+STATE_FILE = RunLayout(Path()).state.name
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class Stage:
     distributed: bool = False  # one task per GPU (per CPU slot without GPUs) across the nodes
     product: str = ""  # run-relative file that exists exactly when the stage has finished
     depends: tuple[str, ...] = field(default_factory=tuple)
+    # Run-relative target folders whose shards nothing reads once this stage is done: removed right
+    # after its done record is written (targets.keep: false). Their manifest stays (the producer's
+    # product), with RELEASED.json beside it, so a later rerun of this stage redoes the producer.
+    releases: tuple[str, ...] = ()
 
     def command(self, run_dir: Path, python: str = sys.executable) -> list[str]:
         return [python, "-m", self.module, "--run-dir", str(run_dir), *self.args]
@@ -46,53 +53,56 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
     Round r's targets need round r-1's student (the teacher for r = 1); eval_r runs beside the next
     round's targets since both only read student r. eval_0 evaluates the teacher.
     """
-    stages = [Stage("prepare", "trainer.jobs.prepare", product="data/data.json")]
+    at = RunLayout(Path())  # run-relative products
+    # The prepared data lives in data.cache_dir when set (absolute once tools/submit.py resolved it;
+    # joining an absolute path to the run folder gives the path itself), else in <run>/data.
+    data_json = str(Path(cfg.data.cache_dir) / "data.json") if cfg.data.cache_dir else str(at.data_info)
+    stages = [Stage("prepare", "trainer.jobs.prepare", product=data_json)]
     if cfg.teacher.source == "import":
-        stages.append(Stage("teacher", "trainer.jobs.import_teacher", product="teacher/export/export.json",
+        stages.append(Stage("teacher", "trainer.jobs.import_teacher", product=str(at.export_manifest(0)),
                             depends=("prepare",)))
     else:
         stages.append(Stage("teacher", "trainer.jobs.pretrain", distributed=True,
-                            product="teacher/export/export.json", depends=("prepare",)))
+                            product=str(at.export_manifest(0)), depends=("prepare",)))
     stages.append(Stage("eval_0", "trainer.jobs.evaluate", ("--round", "0"),
-                        product="teacher/eval/metrics.json", depends=("teacher",)))
+                        product=str(at.eval_metrics(0)), depends=("teacher",)))
     prev = "teacher"
     evals = ["eval_0"]
     for r in range(1, cfg.distill.rounds + 1):
         rr = ("--round", str(r))
         if cfg.distill.mode == "offline":
             stages.append(Stage(f"targets_{r}", "trainer.jobs.targets", rr, distributed=True,
-                                product=f"round_{r}/targets/manifest.json", depends=(prev,)))
+                                product=str(at.targets_manifest(r)), depends=(prev,)))
             distill_dep: tuple[str, ...] = (f"targets_{r}",)
         else:
             distill_dep = (prev,)
+        releases = (str(at.targets(r)),) if cfg.distill.mode == "offline" and not cfg.targets.keep else ()
         stages.append(Stage(f"distill_{r}", "trainer.jobs.distill", rr, distributed=True,
-                            product=f"round_{r}/student/export/export.json", depends=distill_dep))
+                            product=str(at.export_manifest(r)), depends=distill_dep, releases=releases))
         stages.append(Stage(f"eval_{r}", "trainer.jobs.evaluate", rr,
-                            product=f"round_{r}/eval/metrics.json", depends=(f"distill_{r}",)))
+                            product=str(at.eval_metrics(r)), depends=(f"distill_{r}",)))
         evals.append(f"eval_{r}")
         prev = f"distill_{r}"
     if cfg.distill.control:
         last = ("--round", str(cfg.distill.rounds))
         stages.append(Stage("control", "trainer.jobs.pretrain", ("--control",), distributed=True,
-                            product="control/export/export.json", depends=("teacher",)))
+                            product=str(at.export_manifest(CONTROL)), depends=("teacher",)))
         stages.append(Stage("eval_control", "trainer.jobs.evaluate", (*last, "--control"),
-                            product="control/eval/metrics.json", depends=("control",)))
+                            product=str(at.eval_metrics(CONTROL)), depends=("control",)))
         evals.append("eval_control")
-    stages.append(Stage("report", "trainer.jobs.report", product="report.json", depends=tuple(evals)))
+    if cfg.teacher.train_ar:  # the optional AR stage: the judge of eval.judge=ar and the AR baseline
+        stages.insert(2, Stage("ar", "trainer.jobs.pretrain", ("--ar",), distributed=True,
+                               product="ar/export/export.json", depends=("prepare",)))
+        if cfg.eval.judge == "ar" and not cfg.eval.ar_path:  # the evaluations read <run>/ar/export
+            stages = [dataclasses.replace(s, depends=(*s.depends, "ar")) if s.module == "trainer.jobs.evaluate"
+                      else s for s in stages]
+    stages.append(Stage("report", "trainer.jobs.report", product=str(at.report), depends=tuple(evals)))
     return stages
 
 
 # --------------------------------------------------------------------------------------------------
 # State
 # --------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def _locked_state(run_dir: Path) -> Iterator[dict]:
     """Read-modify-write of the state file under an exclusive lock (stages may finish together),
@@ -125,6 +135,8 @@ def mark(run_dir: Path, stage: Stage, status: str, **extra) -> None:
     if status == "done":
         entry["product"] = stage.product
         entry["sha256"] = sha256_file(Path(run_dir) / stage.product)
+        # Done again after its outputs were released: they are back (see release_outputs).
+        (Path(run_dir) / stage.product).parent.joinpath(RELEASED).unlink(missing_ok=True)
     with _locked_state(Path(run_dir)) as state:
         state["stages"][stage.name] = entry
 
@@ -139,14 +151,58 @@ def is_done(run_dir: Path, stage: Stage) -> bool:
 
 
 def pending(run_dir: Path, stages: list[Stage]) -> list[Stage]:
-    """The stages still to run: not done, or downstream of something not done."""
-    todo: list[Stage] = []
-    redo: set[str] = set()
-    for st in stages:  # stages are in topological order
-        if any(d in redo for d in st.depends) or not is_done(run_dir, st):
-            todo.append(st)
-            redo.add(st.name)
-    return todo
+    """The stages still to run: not done, or downstream of something not done, or a done stage
+    whose outputs were released (targets.keep: false) while a stage reading them must run again."""
+    forced: set[str] = set()
+    while True:
+        todo: list[Stage] = []
+        redo: set[str] = set()
+        for st in stages:  # stages are in topological order
+            if st.name in forced or any(d in redo for d in st.depends) or not is_done(run_dir, st):
+                todo.append(st)
+                redo.add(st.name)
+        by_name = {s.name: s for s in stages}
+        need = {d for st in todo for d in st.depends
+                if d not in redo and d in by_name and is_released(run_dir, by_name[d])}
+        if not need:
+            return todo
+        forced |= need
+
+
+RELEASED = "RELEASED.json"
+SHARD_PROGRESS = "progress"  # trainer/targets/shards.py PROGRESS: per-shard records of a target set
+
+
+def is_released(run_dir: Path, stage: Stage) -> bool:
+    return bool(stage.product) and (Path(run_dir) / stage.product).parent.joinpath(RELEASED).exists()
+
+
+def release_outputs(run_dir: Path, stage: Stage, log=print) -> list[str]:
+    """After ``stage`` is recorded done, remove the target shards it was the last reader of
+    (``stage.releases``), keeping each folder's manifest and plan; returns the folders cleared.
+    Does nothing unless the done record and its product digest are in place."""
+    if not stage.releases or not is_done(run_dir, stage):
+        return []
+    cleared = []
+    for rel in stage.releases:
+        folder = Path(run_dir) / rel
+        if not folder.is_dir():
+            continue
+        freed = 0
+        for p in sorted(folder.glob("*.tar")) + sorted(folder.glob(".*.tar.tmp")):
+            freed += p.stat().st_size
+            p.unlink()
+        progress = folder / SHARD_PROGRESS
+        if progress.is_dir():
+            for p in progress.iterdir():
+                p.unlink()
+            progress.rmdir()
+        note = {"after": stage.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "bytes_freed": freed,
+                "why": "targets.keep: false; nothing reads these shards after this stage"}
+        (folder / RELEASED).write_text(json.dumps(note, indent=2))
+        cleared.append(rel)
+        log(f"[{stage.name}] removed the target shards of {rel} ({freed / 1e6:.1f} MB; targets.keep: false)")
+    return cleared
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +252,7 @@ def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: lis
             raise RuntimeError(f"stage '{st.name}' exited 0 but did not write {run_dir / st.product}")
         mark(run_dir, st, "done", seconds=round(time.time() - t0, 1))
         log(f"[{st.name}] done in {time.time() - t0:.0f}s")
+        release_outputs(run_dir, st, log)
 
 
 def _tee() -> bool:

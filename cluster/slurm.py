@@ -18,7 +18,7 @@ dependencies:
   (``DependencyNeverSatisfied``), which are cancelled.
 
 Inside a job, :class:`StageJob` (a submitit Checkpointable) runs in every task: it computes the
-rendezvous from SLURM's variables (cluster.rendezvous), starts ``python -m <stage module> --run-dir
+rendezvous from submitit's view of the SLURM task (:func:`task_rendezvous`), starts ``python -m <stage module> --run-dir
 DIR ...`` as a child process with the torchrun variables set, and waits:
 
 * child exits 0: rank 0 checks the product and marks the stage done;
@@ -29,9 +29,10 @@ DIR ...`` as a child process with the torchrun variables set, and waits:
   which WAITS for its child to have saved and exited before it lets submitit requeue the job
   (the requeue kills every task of the step). Stages without a StopFlag (targets, eval, ...) die on
   the signal; their rerun redoes only what was not published (targets: incomplete shards);
-* child fails: the stage is marked failed and the jobs of every stage downstream of it are
-  cancelled (they would otherwise wait forever as ``PENDING DependencyNeverSatisfied``), and the
-  job fails with a message naming the stage, exit code, the child's last error line, rank and log;
+* child fails: the stage is marked failed, every stage downstream of it is recorded cancelled (SLURM
+  cancels their jobs itself: they are submitted with ``--kill-on-invalid-dep=yes``, so none waits
+  forever as ``PENDING DependencyNeverSatisfied``), and the job fails with a message naming the
+  stage, exit code, the child's last error line, rank and log;
 * child stopped by SIGTERM alone (no preemption signal): a plain ``scancel`` ends the stage and
   cancels its dependants (never requeued: the checkpoint stays for a resubmission), anything else
   is requeued or left to SLURM (``StageJob._stopped_without_checkpoint``).
@@ -39,8 +40,9 @@ DIR ...`` as a child process with the torchrun variables set, and waits:
 ``job_states`` (for ``tools/submit.py --status``) reads squeue for jobs still queued (with the
 pending reason) and sacct for the others.
 
-This module imports nothing from ``trainer/`` except ``trainer.config`` (the import rule of
-DESIGN.md): the few trainer constants it needs are repeated below and a test checks they agree.
+This module imports nothing from ``trainer/`` except ``trainer.config`` (the import rule tools ->
+cluster -> trainer.config, which a test checks): the few trainer constants it needs are repeated
+below and a test checks they agree.
 """
 from __future__ import annotations
 
@@ -62,22 +64,21 @@ from typing import Any
 import submitit
 from submitit.core.utils import DelayedSubmission
 
-from cluster import pipeline, rendezvous
+from cluster import pipeline
 from cluster.pipeline import Stage
-from cluster.resources import ClusterSpec, StageResources, stage_resources
+from cluster.resources import ClusterSpec, StageResources, job_environment, stage_resources
 from trainer.config import RunConfig
+from trainer.layout import EXIT_PREEMPTED
 
 __all__ = ["submit_chain", "job_states", "StageJob", "snapshot_code", "sigterm_proof_requeue", "requeue_job",
            "downstream", "EXIT_PREEMPTED", "CODE_DIRS"]
 
-# trainer/runtime/preempt.py: a job that was signalled, checkpointed and stopped exits with this (EX_TEMPFAIL).
-EXIT_PREEMPTED = 75
 # What a job needs of the repository: copied into the run folder at submission.
 CODE_DIRS = ("trainer", "cluster", "tools", "configs")
 # The trainer's stop signals (trainer/runtime/preempt.py StopFlag): stop at a step boundary and checkpoint.
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # Launcher variables a job must NOT inherit from the submitting shell: sbatch copies its environment
-# into the job, and a RANK left there would make cluster.rendezvous take it for a torchrun launch.
+# into the job, and a RANK left there would make the trainer take it for a torchrun launch.
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Job states after which a job never runs again (everything else may still start, or is running).
 FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -279,6 +280,43 @@ def _mark_cancelled(run_dir: Path, name: str, entry: Mapping[str, Any], why: str
     pipeline.mark(run_dir, Stage(name, ""), "cancelled", reason=why, **keep)
 
 
+# MASTER_PORT of a job: 20000 + job id % 12000, in [20000, 32000): unprivileged, and below Linux's
+# ephemeral range (32768-60999), so no outgoing connection on the node holds it by chance (submitit's
+# own pick, random in [20000, 60000] seeded by the job id, overlaps that range).
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12000
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where a task's child sits in the job, as the torchrun variables the trainer reads."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    def torchrun_env(self) -> dict[str, str]:
+        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
+                "LOCAL_WORLD_SIZE": str(self.local_world_size), "GROUP_RANK": str(self.node_rank),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def task_rendezvous() -> Rendezvous:
+    """This SLURM task's rendezvous, read by submitit (``TorchDistributedEnvironment``: ranks from
+    SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, rank 0 on the first host of the job's node list), with
+    the port derived from the job id (``SLURM_PORT_BASE``). The one reader of SLURM's launch
+    variables: the trainer reads only the torchrun variables this produces. Homogeneous jobs only
+    (the same tasks on every node), which is what submit_chain submits."""
+    tde = submitit.helpers.TorchDistributedEnvironment()
+    job = submitit.JobEnvironment()
+    digits = re.sub(r"\D", "", str(job.raw_job_id)) or "0"
+    return Rendezvous(tde.rank, tde.local_rank, tde.world_size, tde.local_world_size, job.node, tde.master_addr,
+                      SLURM_PORT_BASE + int(digits) % SLURM_PORT_SPAN)
+
+
 class _ChildEnded(BaseException):
     """Raised out of ``checkpoint()`` (a signal handler) into ``StageJob.__call__`` when the child had
     already finished (successfully or not) when the preemption signal came: nothing to requeue.
@@ -291,7 +329,8 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class _Task:
-    """Where this task sits, from SLURM's variables."""
+    """Where this task sits: rank and job id as submitit reads them, plus the two things it does
+    not keep (SLURM's restart count and node name)."""
 
     rank: int
     job_id: str
@@ -299,10 +338,10 @@ class _Task:
     node: str
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> _Task:
-        job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-        return cls(rank=int(env.get("SLURM_PROCID", "0")), job_id=job_id or env.get("SLURM_JOB_ID", "?"),
-                   restarts=int(env.get("SLURM_RESTART_COUNT", "0") or 0), node=env.get("SLURMD_NODENAME", "?"))
+    def current(cls, env: Mapping[str, str]) -> _Task:
+        job = submitit.JobEnvironment()
+        return cls(rank=job.global_rank, job_id=job.job_id, restarts=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+                   node=env.get("SLURMD_NODENAME", "?"))
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -327,12 +366,12 @@ class StageJob(submitit.helpers.Checkpointable):
         return StageJob(self.stage, self.run_dir, self.code_dir, self.dependants, self.stop_timeout_s)
 
     # ---- the child --------------------------------------------------------------------------------
-    def child_environment(self, environ: Mapping[str, str]) -> tuple[dict[str, str], rendezvous.Rendezvous]:
+    def child_environment(self, environ: Mapping[str, str]) -> tuple[dict[str, str], Rendezvous]:
         """A copy of this task's environment with the torchrun variables of its rendezvous (rank 0 on
         the first node of the step, port from the job id) and the code snapshot on PYTHONPATH."""
         env = dict(environ)
-        rdzv = rendezvous.from_env(env)
-        rendezvous.apply(rdzv, env)
+        rdzv = task_rendezvous()
+        env.update(rdzv.torchrun_env())
         env["PYTHONPATH"] = self.code_dir
         env.setdefault("PYTHONUNBUFFERED", "1")
         # torch would otherwise start one thread per core of the node in every task.
@@ -427,12 +466,13 @@ class StageJob(submitit.helpers.Checkpointable):
         return str(Path(folder) / f"{task.job_id}_{task.rank}_log.err") if folder else "the job's stderr"
 
     def _cancel_dependants(self, why: str) -> list[str]:
-        """Cancel the recorded jobs of every downstream stage; returns 'stage (job N)' for each."""
+        """Record every downstream stage's job as cancelled, with the reason; returns 'stage (job N)'
+        for each. SLURM itself cancels the jobs: each was submitted with ``--kill-on-invalid-dep=yes``,
+        so once this job fails (or is cancelled) its afterok dependants, and theirs, are ended."""
         run_dir = Path(self.run_dir)
         state = pipeline.read_state(run_dir)["stages"]
         victims = {n: str(state[n]["job_id"]) for n in self.dependants
                    if state.get(n, {}).get("status") in ("submitted", "running") and "job_id" in state[n]}
-        scancel(victims.values())
         for name in victims:
             _mark_cancelled(run_dir, name, state[name], why)
         return [f"{n} (job {j})" for n, j in victims.items()]
@@ -490,7 +530,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self._signalled: int | None = None
         self._stopping = False
         run_dir, st = Path(self.run_dir), self.stage
-        task = _Task.from_env(os.environ)
+        task = _Task.current(os.environ)
         if pipeline.is_done(run_dir, st):  # a requeue after it finished: nothing to do
             _say(f"stage {st.name}: already done")
             return {"stage": st.name, "rank": task.rank, "status": "done", "returncode": 0}
@@ -523,6 +563,7 @@ class StageJob(submitit.helpers.Checkpointable):
                 raise self._fail(task, f"exited 0 but did not write {run_dir / st.product}", returncode=rc)
             self._mark(task, "done", seconds=seconds)
             _say(f"stage {st.name}: done in {seconds:.0f} s")
+            pipeline.release_outputs(run_dir, st, _say)
             return {"stage": st.name, "rank": 0, "status": "done", "returncode": 0}
 
         if self._is_stopped(rc):
@@ -540,25 +581,31 @@ class StageJob(submitit.helpers.Checkpointable):
 # Submission
 # --------------------------------------------------------------------------------------------------
 def executor_parameters(res: StageResources, cfg: RunConfig, code_dir: Path, dependency_ids: Sequence[str],
-                        ) -> dict[str, Any]:
+                        env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one stage: the resources ``--dry-run`` shows, with job
-    ids in place of stage names in the dependency."""
-    q = shlex.quote(str(code_dir))
-    params: dict[str, Any] = {
-        "job_name": f"sdtt-{res.stage}", "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
-        "cpus_per_task": res.cpus_per_task, "mem": f"{res.mem_gb_per_task * res.tasks_per_node}G",
+    ids in place of stage names in the dependency. ``env``: variables exported in the job
+    (``cluster.resources.job_environment``)."""
+    return {
+        "job_name": res.job_name, "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task, "mem": res.mem,
         "time": res.time_min, "signal_delay_s": cfg.slurm.signal_lead_s,
-        # The job runs the snapshot, never the live repository, and derives its rendezvous from
-        # SLURM alone (see LAUNCHER_VARS).
-        "setup": [f"unset {' '.join(LAUNCHER_VARS)}", f"export PYTHONPATH={q}", f"cd {q}"],
+        "setup": setup_lines(cfg, code_dir, env or {}),
         # Held until the whole chain is recorded (submit_chain releases it).
-        "additional_parameters": {"requeue": res.requeue, "hold": True, **res.extra},
+        "additional_parameters": {"requeue": res.requeue, "hold": True,
+                                  **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node > 0 else {}),
+                                  **({"dependency": "afterok:" + ":".join(dependency_ids),
+                                      "kill_on_invalid_dep": "yes"} if dependency_ids else {}),
+                                  **{k.replace("-", "_"): (True if v == "" else v) for k, v in res.extra.items()}},
     }
-    if res.gpus_per_node > 0:
-        params["gpus_per_node"] = res.gpus_per_node
-    if dependency_ids:
-        params["dependency"] = "afterok:" + ":".join(dependency_ids)
-    return params
+
+
+def setup_lines(cfg: RunConfig, code_dir: Path, env: Mapping[str, str]) -> list[str]:
+    """The job script's lines before ``srun``: the site's ``slurm.setup`` (module load, conda, ...),
+    the job environment, then what makes the job run the snapshot, never the live repository, and
+    derive its rendezvous from SLURM alone (see LAUNCHER_VARS)."""
+    q = shlex.quote(str(code_dir))
+    return [*cfg.slurm.setup, *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+            f"unset {' '.join(LAUNCHER_VARS)}", f"export PYTHONPATH={q}", f"cd {q}"]
 
 
 def submit_chain(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, run_dir: Path, repo: Path,
@@ -575,17 +622,18 @@ def submit_chain(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, run_dir
     preflight(todo, cfg, spec)
     _clear_queue(run_dir, todo, log)
     code_dir = snapshot_code(Path(repo), run_dir)
+    env = job_environment(cfg, os.environ)
     attempt = time.strftime("%Y%m%d-%H%M%S")
     stop_timeout = max(30.0, cfg.slurm.signal_lead_s - 30.0)  # leave time to requeue before the kill
     submitted: dict[str, str] = {}
     rows = []
     try:
         for st in todo:
-            res = stage_resources(st, cfg, spec)
+            res = stage_resources(st, cfg, spec, run_dir.name)
             deps = [submitted[d] for d in st.depends if d in submitted]
             folder = run_dir / "logs" / "slurm" / st.name / attempt
             ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.slurm.max_requeues)
-            ex.update_parameters(**executor_parameters(res, cfg, code_dir, deps))
+            ex.update_parameters(**executor_parameters(res, cfg, code_dir, deps, env))
             job = ex.submit(StageJob(st, str(run_dir), str(code_dir), downstream(stages, st.name), stop_timeout))
             submitted[st.name] = job.job_id
             pipeline.mark(run_dir, st, "submitted", job_id=job.job_id, folder=str(folder), code=str(code_dir))
@@ -622,7 +670,7 @@ def preflight(todo: Sequence[Stage], cfg: RunConfig, spec: ClusterSpec) -> None:
     shapes: dict[tuple[str, ...], str] = {}
     for st in todo:
         lines = tuple(line for line in stage_resources(st, cfg, spec).sbatch_lines()
-                      if not line.startswith(("--dependency=", "--job-name=")))
+                      if not line.startswith(("--dependency=", "--job-name=", "--kill-on-invalid-dep")))
         shapes.setdefault(lines, st.name)
     for lines, name in shapes.items():
         proc = subprocess.run(["sbatch", "--test-only", *lines, "--wrap", "true"], capture_output=True, text=True,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, TINY, env
+from tests.helpers import PIPELINE_OVERRIDES, REPO, TINY, env
 
 LOCAL = REPO / "cluster" / "local"
 # Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines): `pytest -m "not slow"`
@@ -99,10 +99,9 @@ class LocalPipeline:
         self.run = run
         self.t0 = time.monotonic()
         self._log = open(run.parent / "submit-local.log", "w+")
-        from tests.pipeline.test_pipeline import OVERRIDES  # the one definition of the shortened pipeline
-
         self._proc = subprocess.Popen(
-            [sys.executable, "tools/submit.py", "--config", str(TINY), "--local", "--run-dir", str(run), *OVERRIDES],
+            [sys.executable, "tools/submit.py", "--config", str(TINY), "--local", "--run-dir", str(run),
+             *PIPELINE_OVERRIDES],
             cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)  # its own process group: stop() ends torchrun's workers too
         self.seconds: float | None = None

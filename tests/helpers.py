@@ -1,12 +1,23 @@
-"""Helpers for tests that run the real job entry points (torchrun, 2 CPU processes over gloo)."""
+"""Shared test builders and constants: running the real job entry points (torchrun, 2 CPU processes
+over gloo), the shortened pipeline's overrides, the distill tests' base run. Tests import from here,
+never from each other."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.config import load_config, save_config
+from trainer.data.prepared import prepare_data
+from trainer.model.dit import DiT
+from trainer.runtime.checkpoint import export_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -46,6 +57,18 @@ def run_job(module: str, run_dir: Path, *args: str, nproc: int = 2, config: Path
     return proc
 
 
+def exit_code(main, argv: list[str]) -> int:
+    """What ``python -m trainer.jobs.<x> argv`` exits with, run in this process: ``main`` through the
+    jobs' common entry (bad input: one line on stderr and code 2)."""
+    from trainer.jobs.common import entry
+
+    try:
+        entry(lambda: main(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one tag from metrics.jsonl, in write order."""
     out = []
@@ -54,3 +77,114 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
         if rec["tag"] == tag:
             out.append((rec["step"], rec["value"]))
     return out
+
+
+# The shortened pipeline: tests/conftest.py runs `submit --config TINY --local *PIPELINE_OVERRIDES` once per
+# session; tests/pipeline/test_slurm_pipeline.py compares its SLURM run with that run.
+PIPELINE_OVERRIDES = [
+    "train.steps=400", "train.eval_every=200", "train.ckpt_every=200", "optim.warmup_steps=50",
+    "data.num_train_sequences=8192", "data.num_valid_sequences=64", "distill.rounds=2",
+    "distill.start_steps=16", "distill.steps_per_round=20", "distill.warmup_steps=5",
+    "targets.num_samples=256", "targets.samples_per_shard=64", "eval.steps=[4,16,64]",
+    "eval.num_samples=256", "train.eval_batches=2",
+    # the control stage (on in configs/tiny.yaml) is left out to keep this shared run short; its data
+    # plan is tested in tests/unit/test_paired.py
+    "distill.control=false"]
+
+
+# 256 samples in 8 shards of 32; 24 steps of 16 = 1.5 epochs.
+DISTILL_OVERRIDES = ["data.num_train_sequences=512", "data.num_valid_sequences=64", "targets.num_samples=256",
+             "targets.samples_per_shard=32", "targets.batch_size=32", "targets.k=8", "sampling.steps=16",
+             "distill.global_batch_size=16", "distill.steps_per_round=24", "distill.warmup_steps=4", "distill.lr=1e-3",
+             "distill.log_consumed=true", "distill.loader_workers=0", "train.ckpt_every=8", "train.log_every=4",
+             "train.eval_every=1000"]
+N, G = 256, 16
+
+
+def base_run(tmp_path_factory) -> Path:
+    """A run folder with config.yaml, prepared data, a random teacher and round 1's targets, built
+    once per test session (shared by test_shard_reader.py and test_distill.py). Copy it before writing to it."""
+    root = tmp_path_factory.getbasetemp() / "distill-base"
+    run = root / "run"
+    if (root / "ready").exists():
+        return run
+    shutil.rmtree(root, ignore_errors=True)
+    cfg = load_config(TINY, DISTILL_OVERRIDES)
+    save_config(cfg, run / "config.yaml")
+    prepare_data(cfg.data, run / "data")
+    g = torch.Generator().manual_seed(0)
+    model = DiT(cfg.model)
+    # Random everything (DiT's zero-initialised gates and head would make a uniform teacher); 0.2
+    # gives a teacher neither flat nor one-hot, so distillation has something to learn.
+    raw = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    export_weights(run / "teacher" / "export", raw, {k: 0.9 * v for k, v in raw.items()}, cfg, step=0)
+    targets_in_process(run, 1)
+    (root / "ready").touch()
+    return run
+
+
+def targets_in_process(run: Path, round_idx: int) -> None:
+    """The real targets job, in this process (world size 1; ~1 s instead of a subprocess)."""
+    from trainer.jobs import targets  # the job under test: helpers for tests/jobs
+
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert targets.main(["--run-dir", str(run), "--round", str(round_idx)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# A small checkpoint in MDLM's published layout (tests/unit/test_mdlm_import.py, tests/jobs/test_import_teacher.py)
+# --------------------------------------------------------------------------------------------------
+V1, D, LAYERS, HEADS, COND, LENGTH = 41, 32, 2, 4, 16, 24  # V1 = vocabulary incl. MASK
+
+
+def mdlm_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with MDLM's names and shapes (no prefix), adaLN included, all non-zero."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, mean=0.0):
+        return (mean + 0.2 * torch.randn(shape, generator=g)).contiguous()
+
+    hd = D // HEADS
+    sd = {
+        "vocab_embed.embedding": rnd(V1, D),
+        "sigma_map.mlp.0.weight": rnd(COND, 256), "sigma_map.mlp.0.bias": rnd(COND),
+        "sigma_map.mlp.2.weight": rnd(COND, COND), "sigma_map.mlp.2.bias": rnd(COND),
+        "rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd),
+        "output_layer.norm_final.weight": rnd(D, mean=1.0),
+        "output_layer.adaLN_modulation.weight": rnd(2 * D, COND),
+        "output_layer.adaLN_modulation.bias": rnd(2 * D),
+        "output_layer.linear.weight": rnd(V1, D), "output_layer.linear.bias": rnd(V1),
+    }
+    for i in range(LAYERS):
+        p = f"blocks.{i}."
+        sd |= {
+            p + "norm1.weight": rnd(D, mean=1.0), p + "norm2.weight": rnd(D, mean=1.0),
+            p + "attn_qkv.weight": rnd(3 * D, D), p + "attn_out.weight": rnd(D, D),
+            p + "mlp.0.weight": rnd(4 * D, D), p + "mlp.0.bias": rnd(4 * D),
+            p + "mlp.2.weight": rnd(D, 4 * D), p + "mlp.2.bias": rnd(D),
+            p + "adaLN_modulation.weight": rnd(6 * D, COND), p + "adaLN_modulation.bias": rnd(6 * D),
+        }
+    return sd
+
+
+def write_checkpoint(directory, sd, prefix="backbone.", config=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v for k, v in sd.items()}, str(directory / "model.safetensors"))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def hf_config(time_conditioning=False):
+    return {"vocab_size": V1, "model_length": LENGTH, "hidden_dim": D, "cond_dim": COND, "n_blocks": LAYERS,
+            "n_heads": HEADS, "dropout": 0.1, "time_conditioning": time_conditioning}

@@ -1,10 +1,12 @@
 """Benchmarks: speed and storage targets, measured as RATIOS side by side in one run.
 
     python tools/bench.py sampling [--config configs/tiny.yaml] [--device cpu] [--seq-len L] [--batch 8]
+                                   [--export EXPORT] [--ar-export RUN/ar/export]
     python tools/bench.py targets  [--config ...] [--samples N] [--profile]
     python tools/bench.py train    [--config ...] [--targets DIR] [--modes ddp,zero1,zero2,zero3]
     python tools/bench.py loader   [--config ...] [--targets DIR]
     python tools/bench.py storage  [--config ...] [--teacher EXPORT_DIR]
+    python tools/bench.py tokenize [--tokenizer bpe|byte|DIR] [--workers 1 2 4] [--mb 4] [GLOB ...]
 
 Every subcommand prints a readable table and, LAST, one JSON line with the numbers (``ratios`` holds
 the headline ratios) so scripts can parse it: ``... | tail -n 1 | python -m json.tool``.
@@ -42,6 +44,7 @@ from tools.benchmarks.sampling import cmd_sampling  # noqa: E402
 from tools.benchmarks.storage import cmd_storage  # noqa: E402
 from tools.benchmarks.targets import cmd_targets  # noqa: E402
 from tools.benchmarks.timing import emit  # noqa: E402
+from tools.benchmarks.tokenize import cmd_tokenize  # noqa: E402
 from tools.benchmarks.train import TRAIN_MODES, cmd_train, cmd_train_worker  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -67,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("sampling", "student 8-64 steps vs the 1024-step teacher vs AR with a KV cache", 5)
     s.add_argument("--device", default=None)
     s.add_argument("--export", default=None, help="an export dir (model.safetensors...) instead of random weights")
+    s.add_argument("--ar-export", default=None,
+                   help="the AR stage's export (<run>/ar/export) as the AR baseline (default: --export's weights)")
     s.add_argument("--seq-len", type=int, default=0, help="default: data.seq_len")
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--student-steps", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -120,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codecs", nargs="+", default=["dense", "topk", "topk_is", "sampled"],
                    help="codecs to distil with (dense reverse KL is always the reference)")
 
+    s = add("tokenize", "text preparation: tokenise+pack MB/s per core and its scaling with workers", 3)
+    s.add_argument("--tokenizer", default="bpe", help="bpe (a 4k byte-level BPE trained on the corpus), byte, "
+                   "or a local tokenizer directory (e.g. GPT-2's)")
+    s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--mb", type=float, default=4.0, help="MB of text to read from the corpus")
+    s.add_argument("--seq-len", type=int, default=1024)
+    s.add_argument("--wrap", action="store_true")
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--paths", nargs="*", default=None, help="corpus globs (default: the Python stdlib's .py files)")
+
     w = sub.add_parser("_train_worker")  # internal: one torchrun rank of `train`
     for a in ("--config", "--targets", "--modes", "--out"):
         w.add_argument(a, required=True)
@@ -131,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any] | None]] = {
     "sampling": cmd_sampling, "targets": cmd_targets, "train": cmd_train, "loader": cmd_loader,
-    "storage": cmd_storage, "_train_worker": cmd_train_worker,
+    "storage": cmd_storage, "tokenize": cmd_tokenize, "_train_worker": cmd_train_worker,
 }
 
 

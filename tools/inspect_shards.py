@@ -1,10 +1,14 @@
-"""Inspect an SDTT target set: ``python tools/inspect_shards.py DIR [--verify] [--samples N]``.
+"""Inspect an SDTT target set: ``python tools/inspect_shards.py DIR [--verify] [--samples N]``, or the
+codecs' sizes: ``python tools/inspect_shards.py --sizes [--config FILE] [--k K ...] [key=value ...]``.
 
 Prints what produced the set (manifest: teacher, data digest, round, dt, codec, K), sample and
 position counts, bytes per stored position (codec payload, and on disk with npy/tar headers), and
 the codec's quality statistics from up to N samples: the teacher mass outside the stored top-K
 (topk) or the distinct ids per position (sampled). ``--verify`` re-reads every shard against the
 manifest (size, sha256) and exits 1 naming each bad one.
+
+``--sizes`` prints the bytes per stored position of every codec and K for the config's vocabulary
+and GPT-2's (with DIR: also the set's measured bytes per position).
 """
 from __future__ import annotations
 
@@ -16,7 +20,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from trainer.config import load_config  # noqa: E402
+from trainer.errors import BadInput  # noqa: E402
 from trainer.targets import shards  # noqa: E402
+from trainer.targets.codecs import GPT2_VOCAB, bytes_per_position, id_dtype  # noqa: E402
+
+
+def size_table(vocab: int, ks: list[int], distinct: dict[int, float] | None = None) -> list[str]:
+    """Rows of bytes per stored position for every codec and K."""
+    rows = [f"vocabulary {vocab}: ids stored as {id_dtype(vocab).name}",
+            f"  {'codec':<8} {'K':>6} {'bytes/position':>15}  note"]
+    rows.append(f"  {'dense':<8} {'-':>6} {bytes_per_position('dense', 1, vocab):>15,.0f}  fp32, exact")
+    for k in ks:
+        if k > vocab:
+            continue
+        rows.append(f"  {'topk':<8} {k:>6} {bytes_per_position('topk', k, vocab):>15,.0f}  "
+                    f"fp16 log-probs + ids + log tail mass")
+    for k in ks:
+        if k > vocab:
+            continue
+        rows.append(f"  {'topk_is':<8} {k:>6} {bytes_per_position('topk_is', k, vocab):>15,.0f}  "
+                    f"topk + K importance-sampled tail ids with their fp16 log-probs")
+    for k in ks:
+        worst = bytes_per_position("sampled", k, vocab)
+        note = "worst case (K distinct ids)"
+        if distinct and k in distinct:
+            note += (f"; measured {bytes_per_position('sampled', k, vocab, distinct[k]):,.1f} "
+                     f"({distinct[k]:.2f} distinct ids)")
+        rows.append(f"  {'sampled':<8} {k:>6} {worst:>15,.0f}  {note}")
+    return rows
 
 
 def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:
@@ -27,7 +59,7 @@ def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:
             break
         try:
             for sample in shards.iter_samples(out_dir / s["name"]):
-                if codec == "topk":
+                if codec in ("topk", "topk_is"):
                     values.append(np.exp(sample["logtail"].astype(np.float64)))
                 elif codec == "sampled":
                     values.append(sample["nuniq"].astype(np.float64))
@@ -42,17 +74,36 @@ def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:
     if v.size == 0:
         return []
     q = np.quantile(v, [0.5, 0.9, 0.99])
-    what = "tail mass" if codec == "topk" else "distinct ids"
+    what = "tail mass" if codec in ("topk", "topk_is") else "distinct ids"
     return [f"  {what:<10} over {v.size} positions of {n} samples: mean {v.mean():.4g}, median {q[0]:.4g}, "
             f"p90 {q[1]:.4g}, p99 {q[2]:.4g}, max {v.max():.4g}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inspect_shards.py", description=__doc__.split("\n")[0])
-    parser.add_argument("dir", type=Path, help="a target folder (<run>/round_<r>/targets)")
+    parser.add_argument("dir", type=Path, nargs="?", default=None, help="a target folder (<run>/round_<r>/targets)")
     parser.add_argument("--verify", action="store_true", help="check every shard's size and sha256")
     parser.add_argument("--samples", type=int, default=256, help="samples read for the statistics (0: none)")
+    parser.add_argument("--sizes", action="store_true", help="bytes per stored position of each codec and K")
+    parser.add_argument("--config", default=None, help="with --sizes: YAML config (its model.vocab_size is used)")
+    parser.add_argument("--k", type=int, nargs="*", default=[1, 4, 8, 12, 16, 32, 64, 128], help="with --sizes")
+    parser.add_argument("overrides", nargs="*", help="with --sizes: key=value config overrides")
     args = parser.parse_args(argv)
+    if args.dir is not None and "=" in args.dir.name:  # an override, not a folder
+        args.overrides.insert(0, str(args.dir))
+        args.dir = None
+    if args.sizes:
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except BadInput as e:
+            print(f"inspect_shards: error: {e}", file=sys.stderr)
+            return 2
+        for vocab in (cfg.model.vocab_size, GPT2_VOCAB):
+            print("\n".join(size_table(vocab, args.k)))
+        if args.dir is None:
+            return 0
+    if args.dir is None:
+        parser.error("a target folder is required (or --sizes)")
     if args.verify:
         bad = shards.verify(args.dir)
         for b in bad:

@@ -2,10 +2,21 @@
 """Run the whole SDTT chain: teacher -> for each round: targets -> distill -> eval -> report.
 
     tools/submit.py --config configs/small.yaml --nodes 8 [--gpus-per-node 8] [--partition P]
-                    [--time 04:00:00] [--account A] [--qos Q] [--run-dir DIR] [key=value ...]
+                    [--time 4:00:00] [--account A] [--qos Q] [--constraint C] [--exclude NODES]
+                    [--reservation R] [--sbatch KEY=VALUE ...] [--run-dir DIR] [key=value ...]
     tools/submit.py --config configs/tiny.yaml --local --run-dir runs/demo   # this machine, no SLURM
-    tools/submit.py --config configs/small.yaml --nodes 8 --dry-run          # print, submit nothing
+    tools/submit.py --config configs/small.yaml --nodes 8 --dry-run          # resources + budget, submit nothing
     tools/submit.py --status DIR
+
+Paths: every path in the config or its overrides (data.tokenizer, data.paths, data.cache_dir,
+teacher.import_path, eval.judge, eval.ar_path), --config and --run-dir are read against the directory
+you run this from, and the run's config.yaml stores them absolute: jobs run elsewhere (SLURM: in the
+run's code snapshot). A path the run reads that does not exist is an error here, naming the key,
+never inside a queued job. eval.judge may also be a Hugging Face hub name (e.g. gpt2-large, loaded
+from the local HF cache): a value that exists, or starts with / ./ ../ ~, is a path; others are names.
+
+--time and slurm.stages.<kind>.time follow sbatch's grammar: 30 = 30:00 = 30 minutes, 4:00:00,
+1-12 (36 hours), 2-00:00:00.
 
 The run folder is self-contained: the resolved config, a snapshot of the code (so later edits do not
 change a queued job), logs, and ``pipeline_state.json``. Submitting the same folder again skips the
@@ -14,7 +25,7 @@ stages that are done and resumes the rest; a config that differs from the folder
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,26 +34,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster import pipeline  # noqa: E402
-from cluster.resources import ClusterSpec, stage_resources, validate_fit  # noqa: E402
-from trainer.config import ConfigError, RunConfig, load_config, save_config, to_yaml  # noqa: E402
-
-
-def parse_time(text: str) -> int:
-    """SLURM time formats (MM, HH:MM:SS, D-HH:MM[:SS]) to minutes; an error names the flag."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if not m:
-        raise ConfigError(f"bad flag '--time': '{text}' is not MM, HH:MM:SS or D-HH:MM:SS")
-    days, a, b, c = (int(g) if g else None for g in m.groups())
-    if b is None and days is None:
-        minutes = a  # plain minutes
-    elif c is None:
-        minutes = (a * 60 + b) if days is None else (a * 60 + (b or 0))  # HH:MM or D-HH[:MM]
-    else:
-        minutes = a * 60 + b + (1 if c else 0)  # HH:MM:SS, seconds rounded up
-    minutes += (days or 0) * 24 * 60
-    if minutes <= 0:
-        raise ConfigError(f"bad flag '--time': '{text}' is not a positive duration")
-    return minutes
+from cluster.budget import TargetSize, budget, render  # noqa: E402
+from cluster.resources import ClusterSpec, job_environment, stage_resources, validate_fit  # noqa: E402
+from trainer.config import (  # noqa: E402
+    ConfigError,
+    RunConfig,
+    load_config,
+    parse_slurm_time,
+    resolve_paths,
+    save_config,
+    to_yaml,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,12 +55,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: slurm.gpus_per_node")
     p.add_argument("--tasks-per-node", type=int, default=1, help="tasks per node on CPU-only nodes")
     p.add_argument("--partition", default=None)
-    p.add_argument("--time", default=None, help="time limit per job (default: slurm.time_min)")
+    p.add_argument("--time", default=None, help="time limit per job, sbatch grammar: 30 or 30:00 = 30 minutes, "
+                   "HH:MM:SS, D-HH[:MM[:SS]] (default: slurm.time_min; slurm.stages.<kind>.time wins)")
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
-    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name>")
+    p.add_argument("--constraint", default=None, help="sbatch --constraint (default: slurm.constraint)")
+    p.add_argument("--exclude", default=None, help="sbatch --exclude NODES (default: slurm.exclude)")
+    p.add_argument("--reservation", default=None, help="sbatch --reservation (default: slurm.reservation)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option for every job, e.g. --sbatch exclusive= --sbatch mem=0 "
+                        "(repeatable; on top of slurm.additional)")
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name> in this directory")
     p.add_argument("--local", action="store_true", help="run every stage on this machine, without SLURM")
-    p.add_argument("--nproc", type=int, default=2, help="--local: processes per distributed stage")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="--local: processes per distributed stage (default: one per GPU, 2 without GPUs)")
     p.add_argument("--dry-run", action="store_true", help="print the chain and its resources; submit nothing")
     p.add_argument("--status", type=Path, default=None, metavar="DIR", help="show the stages of a run folder")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -66,26 +76,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.status is None and args.config is None and args.run_dir is None:
         p.error("--config is required (or --run-dir of an existing run, or --status DIR)")
     for flag in ("nodes", "nproc", "tasks_per_node"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
-    """The run's config. A run folder that already has one keeps it: resubmitting must not silently
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, list[str]]:
+    """The run's config (paths absolute, against this directory), its folder, and the paths it reads
+    that do not exist. A run folder that already has a config keeps it: resubmitting must not silently
     change a run half-way, so a differing --config/overrides is an error naming the keys."""
     cfg = load_config(args.config, args.overrides)
-    run_dir = args.run_dir or REPO / "runs" / cfg.name
+    cfg, problems = resolve_paths(cfg, Path.cwd())
+    run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
     saved = run_dir / "config.yaml"
     if saved.exists():
         stored = load_config(saved)
         if args.config is None and not args.overrides:
-            return stored, run_dir
+            return stored, run_dir, resolve_paths(stored, run_dir)[1]
         if to_yaml(stored) != to_yaml(cfg):
             diff = _diff(stored, cfg)
             raise ConfigError(f"{saved}: the run folder was made with another config (differs at "
                               f"{', '.join(diff[:8])}); use a new --run-dir or the folder's own config")
-    return cfg, run_dir
+    return cfg, run_dir, problems
 
 
 def _diff(a: RunConfig, b: RunConfig) -> list[str]:
@@ -104,11 +116,25 @@ def _diff(a: RunConfig, b: RunConfig) -> list[str]:
 
 def cluster_spec(args: argparse.Namespace, cfg: RunConfig) -> ClusterSpec:
     gpus = cfg.slurm.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
+    extra = []
+    for item in args.sbatch:
+        key, eq, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not eq or not key:
+            raise ConfigError(f"bad flag '--sbatch': '{item}' is not KEY=VALUE (KEY= for a bare flag, e.g. exclusive=)")
+        extra.append((key, value))
+
+    def pick(flag: str, default: str) -> str:
+        value = getattr(args, flag)
+        return value if value is not None else default
+
     return ClusterSpec(nodes=args.nodes, gpus_per_node=gpus, cpu_slots_per_node=args.tasks_per_node,
-                       partition=args.partition if args.partition is not None else cfg.slurm.partition,
-                       account=args.account if args.account is not None else cfg.slurm.account,
-                       qos=args.qos if args.qos is not None else cfg.slurm.qos,
-                       time_min=parse_time(args.time) if args.time else cfg.slurm.time_min)
+                       partition=pick("partition", cfg.slurm.partition), account=pick("account", cfg.slurm.account),
+                       qos=pick("qos", cfg.slurm.qos), constraint=pick("constraint", cfg.slurm.constraint),
+                       exclude=pick("exclude", cfg.slurm.exclude),
+                       reservation=pick("reservation", cfg.slurm.reservation),
+                       additional=tuple(extra),
+                       time_min=parse_slurm_time(args.time, "bad flag '--time'") if args.time else cfg.slurm.time_min)
 
 
 def parameter_count(cfg: RunConfig) -> int:
@@ -120,22 +146,60 @@ def parameter_count(cfg: RunConfig) -> int:
         return count_parameters(DiT(cfg.model))
 
 
-def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path) -> None:
+def target_size(cfg: RunConfig) -> TargetSize:
+    """Bytes of one target sample: the codec's payload for half the positions masked (the mean of
+    t ~ U(0, 1)), the int32 noised sequence, and one tar header + npy header + half a tar block of
+    padding per member; the bound is the shard planner's worst case (every position masked)."""
+    from trainer.targets import codecs, shards
+
+    L, V = cfg.data.seq_len, cfg.model.vocab_size
+    per_pos = codecs.bytes_per_position(cfg.targets.codec, cfg.targets.k, V)
+    members = 2 + len(codecs.FIELDS[cfg.targets.codec])  # xt, the codec's fields, meta
+    expected = 4 * L + 0.5 * L * per_pos + 128 + members * (512 + 128 + 256)
+    return TargetSize(expected, shards.max_sample_bytes(cfg.targets.codec, cfg.targets.k, V, L))
+
+
+def local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001  (no usable torch build: treat as CPU)
+        return 0
+
+
+def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int = 0) -> None:
     stages = pipeline.build_chain(cfg)
     n = parameter_count(cfg)
     print(f"run folder: {run_dir}")
     print(f"model: {n:,} parameters ({n / 1e6:.0f}M): {cfg.model.n_layers} layers, d={cfg.model.d_model}, "
           f"{cfg.model.n_heads} heads, vocab {cfg.model.vocab_size}+MASK, context {cfg.model.max_seq_len}")
+    todo = {s.name for s in pipeline.pending(run_dir, stages)}
+    if local_nproc:
+        print(f"local run: {local_nproc} processes per distributed stage; rounds: {cfg.distill.rounds}, mode "
+              f"{cfg.distill.mode}")
+        for st in stages:
+            state = "" if st.name in todo else "  (done: skipped)"
+            print(f"[{st.name}] {' '.join(pipeline.local_command(st, run_dir, local_nproc, []))}{state}")
+        return
     print(f"allocation: {spec.nodes} nodes x {spec.tasks_per_node} tasks = world size {spec.world_size}; "
           f"rounds: {cfg.distill.rounds} ({cfg.distill.start_steps} -> "
           f"{cfg.distill.start_steps // 2 ** cfg.distill.rounds} steps), mode {cfg.distill.mode}")
-    todo = {s.name for s in pipeline.pending(run_dir, stages)}
+    for key, value in job_environment(cfg, os.environ).items():
+        print(f"job environment: {key}={value}")
+    for line in cfg.slurm.setup:
+        print(f"job setup: {line}")
     for st in stages:
-        res = stage_resources(st, cfg, spec)
+        res = stage_resources(st, cfg, spec, run_dir.name)
         state = "" if st.name in todo else "  (done: skipped)"
-        print(f"\n[{st.name}] python -m {st.module} --run-dir {run_dir} {' '.join(st.args)}{state}")
-        for line in res.sbatch_lines():
-            print(f"  #SBATCH {line}")
+        n_gpus = res.nodes * res.gpus_per_node
+        gpus = f"{n_gpus} GPU{'s' if n_gpus > 1 else ''}" if n_gpus else "no GPU"
+        print(f"\n[{st.name}] {res.nodes} x {res.tasks_per_node} tasks, {gpus}, "
+              f"time {res.time_min // 60}h{res.time_min % 60:02d}m{state}")
+        print(f"  python -m {st.module} --run-dir {run_dir} {' '.join(st.args)}".rstrip())
+        print(f"  #SBATCH {' '.join(res.sbatch_lines())}")
+    for line in render(budget(stages, cfg, spec, n, target_size(cfg), run_dir.name), cfg):
+        print(line)
 
 
 def status(run_dir: Path) -> int:
@@ -179,8 +243,10 @@ def main(argv=None) -> int:
     try:
         if args.status is not None:
             return status(args.status)
-        cfg, run_dir = resolve_config(args)
+        cfg, run_dir, problems = resolve_config(args)
         if args.local:
+            if args.nproc is None:
+                args.nproc = local_gpus() or 2
             if cfg.engine.global_batch_size % args.nproc or cfg.distill.global_batch_size % args.nproc:
                 raise ConfigError(f"bad flag '--nproc': {args.nproc} does not divide engine.global_batch_size="
                                   f"{cfg.engine.global_batch_size} and distill.global_batch_size="
@@ -189,9 +255,13 @@ def main(argv=None) -> int:
             spec = cluster_spec(args, cfg)
             validate_fit(cfg, spec)
         if args.dry_run:
-            dry_run(cfg, spec if not args.local else ClusterSpec(nodes=1, gpus_per_node=0,
-                                                                  cpu_slots_per_node=args.nproc), run_dir)
+            dry_run(cfg, None if args.local else spec, run_dir, local_nproc=args.nproc if args.local else 0)
+            if problems:
+                print("\nthe submission would fail now:\n  " + "\n  ".join(problems), file=sys.stderr)
+                return 2
             return 0
+        if problems:
+            raise ConfigError("; ".join(problems) + " (paths are read against the directory you submit from)")
         save_config(cfg, run_dir / "config.yaml") if not (run_dir / "config.yaml").exists() else None
         stages = pipeline.build_chain(cfg)
         if args.local:

@@ -10,15 +10,19 @@ an equal object (``load_config(saved)``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from trainer.errors import BadInput
+from trainer.fileio import atomic_write_text
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInput, ValueError):
     """A configuration problem, with the key and the source it came from in the message."""
 
 
@@ -67,10 +71,15 @@ class DataConfig:
     hf_name: str = ""
     hf_config: str = ""
     hf_split: str = "train"
+    hf_revision: str = ""  # a hub branch/tag/commit, e.g. refs/convert/parquet (the hub's parquet conversion)
     num_train_sequences: int = 20000  # synthetic: how many to draw; text: cap (0 = all)
     num_valid_sequences: int = 512
     seed: int = 0  # split / ordering seed
     cache_dir: str = ""  # where prepared token data lives; "" = <run>/data
+    # MDLM's row wrapping: every document [BOS] doc [EOS], every row [BOS] ... [EOS] (mdlm-owt's
+    # training data); off: documents joined by EOS and cut anywhere (trainer/data/packing.py).
+    wrap: bool = False
+    workers: int = 0  # tokeniser processes when preparing text; 0 = auto (CPUs available, one per 32 MB of files)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -135,6 +144,9 @@ class TrainConfig:
 class TeacherConfig:
     source: str = "pretrain"  # pretrain | import
     import_path: str = ""  # local directory in the published MDLM layout (source=import)
+    # Also train the same-size autoregressive model (trainer.jobs.pretrain --ar, <run>/ar): the text
+    # judge of eval.judge=ar and the AR baseline of the sampling benchmark. A pipeline stage, off by default.
+    train_ar: bool = False
 
 
 @dataclass
@@ -150,6 +162,10 @@ class TargetsConfig:
     batch_size: int = 32
     use_ema: bool = True  # load the teacher's EMA weights (else the raw ones)
     verify: str = "fail"  # reader policy on a bad checksum: fail | skip
+    # Keep every round's target shards (true), or remove round R's shards (keeping its manifest)
+    # once distill_R is recorded done: nothing reads them after that, and at the small config they
+    # are ~55 GB per round. The pipeline removes them only after the done record is written.
+    keep: bool = True
 
 
 @dataclass
@@ -167,7 +183,8 @@ class DistillConfig:
     global_batch_size: int = 128
     ema: float = 0.9999
     # Which weights of student r become teacher r + 1: its EMA, or (the paper's default) its raw
-    # weights. Round 1's teacher is the pretrained/imported one: targets.use_ema (common.teacher_weights).
+    # weights. Round 1's teacher is the pretrained/imported one: targets.use_ema
+    # (trainer.distill.rounds.teacher_weights).
     ema_as_teacher: bool = False
     # Also train and evaluate the control: the round-1 weights trained on with the MDLM loss for
     # the students' whole budget. The honest baseline when the teacher is not converged.
@@ -190,7 +207,7 @@ class EvalConfig:
     batch_size: int = 64
     weights: str = "ema"  # which exported weights are evaluated: ema | raw
     judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
-    ar_path: str = ""
+    ar_path: str = ""  # the AR model's export dir; "" = <run>/ar/export (trainer.jobs.pretrain --ar)
     seed: int = 1
     # Sampling temperatures swept at the compared step counts (each round's count, for the teacher
     # and the control; its own count for a student), to read every model's quality at the data's own
@@ -198,6 +215,36 @@ class EvalConfig:
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     # True source samples drawn for the reference row (entropy, NLL floor, bigram-KL floor); 0 = none.
     reference_samples: int = 4096
+    # Text sources (trainer/evaluation/text.py): MAUVE of this many prefix-conditioned samples
+    # against held-out rows (0 = off), the clamped prefix length (0 = seq_len / 4), and how many
+    # held-out rows the likelihood bound is measured on.
+    mauve_samples: int = 256
+    prefix_tokens: int = 0
+    elbo_rows: int = 512
+
+
+@dataclass
+class StageSlurmConfig:
+    """What one kind of stage asks SLURM for, where it differs from the run-wide ``slurm.*`` values.
+    Kinds: prepare, teacher, targets, distill, eval, control, report (every round's ``distill_R`` is
+    ``distill``; ``eval_control`` is ``eval``). 0 / -1 / "" = the default of the kind."""
+
+    time: str = ""  # sbatch --time grammar (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]); "" = --time / slurm.time_min
+    nodes: int = 0  # 0: every node of --nodes for the distributed stages, 1 for the others
+    gpus_per_node: int = -1  # -1: the kind's default (all GPUs of a node; 1 for eval/import; 0 for prepare/report)
+    cpus_per_task: int = 0  # 0 = slurm.cpus_per_task
+    mem_gb_per_task: int = 0  # 0 = slurm.mem_gb_per_task
+    partition: str = ""  # "" = --partition / slurm.partition (e.g. a CPU partition for prepare/report)
+    constraint: str = ""  # "" = --constraint / slurm.constraint; "none" = no constraint (e.g. on a CPU partition)
+
+
+def _default_stage_slurm() -> dict[str, StageSlurmConfig]:
+    # prepare and report compute nothing on a GPU; report is seconds of work.
+    return {"prepare": StageSlurmConfig(gpus_per_node=0),
+            "report": StageSlurmConfig(gpus_per_node=0, time="30")}
+
+
+STAGE_KINDS = ("prepare", "teacher", "targets", "distill", "eval", "control", "report")
 
 
 @dataclass
@@ -211,6 +258,21 @@ class SlurmConfig:
     mem_gb_per_task: int = 64
     signal_lead_s: int = 120  # USR2 this long before the time limit
     max_requeues: int = 10
+    # Site hooks. ``setup``: shell lines run before each task starts (module load, conda activate,
+    # a container wrapper's environment), in order, before the job cds into its code snapshot.
+    setup: list[str] = field(default_factory=list)
+    constraint: str = ""  # sbatch --constraint (e.g. "h100")
+    exclude: str = ""  # sbatch --exclude (a node list)
+    reservation: str = ""  # sbatch --reservation
+    # Further sbatch options, long name without the dashes -> value ("" for a bare flag), e.g.
+    # {exclusive: "", mem: "0", comment: "sdtt"}. They reach every stage's job.
+    additional: dict[str, str] = field(default_factory=dict)
+    # Environment set in every job: fixed values (e.g. NCCL_DEBUG: WARN), and the names (globs
+    # allowed, e.g. "NCCL_*") whose values are copied from the submitting shell at submit time.
+    env: dict[str, str] = field(default_factory=dict)
+    env_from_shell: list[str] = field(default_factory=list)
+    # Per kind of stage: time limits, node/GPU counts, CPU-only stages (see StageSlurmConfig).
+    stages: dict[str, StageSlurmConfig] = field(default_factory=_default_stage_slurm)
 
 
 @dataclass
@@ -257,6 +319,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layer = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"{path}: cannot parse YAML: {_first_line(e)}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), "
+                              f"not a {type(layer).__name__}")
         cfg = _merge(cfg, layer, str(path))
     for item in overrides:
         if "=" not in item:
@@ -282,21 +347,11 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig from ``to_dict`` output (e.g. read from a checkpoint), validated."""
-    cfg = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(d), "stored config")
-    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate(run, source="stored config")
-    return run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,6 +391,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         _check(s.concentration > 0, source, "data.synthetic.concentration", "must be positive")
         _check(0 <= s.leak < 1, source, "data.synthetic.leak", "must be in [0, 1)")
         _check(d.num_train_sequences > 0, source, "data.num_train_sequences", "must be positive")
+    _check(d.workers >= 0, source, "data.workers", "must be >= 0 (0 = all available CPUs)")
+    _check(not d.wrap or d.seq_len > 2, source, "data.wrap", "wrapped rows need data.seq_len > 2")
     if d.source == "text":
         _check(len(d.paths) > 0, source, "data.paths", "data.source=text needs at least one glob")
     if d.source == "hf":
@@ -417,15 +474,178 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(len(ev.temperatures) > 0 and all(float(x) > 0 for x in ev.temperatures), source, "eval.temperatures",
            "must be a non-empty list of positive sampling temperatures")
     _check(ev.reference_samples >= 0, source, "eval.reference_samples", "must be >= 0 (0 = no reference row)")
-    if ev.judge == "ar":
-        _check(bool(ev.ar_path), source, "eval.ar_path", "eval.judge=ar needs the AR model's export dir")
+    _check(ev.mauve_samples >= 0, source, "eval.mauve_samples", "must be >= 0 (0 = no MAUVE)")
+    _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
+           f"must be in [0, data.seq_len={d.seq_len}) (0 = a quarter of the row)")
+    _check(ev.elbo_rows >= 1, source, "eval.elbo_rows", "must be positive")
+    _check(ev.judge != "ar" or bool(ev.ar_path) or cfg.teacher.train_ar, source, "eval.judge",
+           "eval.judge=ar needs the AR model: set teacher.train_ar=true (the pipeline trains it into "
+           "<run>/ar) or eval.ar_path to an AR export")
 
     sl = cfg.slurm
     _check(sl.time_min >= 1, source, "slurm.time_min", "must be positive")
     _check(sl.gpus_per_node >= 0, source, "slurm.gpus_per_node", "must be >= 0")
     _check(sl.cpus_per_task >= 1, source, "slurm.cpus_per_task", "must be positive")
+    _check(sl.mem_gb_per_task >= 0, source, "slurm.mem_gb_per_task", "must be >= 0 (0 = --mem=0, the whole node)")
     _check(0 < sl.signal_lead_s < sl.time_min * 60, source, "slurm.signal_lead_s",
            "must be positive and shorter than the time limit")
+    _check(sl.max_requeues >= 0, source, "slurm.max_requeues", "must be >= 0")
+    for i, line in enumerate(sl.setup):
+        _check("\n" not in line, source, f"slurm.setup[{i}]", "one shell line per entry (no newline)")
+    for opt in sl.additional:
+        _check(bool(re.fullmatch(r"[a-z][a-z0-9-]*", opt)), source, f"slurm.additional.{opt}",
+               "must be an sbatch long option name without the dashes, e.g. exclusive, mem, comment")
+    for name in (*sl.env, *sl.env_from_shell):
+        _check(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_*?]*", name)), source, f"slurm.env.{name}",
+               "is not an environment variable name (globs * ? allowed in env_from_shell)")
+    for kind, st in sl.stages.items():
+        key = f"slurm.stages.{kind}"
+        _check(kind in STAGE_KINDS, source, key, f"'{kind}' is not a kind of stage: {', '.join(STAGE_KINDS)}")
+        if st.time:
+            minutes = parse_slurm_time(st.time, f"bad config key '{key}.time'", source)
+            _check(minutes * 60 > sl.signal_lead_s, source, f"{key}.time",
+                   f"{st.time} leaves no time before the USR2 signal lead slurm.signal_lead_s={sl.signal_lead_s}")
+        _check(st.nodes >= 0, source, f"{key}.nodes", "must be >= 0 (0 = the kind's default)")
+        _check(st.gpus_per_node >= -1, source, f"{key}.gpus_per_node", "must be >= -1 (-1 = the kind's default)")
+        _check(st.cpus_per_task >= 0, source, f"{key}.cpus_per_task", "must be >= 0 (0 = slurm.cpus_per_task)")
+        _check(st.mem_gb_per_task >= 0, source, f"{key}.mem_gb_per_task", "must be >= 0 (0 = slurm.mem_gb_per_task)")
+
+
+_TIME = re.compile(r"(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                   r"|(?P<h>\d+):(?P<hm>\d+):(?P<hs>\d+)|(?P<m>\d+)(?::(?P<s>\d+))?)")
+
+
+def parse_slurm_time(text: str, what: str = "bad flag '--time'", source: str = "") -> int:
+    """sbatch's ``--time`` grammar, to whole minutes (seconds round up): ``M``, ``M:S``, ``H:M:S``,
+    ``D-H``, ``D-H:M``, ``D-H:M:S``. So ``30:00`` is 30 minutes, as sbatch reads it. ``what`` names
+    the flag or key in the error."""
+    m = _TIME.fullmatch(str(text).strip())
+    prefix = f"{source}: " if source else ""
+    if not m:
+        raise ConfigError(f"{prefix}{what}: '{text}' is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                          "D-HH:MM:SS)")
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    seconds = (g.get("d", 0) * 86400 + (g.get("dh", 0) + g.get("h", 0)) * 3600
+               + (g.get("dm", 0) + g.get("hm", 0) + g.get("m", 0)) * 60 + g.get("ds", 0) + g.get("hs", 0)
+               + g.get("s", 0))
+    if seconds <= 0:
+        raise ConfigError(f"{prefix}{what}: '{text}' is not a positive duration")
+    return -(-seconds // 60)
+
+
+def format_slurm_time(minutes: int) -> str:
+    """Minutes as sbatch's ``D-HH:MM:SS`` (``HH:MM:SS`` under a day)."""
+    d, rest = divmod(int(minutes), 1440)
+    return (f"{d}-" if d else "") + f"{rest // 60:02d}:{rest % 60:02d}:00"
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths: resolved once, at submit time, against the submitting directory
+# --------------------------------------------------------------------------------------------------
+# Every config value that names a file or folder. A job runs in its code snapshot (SLURM) or in the
+# caller's directory (--local), so a relative path would mean different things in different places:
+# tools/submit.py makes them absolute against the directory it was started from, and the run's
+# config.yaml stores them absolute. How each key is read:
+#   path     always a path; must exist (unless "" or one of the key's special words)
+#   output   a path that the run creates (data.cache_dir): made absolute, never required to exist
+#   glob     data.paths: globs made absolute; each must match at least one file
+#   name     path or Hugging Face hub name (eval.judge): a value that exists, or that looks like a
+#            path (absolute, or starting with ./ ../ ~), is a path and must exist; anything else
+#            (e.g. gpt2-large, org/model) is kept as a name, loaded from the local HF cache.
+PATH_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "data.tokenizer": ("path", ("byte",)),
+    "data.paths": ("glob", ()),
+    "data.cache_dir": ("output", ("",)),
+    "teacher.import_path": ("path", ("",)),
+    "eval.judge": ("name", ("", "ar")),
+    "eval.ar_path": ("path", ("",)),
+}
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
+
+
+def _abs(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p)).rstrip("/") or "/"
+
+
+def _used(cfg: RunConfig, key: str) -> bool:
+    """Whether the run reads this path at all (a missing path it never reads is no error)."""
+    if key == "data.paths":
+        return cfg.data.source == "text"
+    if key == "teacher.import_path":
+        return cfg.teacher.source == "import"
+    if key == "eval.ar_path":
+        return cfg.eval.judge == "ar"
+    if key == "data.tokenizer":
+        return cfg.data.source != "synthetic"
+    return True
+
+
+def resolve_paths(cfg: RunConfig, base: str | Path) -> tuple[RunConfig, list[str]]:
+    """A copy of ``cfg`` with every path of :data:`PATH_KEYS` absolute against ``base``, and the
+    problems found (``"bad config key 'data.tokenizer': tokenizers/gpt2 -> /abs/tokenizers/gpt2
+    does not exist"``), empty when every path the run reads exists."""
+    import copy
+    import glob as globlib
+
+    base = Path(base).resolve()
+    out = copy.deepcopy(cfg)
+    problems: list[str] = []
+    for key, (kind, special) in PATH_KEYS.items():
+        section, name = key.split(".")
+        holder = getattr(out, section)
+        value = getattr(holder, name)
+        if kind == "glob":
+            resolved = [_abs(v, base) for v in value]
+            setattr(holder, name, resolved)
+            if _used(out, key):
+                for raw, pattern in zip(value, resolved):
+                    if not globlib.glob(pattern):
+                        problems.append(f"bad config key '{key}': '{raw}' matches no file (as {pattern})")
+            continue
+        if value in special:
+            continue
+        if kind == "name":
+            candidate = _abs(value, base)
+            if Path(candidate).exists() or _looks_like_path(value):
+                setattr(holder, name, candidate)
+                if not Path(candidate).exists() and _used(out, key):
+                    problems.append(f"bad config key '{key}': '{value}' does not exist (as {candidate})")
+            continue  # a hub name: kept as written
+        resolved_value = _abs(value, base)
+        setattr(holder, name, resolved_value)
+        if kind == "path" and _used(out, key) and not Path(resolved_value).exists():
+            problems.append(f"bad config key '{key}': '{value}' does not exist (as {resolved_value})")
+    return out, problems
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What one training stage optimises with: the optimiser (lr, warm-up and weight decay resolved
+    for the stage), the global batch and the EMA decay (0 = none). ``key`` is the config section that
+    holds the stage's batch size, so geometry errors name the key the user must change."""
+
+    optim: OptimConfig
+    global_batch_size: int
+    ema: float = 0.0
+    key: str = "engine"
+
+
+def pretrain_setup(cfg: RunConfig) -> TrainSetup:
+    """The teacher's pretraining: ``optim.*``, ``engine.global_batch_size``, ``train.ema``."""
+    return TrainSetup(cfg.optim, cfg.engine.global_batch_size, cfg.train.ema, "engine")
+
+
+def distill_setup(cfg: RunConfig) -> TrainSetup:
+    """Every distillation round, and the control run (it must match the students' budget): the
+    paper's recipe in ``distill.lr``, ``distill.warmup_steps``, ``distill.weight_decay``,
+    ``distill.global_batch_size`` and ``distill.ema``; betas, eps, schedule and grad_clip from ``optim``."""
+    d = cfg.distill
+    optim = dataclasses.replace(cfg.optim, lr=d.lr, warmup_steps=d.warmup_steps, weight_decay=d.weight_decay)
+    return TrainSetup(optim, d.global_batch_size, d.ema, "distill")
 
 
 def round_steps(cfg: RunConfig, round_idx: int) -> int:

@@ -11,7 +11,7 @@
 # Idempotent: when every daemon is already running it does nothing; after a crash it forgets the
 # dead daemons' pid files and starts only those again. The PID (and start time) of each daemon it
 # starts is recorded in STATE_DIR/pids/, which is what down.sh stops; nothing is found by name.
-# Facts behind the settings: shared/notes/local-slurm.md.
+# Facts behind the settings: docs/cluster.md, "The local test cluster".
 #
 # Last line on stdout (machine-readable, for test fixtures): SDTT_SLURM_STARTED=<daemons started>,
 # empty when the cluster was already up. Progress goes to stderr.

@@ -19,16 +19,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, env, free_port, run_job, scalars
-from tests.jobs.test_shard_reader import G, N, _targets_in_process, base_run
+from tests.helpers import REPO, G, N, base_run, env, exit_code, free_port, run_job, scalars, targets_in_process
 from trainer.config import load_config, round_steps
+from trainer.data.rows import RowPicker
+from trainer.distill.batches import Batch, distill_loss, online_targets
+from trainer.distill.rounds import plan_init
+from trainer.fileio import sha256_file
 from trainer.jobs import distill as job
-from trainer.jobs.common import load_model
-from trainer.jobs.targets import RowPicker
+from trainer.layout import RunLayout
 from trainer.method import sdtt
 from trainer.method.sampling import make_denoiser
 from trainer.model.dit import DiT
-from trainer.runtime.checkpoint import read_json, sha256_file
+from trainer.runtime.checkpoint import load_model, read_json
 from trainer.runtime.metrics import read_tb_scalars
 from trainer.targets import shards as SH
 
@@ -148,7 +150,7 @@ def test_kill9_mid_round_then_restart_is_bit_identical(round1, base, tmp_path):
 def _main_in_process(*args: str) -> int:
     saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     try:
-        return job.main(list(args))
+        return exit_code(job.main, list(args))
     finally:
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(k, None)
@@ -227,7 +229,7 @@ def test_online_examples_are_the_offline_examples_densely(base):
     train = np.load(base / "data" / "train.npy")
     idx = [33, 40, 57]
     x0 = torch.from_numpy(np.stack([train[rows(i)] for i in idx]).astype(np.int64))
-    batch = job.online_targets(make_denoiser(teacher, 64, cfg.diffusion.noise_eps), job.Batch(idx, x0=x0), spec,
+    batch = online_targets(make_denoiser(teacher, 64, cfg.diffusion.noise_eps), Batch(idx, x0=x0), spec,
                                torch.device("cpu"))
     row = 0
     for b, i in enumerate(idx):
@@ -250,14 +252,14 @@ def test_student_equal_to_its_teacher_with_one_teacher_step_has_zero_loss(base):
     spec = sdtt.ExampleSpec(seed=0, round_idx=1, dt=1 / 64, teacher_steps=1, mask_id=64, noise_eps=1e-3,
                             train_eps=1e-3, t_min=1e-5, codec="dense", k=64)
     x0 = torch.from_numpy(np.load(base / "data" / "train.npy")[:8].astype(np.int64))
-    batch = job.online_targets(denoise, job.Batch(list(range(8)), x0=x0), spec, torch.device("cpu"))
+    batch = online_targets(denoise, Batch(list(range(8)), x0=x0), spec, torch.device("cpu"))
     for kind in sdtt.DIVERGENCES:
-        assert abs(job.distill_loss(student, batch, cfg, kind).item()) < 1e-6, kind
+        assert abs(distill_loss(student, batch, cfg, kind).item()) < 1e-6, kind
     spec2 = dataclasses.replace(spec, teacher_steps=2)  # two steps: a real target
-    batch2 = job.online_targets(denoise, job.Batch(list(range(8)), x0=x0), spec2, torch.device("cpu"))
-    assert job.distill_loss(student, batch2, cfg, "rkl").item() > 0
+    batch2 = online_targets(denoise, Batch(list(range(8)), x0=x0), spec2, torch.device("cpu"))
+    assert distill_loss(student, batch2, cfg, "rkl").item() > 0
     other = DiT(cfg.model)  # and a different student: a positive loss with a gradient
-    loss = job.distill_loss(other, batch, cfg, "rkl")
+    loss = distill_loss(other, batch, cfg, "rkl")
     loss.backward()
     assert loss.item() > 0 and any(p.grad is not None and p.grad.abs().sum() > 0 for p in other.parameters())
 
@@ -267,7 +269,7 @@ def test_student_equal_to_its_teacher_with_one_teacher_step_has_zero_loss(base):
 # --------------------------------------------------------------------------------------------------
 def test_round2_starts_from_round1_and_continues_its_step_count(round1, tmp_path):
     run = _copy(round1, tmp_path / "run")
-    _targets_in_process(run, 2)  # teacher: round 1's student, raw weights (distill.ema_as_teacher=false)
+    targets_in_process(run, 2)  # teacher: round 1's student, raw weights (distill.ema_as_teacher=false)
     m2 = SH.read_manifest(run / "round_2" / "targets")
     assert m2["teacher_weights"] == "raw"
     assert m2["teacher_sha256"] == sha256_file(_student(run) / "export" / "model.safetensors")
@@ -286,7 +288,8 @@ def test_round2_starts_from_round1_and_continues_its_step_count(round1, tmp_path
 
     # With distill.reset_optimizer the round would start over from the teacher file instead.
     cfg = load_config(run / "config.yaml", ["distill.reset_optimizer=true"])
-    init = job.plan_init(cfg, run, 3, _student(run, 2) / "export" / "model.safetensors")
+    init = plan_init(cfg, RunLayout(run), 3, _student(run, 2) / "export" / "model.safetensors")
     assert (init.kind, init.round_start) == ("export", 0)
-    init = job.plan_init(load_config(run / "config.yaml"), run, 3, _student(run, 2) / "export" / "model.safetensors")
+    init = plan_init(load_config(run / "config.yaml"), RunLayout(run), 3,
+                     _student(run, 2) / "export" / "model.safetensors")
     assert (init.kind, init.round_start) == ("continue", 2 * STEPS)

@@ -1,8 +1,7 @@
 """The import_teacher job: a published-layout MDLM directory becomes the pipeline's teacher export."""
 import torch
 
-from tests.helpers import run_job
-from tests.unit.test_mdlm_import import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, write_checkpoint
+from tests.helpers import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, run_job, write_checkpoint
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import load_exported
 

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import FAST, run_job, scalars
+from trainer.layout import EXIT_PREEMPTED
 from trainer.runtime.checkpoint import load_exported
 from trainer.runtime.metrics import read_tb_scalars
-from trainer.runtime.preempt import EXIT_PREEMPTED
 
 
 def stopped_early(proc) -> bool:

@@ -10,60 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY
-from trainer.config import ConfigError, load_config, save_config
-from trainer.data.prepared import prepare_data
-from trainer.model.dit import DiT
-from trainer.runtime.checkpoint import export_weights
-from trainer.targets import codecs
+from tests.helpers import G, N, base_run
+from trainer.config import ConfigError
+from trainer.targets import codecs, header
 from trainer.targets import reader as SR
 from trainer.targets import shards as SH
-
-# 256 samples in 8 shards of 32; 24 steps of 16 = 1.5 epochs.
-OVERRIDES = ["data.num_train_sequences=512", "data.num_valid_sequences=64", "targets.num_samples=256",
-             "targets.samples_per_shard=32", "targets.batch_size=32", "targets.k=8", "sampling.steps=16",
-             "distill.global_batch_size=16", "distill.steps_per_round=24", "distill.warmup_steps=4", "distill.lr=1e-3",
-             "distill.log_consumed=true", "distill.loader_workers=0", "train.ckpt_every=8", "train.log_every=4",
-             "train.eval_every=1000"]
-N, G = 256, 16
-
-
-def base_run(tmp_path_factory) -> Path:
-    """A run folder with config.yaml, prepared data, a random teacher and round 1's targets, built
-    once per test session (shared by this file and test_distill.py). Copy it before writing to it."""
-    root = tmp_path_factory.getbasetemp() / "distill-base"
-    run = root / "run"
-    if (root / "ready").exists():
-        return run
-    shutil.rmtree(root, ignore_errors=True)
-    cfg = load_config(TINY, OVERRIDES)
-    save_config(cfg, run / "config.yaml")
-    prepare_data(cfg.data, run / "data")
-    g = torch.Generator().manual_seed(0)
-    model = DiT(cfg.model)
-    # Random everything (DiT's zero-initialised gates and head would make a uniform teacher); 0.2
-    # gives a teacher neither flat nor one-hot, so distillation has something to learn.
-    raw = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
-    export_weights(run / "teacher" / "export", raw, {k: 0.9 * v for k, v in raw.items()}, cfg, step=0)
-    _targets_in_process(run, 1)
-    (root / "ready").touch()
-    return run
-
-
-def _targets_in_process(run: Path, round_idx: int) -> None:
-    """The real targets job, in this process (world size 1; ~1 s instead of a subprocess)."""
-    from trainer.jobs import targets
-
-    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert targets.main(["--run-dir", str(run), "--round", str(round_idx)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            os.environ.pop(k, None)
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -168,28 +119,28 @@ def test_collated_targets_line_up_with_the_student_rows(tset, manifest):
 # --------------------------------------------------------------------------------------------------
 # Manifest and checksums
 # --------------------------------------------------------------------------------------------------
-def _expected(manifest: dict, **changes) -> SR.Expected:
+def _expected(manifest: dict, **changes) -> dict:
     keys = ("round", "seq_len", "vocab_size", "tokenizer", "codec", "k", "teacher_sha256", "teacher_weights")
-    values = {k: manifest[k] for k in keys}
-    values.update(changes)
-    return SR.Expected(values, {"teacher_sha256": "sha256 of the student's init"})
+    return {k: manifest[k] for k in keys} | changes
+
+
+WHY = {"teacher_sha256": "sha256 of the student's init"}
 
 
 @pytest.mark.parametrize("field,value", [("teacher_sha256", "0" * 64), ("seq_len", 32), ("vocab_size", 50257),
                                          ("round", 2), ("tokenizer", "gpt2"), ("teacher_weights", "raw")])
 def test_manifest_mismatch_names_the_field_and_both_values(manifest, field, value):
-    SR.check_manifest(manifest, _expected(manifest), "m.json")  # its own values pass
-    with pytest.raises(SR.ManifestMismatch) as e:
-        SR.check_manifest(manifest, _expected(manifest, **{field: value}), "m.json")
+    header.check(manifest, _expected(manifest), "m.json", "rkl", WHY)  # its own values pass
+    with pytest.raises(header.ManifestMismatch) as e:
+        header.check(manifest, _expected(manifest, **{field: value}), "m.json", "rkl", WHY)
     assert f"field '{field}'" in str(e.value) and repr(manifest[field]) in str(e.value) and repr(value) in str(e.value)
 
 
 def test_manifest_codec_must_serve_the_divergence(manifest):
     sampled = dict(manifest, codec="sampled")
-    exp = SR.Expected({}, {}, divergence="rkl")
-    with pytest.raises(SR.ManifestMismatch, match="field 'codec'.*cannot be computed"):
-        SR.check_manifest(sampled, exp, "m.json")
-    SR.check_manifest(sampled, SR.Expected({}, {}, divergence="fkl"), "m.json")
+    with pytest.raises(header.ManifestMismatch, match="field 'codec'.*cannot be computed"):
+        header.check(sampled, {}, "m.json", "rkl")
+    header.check(sampled, {}, "m.json", "fkl")
 
 
 def test_bad_checksum_fail_names_the_shard_and_skip_counts_it(tset, manifest, tmp_path):

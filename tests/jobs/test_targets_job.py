@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, env, run_job
+from tests.helpers import REPO, TINY, env, exit_code, run_job
 from trainer.config import load_config, save_config
 from trainer.data.prepared import prepare_data
+from trainer.data.rows import RowPicker
 from trainer.jobs import targets as job
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import export_weights, read_json
@@ -56,7 +57,7 @@ def _main_in_process(monkeypatch, *args: str) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return job.main(list(args))
+        return exit_code(job.main, list(args))
     finally:
         torch.set_num_threads(threads)
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -98,7 +99,8 @@ def test_clean_run_writes_a_complete_described_set(clean_run):
         assert 1e-3 <= s["meta"]["t"] <= 1
     assert not list(out.rglob("*.tmp"))
     tags = {json.loads(line)["tag"] for line in (clean_run / "metrics.jsonl").read_text().splitlines()}
-    assert {"targets/samples_per_s", "targets/mb_per_s", "targets/bytes_per_position"} <= tags
+    # one curve per round: round 2's rates do not continue round 1's
+    assert {"targets/round_1/samples_per_s", "targets/round_1/mb_per_s", "targets/round_1/bytes_per_position"} <= tags
 
 
 def test_two_processes_write_the_same_samples_as_one(clean_run, base_run, tmp_path):
@@ -156,7 +158,7 @@ def test_bad_input_is_named(base_run, tmp_path, monkeypatch, capsys):
 
 
 def test_rows_are_a_permutation_per_pass():
-    pick = job.RowPicker(10, seed=0, round_idx=1)
+    pick = RowPicker(10, seed=0, round_idx=1)
     first, second = [pick(i) for i in range(10)], [pick(i) for i in range(10, 20)]
     assert sorted(first) == sorted(second) == list(range(10)) and first != second
-    assert [job.RowPicker(10, 0, 2)(i) for i in range(10)] != first
+    assert [RowPicker(10, 0, 2)(i) for i in range(10)] != first

@@ -81,7 +81,7 @@ def test_srun_runs_one_task_on_each_node(slurm_cluster: LocalSlurm) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# (b) submitit + rendezvous + gloo across the two nodes
+# (b) submitit + its rendezvous (cluster.slurm.task_rendezvous) + gloo across the two nodes
 # --------------------------------------------------------------------------------------------------
 def _all_reduce_job() -> dict[str, Any]:
     import socket
@@ -89,10 +89,10 @@ def _all_reduce_job() -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from cluster.rendezvous import apply, from_env
+    from cluster.slurm import task_rendezvous
 
-    r = from_env(os.environ)
-    apply(r)
+    r = task_rendezvous()  # submitit's reading of the SLURM task, as StageJob uses it
+    os.environ.update(r.torchrun_env())
     dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=60))
     try:
         value = torch.tensor([float(r.rank + 1)])

@@ -5,17 +5,11 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, TINY, env
+from tests.helpers import PIPELINE_OVERRIDES, REPO, TINY, env
 
-# A shortened tiny pipeline: a teacher trained long enough to show the physics of step counts,
-# two SDTT rounds (16 -> 8 -> 4 steps).
-OVERRIDES = ["train.steps=400", "train.eval_every=200", "train.ckpt_every=200", "optim.warmup_steps=50",
-             "data.num_train_sequences=8192", "data.num_valid_sequences=64", "distill.rounds=2",
-             "distill.start_steps=16", "distill.steps_per_round=20", "distill.warmup_steps=5",
-             "targets.num_samples=256", "targets.samples_per_shard=64", "eval.steps=[4,16,64]",
-             "eval.num_samples=256", "train.eval_batches=2", "distill.control=false"]
-# (the control stage, on in configs/tiny.yaml, is left out to keep this run, shared with the SLURM
-# test, short; its data plan is tested in tests/unit/test_paired.py)
+# A shortened tiny pipeline (tests/helpers.py): a teacher trained long enough to show the physics of
+# step counts, two SDTT rounds (16 -> 8 -> 4 steps).
+OVERRIDES = PIPELINE_OVERRIDES
 
 
 def submit(*args, check=True):

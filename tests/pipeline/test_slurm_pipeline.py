@@ -34,11 +34,11 @@ import submitit
 
 from cluster import pipeline
 from cluster.resources import ClusterSpec, stage_resources
-from cluster.slurm import CODE_DIRS, EXIT_PREEMPTED, StageJob, downstream, snapshot_code
+from cluster.slurm import CODE_DIRS, StageJob, downstream, snapshot_code
 from tests.conftest import LocalPipeline, LocalSlurm
+from tests.helpers import PIPELINE_OVERRIDES as OVERRIDES
 from tests.helpers import REPO, TINY, env
-from tests.pipeline.test_pipeline import OVERRIDES
-from trainer.config import load_config
+from trainer.config import load_config, parse_slurm_time
 
 
 def on_slurm(test: Callable) -> Callable:
@@ -57,10 +57,11 @@ RUN_TIMEOUT_S = 1200
 SPEC = ClusterSpec(nodes=2, gpus_per_node=0, cpu_slots_per_node=1, partition="debug", time_min=60)
 
 
-def submit(*args: str, extra_env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def submit(*args: str, extra_env: dict[str, str] | None = None, check: bool = True,
+           cwd: Path = REPO) -> subprocess.CompletedProcess:
     e = {**env(), **(extra_env or {})}
-    proc = subprocess.run([sys.executable, "tools/submit.py", *args], cwd=REPO, env=e, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "submit.py"), *args], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"submit {args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -331,14 +332,15 @@ def test_jobs_get_the_resources_dry_run_shows(slurm_run: SlurmRun) -> None:
         entry = st[stage.name]
         script = (Path(entry["folder"]) / f"{entry['job_id']}_submission.sh").read_text()
         submitted = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script, re.M))
-        for line in stage_resources(stage, cfg, SPEC).sbatch_lines():
+        for line in stage_resources(stage, cfg, SPEC, slurm_run.run.name).sbatch_lines():
             key, _, value = line[2:].partition("=")
-            if key == "time":
-                h, m, _s = value.split(":")
-                value = str(int(h) * 60 + int(m))
+            if key == "time":  # submitit writes minutes
+                value = str(parse_slurm_time(value))
             elif key == "dependency":
                 value = "afterok:" + ":".join(str(st[d]["job_id"]) for d in stage.depends)
             assert submitted.get(key) == value, (stage.name, key, value, submitted)
+    assert "#SBATCH --job-name=run-teacher" in (Path(st["teacher"]["folder"]) /
+                                                 f"{st['teacher']['job_id']}_submission.sh").read_text()
 
 
 @on_slurm
@@ -353,14 +355,99 @@ def test_resubmitting_a_finished_run_submits_nothing(slurm_run: SlurmRun) -> Non
 
 
 # --------------------------------------------------------------------------------------------------
+# A run submitted from another directory, every path in its config relative to that directory
+# --------------------------------------------------------------------------------------------------
+WORDS = [f"w{i:02d}" for i in range(38)]  # + <eos> + <unk> = a vocabulary of 40, the MDLM fixture's
+
+
+def make_site(site: Path) -> list[str]:
+    """A user's working directory: a config, a text corpus, a tokenizer, an MDLM teacher and an HF
+    judge, each in a folder of its own; returns the overrides that point at them, all relative."""
+    import random
+
+    import tokenizers
+    import transformers
+
+    from tests.unit.test_mdlm_import import (
+        COND,
+        HEADS,
+        LAYERS,
+        LENGTH,
+        V1,
+        D,
+        hf_config,
+        mdlm_state_dict,
+        write_checkpoint,
+    )
+
+    (site / "configs").mkdir(parents=True)
+    (site / "configs" / "tiny.yaml").write_text(TINY.read_text())
+    rng = random.Random(0)
+    (site / "corpus").mkdir()
+    for part in range(2):
+        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(150)]
+        (site / "corpus" / f"part{part}.txt").write_text("\n\n".join(docs) + "\n")
+    vocab = {w: i for i, w in enumerate(["<eos>", "<unk>", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    (site / "tokenizer").mkdir()
+    tok.save(str(site / "tokenizer" / "tokenizer.json"))
+    (site / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    write_checkpoint(site / "models" / "mdlm", mdlm_state_dict(), config=hf_config())
+    judge = transformers.GPT2Config(vocab_size=V1 - 1, n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2,
+                                    bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(judge).save_pretrained(site / "models" / "judge")
+    return [f"model.vocab_size={V1 - 1}", f"model.d_model={D}", f"model.n_layers={LAYERS}", f"model.n_heads={HEADS}",
+            f"model.cond_dim={COND}", f"model.max_seq_len={LENGTH}", f"data.seq_len={LENGTH}",
+            "data.source=text", "data.paths=[corpus/*.txt]", "data.tokenizer=tokenizer", "data.cache_dir=cache",
+            "data.num_train_sequences=0", "data.num_valid_sequences=16",
+            "teacher.source=import", "teacher.import_path=models/mdlm", "eval.judge=models/judge",
+            "distill.rounds=1", "distill.start_steps=8", "distill.steps_per_round=4", "distill.warmup_steps=1",
+            "distill.global_batch_size=4", "targets.num_samples=32", "targets.samples_per_shard=16", "targets.k=4",
+            "targets.batch_size=8", "eval.steps=[2,8]", "eval.num_samples=8", "eval.batch_size=8",
+            "train.eval_batches=1", "engine.global_batch_size=4"]
+
+
+@on_slurm
+def test_a_run_submitted_from_another_directory_with_relative_paths(slurm_cluster: LocalSlurm,
+                                                                   tmp_path: Path) -> None:
+    """The user's directory is not the repository: --config, --run-dir, the corpus, tokenizer, data
+    cache, MDLM teacher and HF judge are all given relative to it. The jobs run in the run's code
+    snapshot, yet find every file, because tools/submit.py stored the paths absolute."""
+    site = tmp_path / "site"
+    overrides = make_site(site)
+    proc = submit("--config", "configs/tiny.yaml", *SLURM_FLAGS, "--run-dir", "runs/rel", *overrides, *FIT, cwd=site)
+    run = site / "runs" / "rel"
+    assert f"run folder: {run}" in proc.stdout, proc.stdout
+    stored = (run / "config.yaml").read_text()
+    for key, rel in (("tokenizer", "tokenizer"), ("cache_dir", "cache"), ("import_path", "models/mdlm"),
+                     ("judge", "models/judge")):
+        assert f"{key}: {site / rel}" in stored, (key, stored)
+    assert f"- {site / 'corpus'}/*.txt" in stored, stored
+    wait_for_run(run, 600)
+    st = state(run)
+    assert all(st[s.name]["status"] == "done" for s in stages_of(run)), diagnose(run)
+    assert (site / "cache" / "data.json").exists()  # the data went where the user asked ...
+    assert not list((run / "code").glob("*/cache"))  # ... not into the code snapshot (the jobs' cwd)
+    rows = json.loads((run / "report.json").read_text())["rows"]
+    assert {r["round"] for r in rows} == {0, 1}
+    assert all(r.get("gen_ppl") for r in rows), rows  # the judge at models/judge was found and ran
+    names = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(str(e["job_id"]) for e in st.values()),
+                            "-o", "JobName"], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(set(names)) == sorted(f"rel-{s.name}" for s in stages_of(run))
+
+
+# --------------------------------------------------------------------------------------------------
 # A failing stage
 # --------------------------------------------------------------------------------------------------
 @on_slurm
 def test_a_failing_stage_cancels_its_dependants(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
-    """The teacher import points at a folder that does not exist: valid config, runtime failure.
+    """The teacher import points at a folder without weights: it exists (a missing path would be
+    refused at submit), so the config is valid and the failure comes at run time.
     Every later stage is cancelled at once (not left PENDING DependencyNeverSatisfied) and the
     failure is explained in the state file, --status and the job's log."""
     run = tmp_path / "run"
+    (tmp_path / "no-such-mdlm").mkdir()
     bad = ["teacher.source=import", f"teacher.import_path={tmp_path / 'no-such-mdlm'}"]
     submit("--config", str(TINY), *SLURM_FLAGS, "--run-dir", str(run), *OVERRIDES, *FIT, *bad)
     names = [s.name for s in stages_of(run)]
@@ -374,7 +461,7 @@ def test_a_failing_stage_cancels_its_dependants(slurm_cluster: LocalSlurm, tmp_p
     assert st["teacher"]["status"] == "failed" and st["teacher"]["returncode"] != 0
     for n in later:
         assert st[n]["reason"].startswith("upstream stage teacher failed: exit code"), st[n]
-    assert "no-such-mdlm: no such file or directory" in st["teacher"]["reason"]  # the child's own error
+    assert "no-such-mdlm: no model.safetensors found" in st["teacher"]["reason"]  # the child's own error
     ids = [str(st[n]["job_id"]) for n in later]
     deadline = time.monotonic() + 60
     while set(sacct(ids).values()) != {"CANCELLED"}:  # nothing left waiting in the queue
@@ -387,7 +474,8 @@ def test_a_failing_stage_cancels_its_dependants(slurm_cluster: LocalSlurm, tmp_p
         time.sleep(0.5)
     log = task_logs(run, "teacher")[0]
     assert "no-such-mdlm" in log
-    assert re.search(r"stage 'teacher' failed: exit code \d+ \(error: .*no-such-mdlm.*\) \(job \d+, rank 0, log .*\); "
+    assert re.search(r"stage 'teacher' failed: exit code \d+ \(error \(rank 0\): .*no-such-mdlm.*\) "
+                     r"\(job \d+, rank 0, log .*\); "
                      r"cancelled its dependants: "
                      r"eval_0 \(job \d+\), targets_1 \(job \d+\),", log), log[-3000:]
     out = submit("--status", str(run)).stdout
@@ -484,21 +572,3 @@ def test_stage_job_pickles_without_its_runtime_state() -> None:
     back = cloudpickle.loads(cloudpickle.dumps(job))
     assert back.__dict__ == {"stage": stages[1], "run_dir": "/run", "code_dir": "/run/code/x",
                              "dependants": downstream(stages, "teacher"), "stop_timeout_s": 42.0}
-
-
-def test_preemption_exit_code_is_the_trainers() -> None:
-    from trainer.runtime.preempt import EXIT_PREEMPTED as TRAINER_EXIT
-
-    assert EXIT_PREEMPTED == TRAINER_EXIT
-
-
-def test_cluster_imports_only_the_config_of_trainer() -> None:
-    """DESIGN.md: tools -> cluster -> trainer.config; jobs run trainer code only as child processes."""
-    import ast
-
-    for path in sorted((REPO / "cluster").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for name in names:
-                assert not name.startswith("trainer") or name == "trainer.config", f"{path.name} imports {name}"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ConfigError, EngineConfig, OptimConfig
+from trainer.config import ConfigError, EngineConfig, OptimConfig, RunConfig, TrainSetup, distill_setup, pretrain_setup
 from trainer.runtime.dist import read_env
 from trainer.runtime.lr import lr_at
 
@@ -62,19 +62,15 @@ def test_lr_rejects_bad_input():
 # --------------------------------------------------------------------------------------------------
 # env reading (pure)
 # --------------------------------------------------------------------------------------------------
-def test_env_torchrun_slurm_and_single():
+def test_env_torchrun_and_single():
     r = read_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                   "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
     assert (r.rank, r.local_rank, r.world_size, r.local_world_size, r.source) == (3, 1, 8, 4, "torchrun")
-    step = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-            "SLURM_NTASKS_PER_NODE": "8(x2)", "MASTER_ADDR": "n1", "MASTER_PORT": "1"}
-    r = read_env(step)
-    assert (r.rank, r.local_rank, r.world_size, r.local_world_size, r.source) == (5, 1, 16, 8, "slurm")
-    # The step's own task counts win over the job's (srun -n4 inside a 16-task allocation).
-    r = read_env({**step, "SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"})
-    assert (r.world_size, r.local_world_size) == (4, 2)
-    # The batch script has SLURM_PROCID=0 and the job's SLURM_NTASKS but no step: one process.
+    # SLURM's variables are read by the job wrapper (cluster/slurm.py task_rendezvous), not here: the
+    # batch script (SLURM_PROCID=0, the job's SLURM_NTASKS, no step) and a one-task step are one process.
     r = read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16"})
+    assert (r.rank, r.world_size, r.source) == (0, 1, "single")
+    r = read_env({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1"})
     assert (r.rank, r.world_size, r.source) == (0, 1, "single")
     r = read_env({})
     assert (r.rank, r.world_size, r.source) == (0, 1, "single")
@@ -83,10 +79,13 @@ def test_env_torchrun_slurm_and_single():
 def test_env_errors_name_the_variable():
     with pytest.raises(ValueError, match="MASTER_PORT"):
         read_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "n1"})
-    with pytest.raises(ValueError, match="SLURM_PROCID"):
-        read_env({"SLURM_PROCID": "x", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"})
+    with pytest.raises(ValueError, match="RANK"):
+        read_env({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
     with pytest.raises(ValueError, match="outside"):
         read_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    # srun starting several tasks straight into a job would train N copies alone: refused.
+    with pytest.raises(ValueError, match="SLURM_STEP_NUM_TASKS.*tools/submit.py or torchrun"):
+        read_env({"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,17 +94,22 @@ def test_env_errors_name_the_variable():
 def test_ds_config_geometry_and_errors():
     from trainer.runtime.engine import ds_config
 
-    cfg = ds_config(OptimConfig(grad_clip=0.5), EngineConfig(zero_stage=3, global_batch_size=32, micro_batch_size=4), 2)
+    cfg = ds_config(TrainSetup(OptimConfig(grad_clip=0.5), 32), EngineConfig(zero_stage=3, micro_batch_size=4), 2)
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (4, 4)
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"]["params"]["torch_adam"] is True
     assert cfg["bf16"]["enabled"] is torch.cuda.is_available()
     with pytest.raises(ConfigError, match="engine.global_batch_size"):
-        ds_config(OptimConfig(), EngineConfig(global_batch_size=30), 4)
+        ds_config(TrainSetup(OptimConfig(), 30), EngineConfig(), 4)
     with pytest.raises(ConfigError, match="engine.micro_batch_size"):
-        ds_config(OptimConfig(), EngineConfig(global_batch_size=32, micro_batch_size=3), 2)
+        ds_config(TrainSetup(OptimConfig(), 32), EngineConfig(micro_batch_size=3), 2)
     with pytest.raises(ConfigError, match="distill.global_batch_size"):
-        ds_config(OptimConfig(), EngineConfig(), 3, global_batch_size=16, key="distill")
+        ds_config(TrainSetup(OptimConfig(), 16, key="distill"), EngineConfig(), 3)
+    # each stage's own settings reach DeepSpeed: distillation's lr and weight decay, not optim's
+    params = ds_config(distill_setup(RunConfig()), EngineConfig(), 2)["optimizer"]["params"]
+    assert params["lr"] == RunConfig().distill.lr != RunConfig().optim.lr
+    pretrain = ds_config(pretrain_setup(RunConfig()), EngineConfig(), 2)["optimizer"]["params"]
+    assert pretrain["lr"] == RunConfig().optim.lr
 
 
 # --------------------------------------------------------------------------------------------------

@@ -148,9 +148,13 @@ def test_decode_names_the_problem():
 
 
 def test_size_table_cli(capsys):
-    assert C.main(["--config", "configs/tiny.yaml", "--k", "8", "32"]) == 0
+    from tools.inspect_shards import main
+
+    assert main(["--sizes", "--config", "configs/tiny.yaml", "--k", "8", "32"]) == 0
     out = capsys.readouterr().out
     assert "vocabulary 64" in out and "vocabulary 50257" in out and "topk" in out and "sampled" in out
+    assert main(["--sizes", "model.bogus=1"]) == 2
+    assert "bad config key 'model.bogus'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("codec,k", [("topk", 4), ("dense", 0), ("sampled", 8)])

@@ -13,7 +13,6 @@ from trainer.config import DataConfig, SyntheticConfig
 from trainer.data.prepared import (
     DataError,
     MarkovSource,
-    _period,
     batches,
     data_digest,
     expand_paths,
@@ -25,8 +24,10 @@ from trainer.data.prepared import (
     prepare_data,
     split_indices,
 )
+from trainer.data.synthetic import _period
 from trainer.data.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer
 from trainer.jobs import prepare as prepare_job
+from trainer.jobs.common import entry
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def test_text_globs_txt_and_jsonl(tmp_path):
     with pytest.raises(DataError, match=r"broken\.jsonl:1: invalid JSON"):
         list(iter_text_documents([tmp_path / "broken.jsonl"], "text"))
     (tmp_path / "c.csv").write_text("x")
-    with pytest.raises(DataError, match=r"c\.csv is neither"):
+    with pytest.raises(DataError, match=r"c\.csv: unsupported file type"):
         expand_paths([str(tmp_path / "c.csv")])
 
 
@@ -175,7 +176,7 @@ def test_prepare_synthetic_is_deterministic_and_idempotent(tmp_path):
     out = prepare_data(cfg, tmp_path / "one")
     info = load_data_info(out)
     train, valid = load_split(out, "train"), load_split(out, "valid")
-    assert train.shape == (300, 16) and valid.shape == (40, 16) and train.dtype == np.int32
+    assert train.shape == (300, 16) and valid.shape == (40, 16) and train.dtype == np.uint16  # V = 64 fits
     assert isinstance(train, np.memmap)
     assert info["vocab_size"] == 64 and info["tokenizer"] == "synthetic"
     assert info["sequence_entropy_per_token"] == pytest.approx(
@@ -308,5 +309,8 @@ def test_prepare_job(tmp_path, capsys):
     info = load_data_info(tmp_path / "run" / "data")
     assert prepare_job.main(argv) == 0  # idempotent
     assert load_data_info(tmp_path / "run" / "data") == info
-    assert prepare_job.main(["--run-dir", str(tmp_path / "run"), "data.bogus=1"]) == 2
-    assert "data.bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # what `python -m trainer.jobs.prepare` does with bad input
+        entry(lambda: prepare_job.main(["--run-dir", str(tmp_path / "run"), "data.bogus=1"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error (rank 0): ") and "data.bogus" in err

@@ -1,53 +1,20 @@
 """Importing a teacher in MDLM's published layout, checked against an independent reference forward.
 
-The reference below is written from the facts in notes/sdtt-method.md ("The published MDLM
-checkpoint layout"), in float64 with explicit formulas (manual LayerNorm, tanh-GELU, per-pair rotary,
-softmax attention), and reads the weights by MDLM's key names. It shares no code with
+The reference below is written from the published MDLM checkpoint layout (kuleshov-group/mdlm-owt),
+in float64 with explicit formulas (manual LayerNorm, tanh-GELU, per-pair rotary, softmax attention),
+and reads the weights by MDLM's key names. It shares no code with
 trainer/model/dit.py, so a wrong key mapping, rotary convention, chunk order or modulate would show.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from tests.helpers import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, write_checkpoint
 from trainer.model.mdlm_import import MDLMImportError, import_mdlm, infer_model_config, load_mdlm_state_dict
-
-V1, D, LAYERS, HEADS, COND, LENGTH = 41, 32, 2, 4, 16, 24  # V1 = vocabulary incl. MASK
-
-
-def mdlm_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with MDLM's names and shapes (no prefix), adaLN included, all non-zero."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, mean=0.0):
-        return (mean + 0.2 * torch.randn(shape, generator=g)).contiguous()
-
-    hd = D // HEADS
-    sd = {
-        "vocab_embed.embedding": rnd(V1, D),
-        "sigma_map.mlp.0.weight": rnd(COND, 256), "sigma_map.mlp.0.bias": rnd(COND),
-        "sigma_map.mlp.2.weight": rnd(COND, COND), "sigma_map.mlp.2.bias": rnd(COND),
-        "rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd),
-        "output_layer.norm_final.weight": rnd(D, mean=1.0),
-        "output_layer.adaLN_modulation.weight": rnd(2 * D, COND),
-        "output_layer.adaLN_modulation.bias": rnd(2 * D),
-        "output_layer.linear.weight": rnd(V1, D), "output_layer.linear.bias": rnd(V1),
-    }
-    for i in range(LAYERS):
-        p = f"blocks.{i}."
-        sd |= {
-            p + "norm1.weight": rnd(D, mean=1.0), p + "norm2.weight": rnd(D, mean=1.0),
-            p + "attn_qkv.weight": rnd(3 * D, D), p + "attn_out.weight": rnd(D, D),
-            p + "mlp.0.weight": rnd(4 * D, D), p + "mlp.0.bias": rnd(4 * D),
-            p + "mlp.2.weight": rnd(D, 4 * D), p + "mlp.2.bias": rnd(D),
-            p + "adaLN_modulation.weight": rnd(6 * D, COND), p + "adaLN_modulation.bias": rnd(6 * D),
-        }
-    return sd
 
 
 def reference_forward(sd, x, sigma, n_heads, time_conditioning):
@@ -104,19 +71,6 @@ def reference_forward(sd, x, sigma, n_heads, time_conditioning):
     shift, scale = mod[..., :D], mod[..., D:]
     h = layer_norm(h, w["output_layer.norm_final.weight"]) * (1 + scale) + shift
     return linear(h, "output_layer.linear")
-
-
-def write_checkpoint(directory, sd, prefix="backbone.", config=None):
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({prefix + k: v for k, v in sd.items()}, str(directory / "model.safetensors"))
-    if config is not None:
-        (directory / "config.json").write_text(json.dumps(config))
-    return directory
-
-
-def hf_config(time_conditioning=False):
-    return {"vocab_size": V1, "model_length": LENGTH, "hidden_dim": D, "cond_dim": COND, "n_blocks": LAYERS,
-            "n_heads": HEADS, "dropout": 0.1, "time_conditioning": time_conditioning}
 
 
 def inputs():

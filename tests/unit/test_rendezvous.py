@@ -1,260 +1,86 @@
-"""Unit tests for cluster.rendezvous: hostlist expansion and launcher environment parsing (pure)."""
+"""The launch environment has one reader: submitit's view of a SLURM task (cluster.slurm.task_rendezvous),
+turned into the torchrun variables that the trainer (trainer.runtime.dist.read_env) reads. And the one
+private submitit method the requeue fix replaces is still there, with the signature it is called with.
+
+The SLURM variables below are what SLURM 22.05 sets in task 3 of ``srun -N2 --ntasks-per-node=2``
+(measured on the local cluster); submitit reads them exactly as it does inside a job."""
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
+import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.slurm.slurm import SlurmJobEnvironment
 
-from cluster.rendezvous import (
-    Rendezvous,
-    RendezvousError,
-    apply,
-    expand_hostlist,
-    free_port,
-    from_env,
-    slurm_port,
-)
+from cluster import pipeline
+from cluster.slurm import SLURM_PORT_BASE, SLURM_PORT_SPAN, StageJob, sigterm_proof_requeue, task_rendezvous
+from tests.helpers import REPO, TINY
+from trainer.config import load_config
+from trainer.runtime.dist import read_env
 
-
-def _no_port() -> int:
-    raise AssertionError("free_port must not be called here")
-
-
-# --------------------------------------------------------------------------------------------------
-# Hostlists
-# --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "text, hosts",
-    [
-        ("n1", ["n1"]),
-        ("n[1-2]", ["n1", "n2"]),
-        ("n[2]", ["n2"]),
-        ("gpu[001-004,010],cpu7", ["gpu001", "gpu002", "gpu003", "gpu004", "gpu010", "cpu7"]),
-        ("a1,b[3-5]", ["a1", "b3", "b4", "b5"]),
-        ("n[08-10]", ["n08", "n09", "n10"]),  # padding from the lower bound
-        ("n[8-10]", ["n8", "n9", "n10"]),
-        ("n[098-101]", ["n098", "n099", "n100", "n101"]),
-        ("n[0-1]", ["n0", "n1"]),
-        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),  # several groups: product, in order
-        ("node[1-2]-ib", ["node1-ib", "node2-ib"]),  # suffix after the brackets
-        ("x[3,1]", ["x3", "x1"]),  # order kept as written
-        (" n[1-2] , m ", ["n1", "n2", "m"]),
-        ("host.example.org", ["host.example.org"]),
-    ],
-)
-def test_expand_hostlist(text: str, hosts: list[str]) -> None:
-    assert expand_hostlist(text) == hosts
+TASK3 = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "12345", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
+         "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+         "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}
 
 
-@pytest.mark.parametrize(
-    "text, fragment",
-    [
-        ("", "empty hostlist"),
-        ("n[1-2", "unclosed '['"),
-        ("n1-2]", "unmatched ']'"),
-        ("n[[1]]", "nested '['"),
-        ("n[2-1]", "descending range"),
-        ("n[a-b]", "bad range"),
-        ("n[]", "bad range"),
-        ("n[1-]", "bad range"),
-        ("a,,b", "empty host name"),
-    ],
-)
-def test_expand_hostlist_rejects_malformed(text: str, fragment: str) -> None:
-    with pytest.raises(ValueError, match=fragment.replace("[", r"\[")):
-        expand_hostlist(text)
+@pytest.fixture
+def slurm_task(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in TASK3.items():
+        monkeypatch.setenv(key, value)
+    return TASK3
+
+
+def test_task_rendezvous_reads_the_slurm_task(slurm_task: dict[str, str]) -> None:
+    r = task_rendezvous()
+    assert (r.rank, r.local_rank, r.world_size, r.local_world_size, r.node_rank) == (3, 1, 4, 2, 1)
+    assert r.master_addr == "gpu-07"  # rank 0 runs on the first host of the job's node list
+    assert r.master_port == SLURM_PORT_BASE + 12345 % SLURM_PORT_SPAN  # every task derives the same port
+
+
+def test_the_trainer_reads_back_what_the_job_wrapper_writes(slurm_task: dict[str, str]) -> None:
+    stages = pipeline.build_chain(load_config(TINY))
+    env, r = StageJob(stages[1], "/run", "/run/code/abc").child_environment(dict(slurm_task))
+    assert env["PYTHONPATH"] == "/run/code/abc"
+    back = read_env(env)
+    assert (back.rank, back.local_rank, back.world_size, back.local_world_size, back.source) == (3, 1, 4, 2, "torchrun")
+    assert (back.master_addr, back.master_port) == ("gpu-07", str(r.master_port))
+
+
+def test_no_second_parser_of_slurm_variables() -> None:
+    """SLURM's task variables are read in one place, submitit (called by cluster/slurm.py). The one
+    exception is dist.read_env's guard that refuses a multi-task srun launch without torchrun variables."""
+    reads = re.compile(r'(environ|env)(\.get\(|\[)\s*"SLURM_(PROCID|LOCALID|NTASKS|STEP_NUM_TASKS|JOB_NODELIST|'
+                       r'NODELIST|NODEID|TASKS_PER_NODE|STEP_TASKS_PER_NODE|JOB_ID|ARRAY_JOB_ID)')
+    found = []
+    for path in sorted([*(REPO / "trainer").rglob("*.py"), *(REPO / "cluster").rglob("*.py")]):
+        for line in path.read_text().splitlines():
+            if reads.search(line):
+                found.append((str(path.relative_to(REPO)), line.strip()))
+    assert found == [("trainer/runtime/dist.py", 'tasks = env.get("SLURM_STEP_NUM_TASKS", "1")')], found
 
 
 # --------------------------------------------------------------------------------------------------
-# torchrun
+# The submitit private method cluster.slurm patches (sigterm_proof_requeue)
 # --------------------------------------------------------------------------------------------------
-TORCHRUN = {
-    "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
-    "MASTER_ADDR": "node0", "MASTER_PORT": "29500",
-}
+def test_submitit_is_a_version_the_requeue_patch_was_made_for() -> None:
+    major, minor = (int(x) for x in submitit.__version__.split(".")[:2])
+    assert (major, minor) == (1, 5), (f"submitit {submitit.__version__}: cluster.slurm.sigterm_proof_requeue "
+                                      "patches a private method of 1.5; check it, then widen the pin in pyproject.toml")
 
 
-def test_torchrun() -> None:
-    assert from_env(TORCHRUN, free_port=_no_port) == Rendezvous(
-        rank=5, local_rank=1, world_size=8, local_world_size=4, node_rank=1, master_addr="node0", master_port=29500)
-
-
-def test_torchrun_minimal_variables_mean_one_node() -> None:
-    env = {k: TORCHRUN[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    r = from_env(env)
-    assert (r.local_world_size, r.node_rank) == (8, 0)
-
-
-def test_torchrun_wins_over_slurm() -> None:
-    env = {**SLURM_STEP_RANK3, **TORCHRUN}
-    assert from_env(env).rank == 5 and from_env(env).master_addr == "node0"
-
-
-@pytest.mark.parametrize("missing", ["WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"])
-def test_torchrun_incomplete_names_the_variable(missing: str) -> None:
-    env = {k: v for k, v in TORCHRUN.items() if k != missing}
-    with pytest.raises(RendezvousError, match=f"RANK is set .* but {missing} is not"):
-        from_env(env)
-
-
-@pytest.mark.parametrize(
-    "name, value, fragment",
-    [
-        ("RANK", "five", "RANK='five' is not an integer"),
-        ("WORLD_SIZE", "0", "WORLD_SIZE='0' must be >= 1"),
-        ("LOCAL_RANK", "-1", "LOCAL_RANK='-1' must be >= 0"),
-        ("MASTER_PORT", "70000", "MASTER_PORT='70000' is not a TCP port"),
-        ("MASTER_PORT", "0", "MASTER_PORT='0' must be >= 1"),
-    ],
-)
-def test_malformed_values_name_the_variable(name: str, value: str, fragment: str) -> None:
-    with pytest.raises(RendezvousError, match=fragment):
-        from_env({**TORCHRUN, name: value})
-
-
-def test_inconsistent_ranks_are_rejected() -> None:
-    with pytest.raises(RendezvousError, match=r"rank=8 is not in \[0, world_size=8\)"):
-        from_env({**TORCHRUN, "RANK": "8"})
-    with pytest.raises(RendezvousError, match="local_rank=4 is not in"):
-        from_env({**TORCHRUN, "LOCAL_RANK": "4"})
-
-
-# --------------------------------------------------------------------------------------------------
-# SLURM (values as measured on the local cluster, Slurm 22.05: sbatch -N2 --ntasks-per-node=2)
-# --------------------------------------------------------------------------------------------------
-SLURM_JOB = {
-    "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NODELIST": "n[1-2]", "SLURM_NNODES": "2",
-    "SLURM_NTASKS": "4", "SLURM_NPROCS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "2(x2)",
-}
-# What the batch script itself sees: no step id.
-SLURM_BATCH = {**SLURM_JOB, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
-# Task 3 of `srun` (all 4 tasks) inside that job.
-SLURM_STEP_RANK3 = {
-    **SLURM_JOB, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0",
-    "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
-}
-# `srun -N1 -n1 -r1` inside the same job: the step runs on n2 only, yet SLURM_NTASKS_PER_NODE
-# still carries the job's 2.
-SLURM_SUBSTEP = {
-    **SLURM_JOB, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_STEP_ID": "1",
-    "SLURM_NTASKS": "1", "SLURM_NPROCS": "1", "SLURM_TASKS_PER_NODE": "1",
-    "SLURM_STEP_NODELIST": "n2", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1",
-}
-
-
-def test_slurm_task() -> None:
-    assert from_env(SLURM_STEP_RANK3, free_port=_no_port) == Rendezvous(
-        rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1, master_addr="n1",
-        master_port=slurm_port(5))
-
-
-def test_slurm_step_variables_win_over_job_ones() -> None:
-    r = from_env(SLURM_SUBSTEP, free_port=_no_port)
-    assert (r.rank, r.world_size, r.local_world_size, r.master_addr) == (0, 1, 1, "n2")
-
-
-def test_slurm_batch_script_is_a_single_process() -> None:
-    r = from_env(SLURM_BATCH, free_port=lambda: 41234)
-    assert (r.rank, r.world_size, r.master_addr, r.master_port) == (0, 1, "127.0.0.1", 41234)
-    assert from_env({**SLURM_BATCH, "SLURM_STEP_ID": "4294967294"}, free_port=lambda: 1).world_size == 1
-
-
-def test_slurm_port_is_deterministic_and_unprivileged() -> None:
-    ports = {slurm_port(j) for j in range(0, 100000, 7)}
-    assert min(ports) >= 20000 and max(ports) < 32768  # below Linux's ephemeral range
-    assert slurm_port(5) == slurm_port(5) == 20005
-
-
-def test_slurm_master_port_override() -> None:
-    assert from_env({**SLURM_STEP_RANK3, "MASTER_PORT": "12345"}).master_port == 12345
-
-
-def test_slurm_first_host_of_nodelist_is_master() -> None:
-    env = {**SLURM_STEP_RANK3, "SLURM_STEP_NODELIST": "gpu[003-004,010],cpu7", "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
-           "SLURM_STEP_NUM_TASKS": "8"}
-    assert from_env(env).master_addr == "gpu003"
-
-
-def test_slurm_job_nodelist_when_no_step_nodelist() -> None:
-    env = {k: v for k, v in SLURM_STEP_RANK3.items() if k != "SLURM_STEP_NODELIST"}
-    env["SLURM_JOB_NODELIST"] = "a1,b[3-5]"
-    assert from_env(env).master_addr == "a1"
-
-
-def test_slurm_uneven_tasks_per_node() -> None:
-    # 7 tasks: 2 on each of nodes 0-2, 1 on node 3; this is node 3's only task.
-    env = {"SLURM_PROCID": "6", "SLURM_LOCALID": "0", "SLURM_NODEID": "3", "SLURM_STEP_ID": "0",
-           "SLURM_NTASKS": "7", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "c[1-4]",
-           "SLURM_TASKS_PER_NODE": "2(x3),1"}
-    r = from_env(env)
-    assert (r.local_world_size, r.node_rank, r.master_addr) == (1, 3, "c1")
-    assert from_env({**env, "SLURM_NODEID": "1", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}).local_world_size == 2
-
-
-def test_slurm_even_split_without_per_node_variables() -> None:
-    env = {"SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
-           "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n[1-2]"}
-    assert from_env(env).local_world_size == 1
-    with pytest.raises(RendezvousError, match="cannot tell the tasks per node"):
-        from_env({**env, "SLURM_NTASKS": "3"})
-
-
-@pytest.mark.parametrize(
-    "change, fragment",
-    [
-        ({"SLURM_STEP_NODELIST": "n[1-"}, "SLURM_STEP_NODELIST: unclosed"),
-        ({"SLURM_STEP_TASKS_PER_NODE": "2(y2)"}, "SLURM_STEP_TASKS_PER_NODE='2\\(y2\\)'"),
-        ({"SLURM_STEP_TASKS_PER_NODE": "2"}, "has no entry for SLURM_NODEID=1"),
-        ({"SLURM_PROCID": "x"}, "SLURM_PROCID='x' is not an integer"),
-        ({"SLURM_STEP_NUM_TASKS": ""}, None),  # empty: falls back to SLURM_NTASKS
-        ({"SLURM_JOB_ID": "abc"}, "SLURM_JOB_ID='abc' is not an integer"),
-    ],
-)
-def test_slurm_malformed_values_name_the_variable(change: dict[str, str], fragment: str | None) -> None:
-    env = {**SLURM_STEP_RANK3, **change}
-    if fragment is None:
-        assert from_env(env).world_size == 4
-    else:
-        with pytest.raises(RendezvousError, match=fragment):
-            from_env(env)
-
-
-def test_slurm_missing_variables_are_named() -> None:
-    env = {k: v for k, v in SLURM_STEP_RANK3.items() if not k.endswith("NODELIST")}
-    with pytest.raises(RendezvousError, match="SLURM_JOB_NODELIST"):
-        from_env(env)
-    env = {k: v for k, v in SLURM_STEP_RANK3.items() if k not in ("SLURM_JOB_ID", "SLURM_JOBID")}
-    with pytest.raises(RendezvousError, match="SLURM_JOB_ID is not set"):
-        from_env(env)
-
-
-# --------------------------------------------------------------------------------------------------
-# Single process, apply
-# --------------------------------------------------------------------------------------------------
-def test_single_process_defaults() -> None:
-    assert from_env({}, free_port=lambda: 45678) == Rendezvous(0, 0, 1, 1, 0, "127.0.0.1", 45678)
-    assert from_env({"MASTER_PORT": "2222", "MASTER_ADDR": "h"}, free_port=_no_port).master_port == 2222
-
-
-def test_free_port_is_bindable() -> None:
-    import socket
-
-    port = free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
-
-
-@pytest.mark.parametrize("env", [TORCHRUN, SLURM_STEP_RANK3, SLURM_SUBSTEP])
-def test_apply_writes_what_from_env_reads_back(env: dict[str, str]) -> None:
-    rdzv = from_env(env)
-    target: dict[str, str] = {}
-    apply(rdzv, target)
-    assert {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= set(target)
-    assert from_env(target, free_port=_no_port) == rdzv
-
-
-def test_apply_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    apply(Rendezvous(0, 0, 1, 1, 0, "127.0.0.1", 29400))
-    assert (os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("1", "29400")
+def test_the_patched_private_method_is_still_what_submitit_calls() -> None:
+    """If submitit renames _requeue, changes its signature, or stops calling it on the preemption
+    signal, the patch would silently do nothing: this fails instead."""
+    assert list(inspect.signature(SlurmJobEnvironment._requeue).parameters) == ["self", "countdown"]
+    assert re.search(r"\.env\._requeue\(", inspect.getsource(SignalHandler.checkpoint_and_try_requeue))
+    original = SlurmJobEnvironment._requeue
+    try:
+        sigterm_proof_requeue()
+        assert SlurmJobEnvironment._requeue is not original
+        assert "requeue_job" in inspect.getsource(SlurmJobEnvironment._requeue)
+    finally:
+        SlurmJobEnvironment._requeue = original

@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trainer.config import EngineConfig, ModelConfig, OptimConfig, RunConfig  # noqa: E402
+from trainer.config import EngineConfig, ModelConfig, OptimConfig, RunConfig, TrainSetup  # noqa: E402
 from trainer.runtime import dist  # noqa: E402
 
 V, L, GLOBAL, MICRO, STEPS, HALF = 512, 16, 8, 2, 6, 3
@@ -76,7 +76,7 @@ def build(stage: int, world: int, d: int = 256, ema: float | None = 0.9):
 
     optim = OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine", grad_clip=1.0)
     eng = EngineConfig(zero_stage=stage, precision="auto", global_batch_size=GLOBAL, micro_batch_size=MICRO)
-    return build_engine(make_model(d), optim, eng, total_steps=STEPS, world_size=world, ema_decay=ema)
+    return build_engine(make_model(d), TrainSetup(optim, GLOBAL, ema or 0.0), eng, total_steps=STEPS, world_size=world)
 
 
 def train(engine, upto: int) -> list[dict]:

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer.config import RunConfig, load_config, round_steps
+from trainer.config import RunConfig, load_config
+from trainer.layout import RunLayout
 from trainer.method import sdtt
 from trainer.model.dit import DiT, count_parameters
-from trainer.targets import shards
+from trainer.targets import header, shards
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -56,7 +57,7 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
 def load_or_random(cfg: RunConfig, export: str | None, seed: int, causal: bool = False) -> tuple[DiT, str]:
     """(model in eval mode on CPU, a word on where its weights came from)."""
     if export:
-        from trainer.jobs.common import load_model
+        from trainer.runtime.checkpoint import load_model
 
         model, ecfg = load_model(Path(export), "ema", expect_model=cfg.model, causal=causal)
         return model, f"export {export} (ema)"
@@ -77,15 +78,8 @@ def x0_rows(cfg: RunConfig, n: int, seq_len: int, seed: int) -> torch.Tensor:
 
 def example_spec(cfg: RunConfig, round_idx: int = 1, codec: str | None = None,
                  k: int | None = None) -> sdtt.ExampleSpec:
-    """The targets job's ExampleSpec (trainer/jobs/targets.py, ``run``), for round ``round_idx``."""
-    g = cfg.targets
-    student_steps = round_steps(cfg, round_idx)
-    return sdtt.ExampleSpec(
-        seed=cfg.seed, round_idx=round_idx,
-        dt=sdtt.teacher_dt(student_steps, g.teacher_steps, cfg.diffusion.sampling_eps),
-        teacher_steps=g.teacher_steps, mask_id=cfg.model.vocab_size, noise_eps=cfg.diffusion.noise_eps,
-        train_eps=cfg.diffusion.train_eps, t_min=cfg.diffusion.sampling_eps,
-        codec=codec or g.codec, k=k if k is not None else g.k)
+    """The targets job's ExampleSpec (trainer.targets.header.example_spec), for round ``round_idx``."""
+    return header.example_spec(cfg, round_idx, codec=codec or None, k=k)
 
 
 def bench_env() -> dict[str, str]:
@@ -99,8 +93,18 @@ def bench_env() -> dict[str, str]:
     return e
 
 
+def _repo_relative(path: Any) -> str:
+    """A path inside the repository as repository-relative (results hold no machine's paths)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def common_result(name: str, args: argparse.Namespace, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
-    return {"bench": name, "config": str(args.config), "overrides": list(args.overrides), "device": str(device),
+    return {"bench": name, "config": _repo_relative(args.config), "overrides": list(args.overrides),
+            "device": str(device),
             "threads": torch.get_num_threads(), "repeats": args.repeats, "model": cfg.model.__dict__.copy(),
             "parameters": _param_count(cfg),
             "torch": torch.__version__}
@@ -120,16 +124,17 @@ def make_target_set(work: Path, config: Path, overrides: Sequence[str], num_samp
                                f"targets.samples_per_shard={per_shard}",
                                f"data.num_train_sequences={max(256, min(num_samples, 4096))}",
                                "data.num_valid_sequences=64"])
-    save_config(cfg, run / "config.yaml")
-    prepare_data(cfg.data, run / "data")
+    layout = RunLayout(run)
+    save_config(cfg, layout.config)
+    prepare_data(cfg.data, layout.data)
     model = randomize_(DiT(cfg.model), seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    export_weights(run / "teacher" / "export", state, state, cfg, step=0)
+    export_weights(layout.export(0), state, state, cfg, step=0)
     cmd = [sys.executable, "-m", "trainer.jobs.targets", "--run-dir", str(run), "--round", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=bench_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return run / "round_1" / "targets"
+    return layout.targets(1)
 
 
 def shard_urls(targets: Path) -> tuple[list[str], dict[str, Any]]:
@@ -137,13 +142,13 @@ def shard_urls(targets: Path) -> tuple[list[str], dict[str, Any]]:
     return [str(targets / s["name"]) for s in manifest["shards"]], manifest
 
 
-READER = "trainer.targets.reader (SampleOrder + RankReader, WebDataset) -> trainer.jobs.distill.offline_batch"
+READER = "trainer.targets.reader (SampleOrder + RankReader, WebDataset) -> trainer.distill.batches.offline_batch"
 
 
 def rank_reader(targets: Path, manifest: Mapping[str, Any], cfg: RunConfig, world: int, rank: int,
                 workers: int) -> tuple[Any, Any]:
     """The distill job's reader for one rank: (RankReader, Geometry). Same order, streams and
-    WebDataset pipeline as trainer/jobs/distill.py (checksums are not re-verified here)."""
+    WebDataset pipeline as the distill job (checksums are not re-verified here)."""
     from trainer.targets import reader as SR
 
     geo = SR.geometry(cfg.distill.global_batch_size, world, rank, cfg.distill.streams, workers)
@@ -155,15 +160,15 @@ def rank_reader(targets: Path, manifest: Mapping[str, Any], cfg: RunConfig, worl
 def to_batch(samples: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any], cfg: RunConfig,
              device: torch.device) -> Any:
     """Decoded samples -> the student's micro-batch (collate + codec decode), as the distill job."""
-    from trainer.jobs.distill import offline_batch
+    from trainer.distill.batches import offline_batch
 
     return offline_batch(list(samples), manifest["codec"], int(manifest["k"]), cfg, device)
 
 
 def student_loss(forward: Callable[..., Tensor], batch: Any, cfg: RunConfig) -> Tensor:
-    """The distill job's loss (trainer.jobs.distill.distill_loss): the student's one prediction on
+    """The distill job's loss (trainer.distill.batches.distill_loss): the student's one prediction on
     x_t against the coded targets, mean divergence over the masked positions."""
-    from trainer.jobs.distill import distill_loss
+    from trainer.distill.batches import distill_loss
 
     return distill_loss(forward, batch, cfg, cfg.distill.divergence)
 

@@ -25,8 +25,12 @@ def cmd_sampling(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"bench sampling: --seq-len {L} > model.max_seq_len={cfg.model.max_seq_len}")
     V, B = cfg.model.vocab_size, args.batch
     model, origin = load_or_random(cfg, args.export, args.seed)
-    ar = DiT(cfg.model, causal=True).eval()
-    ar.load_state_dict(model.state_dict())  # same shapes and names: the same-size AR model, same weights
+    if getattr(args, "ar_export", None):  # the AR stage's model (trainer.jobs.pretrain --ar): <run>/ar/export
+        ar, ar_origin = load_or_random(cfg, args.ar_export, args.seed, causal=True)
+        origin += f"; AR: {ar_origin}"
+    else:
+        ar = DiT(cfg.model, causal=True).eval()
+        ar.load_state_dict(model.state_dict())  # same shapes and names: the same-size AR model, same weights
     model, ar = model.to(device), ar.to(device)
     denoise = make_denoiser(model, V, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
     # The generator lives on the sampling device by default (2 L float64 uniforms per sample and step

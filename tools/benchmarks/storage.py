@@ -26,9 +26,12 @@ from tools.benchmarks.common import (
 )
 from tools.benchmarks.timing import table
 from trainer.config import RunConfig, load_config, round_steps
-from trainer.method import diffusion, sdtt
+from trainer.distill.batches import offline_batch
+from trainer.method import sdtt
+from trainer.method.losses import mdlm_loss
 from trainer.method.sampling import make_denoiser
 from trainer.model.dit import DiT
+from trainer.runtime.checkpoint import load_model
 from trainer.targets import codecs, shards
 
 
@@ -46,8 +49,6 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- the teacher -------------------------------------------------------------------------
     if args.teacher:
-        from trainer.jobs.common import load_model
-
         teacher, _ = load_model(Path(args.teacher), "ema", expect_model=cfg.model)
         teacher_origin = f"export {args.teacher}"
         probe = perturbed(teacher, 0.05, args.seed)
@@ -192,22 +193,20 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
 
 def pretrain_tiny(cfg: RunConfig, src: Any, steps: int, seed: int, device: torch.device) -> tuple[DiT, DiT]:
     """A teacher for the quality measurement: plain single-process MDLM training (the pretrain job's
-    loss: trainer.method.diffusion), AdamW with the config's lr and warm-up. Returns (the teacher, its
+    loss: trainer.method.losses.mdlm_loss), AdamW with the config's lr and warm-up. Returns (the teacher, its
     snapshot at half the steps: a model that really differs from it, to probe the losses with)."""
     torch.manual_seed(seed)
     model = DiT(cfg.model).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.optim.warmup_steps)))
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    V, eps, B = cfg.model.vocab_size, cfg.diffusion.noise_eps, cfg.engine.global_batch_size
+    B = cfg.engine.global_batch_size
     half = None
     for i in range(steps):
         if i == steps // 2:
             half = copy.deepcopy(model).eval()
         x0 = torch.from_numpy(src.sample(B, cfg.data.seq_len, rng)).to(device)
-        t = diffusion.sample_times(B, gen, cfg.diffusion.train_eps, cfg.diffusion.antithetic)
-        xt = diffusion.mask_tokens(x0, t, V, eps, gen)
-        loss = diffusion.elbo_nll_at(diffusion.masked_log_probs(model(xt, rows=xt == V), V), x0, xt, t, V, eps).mean()
+        loss = mdlm_loss(model, x0, gen, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -222,8 +221,6 @@ def coded_batch(tden: Callable, x0: Tensor, indices: Sequence[int], spec: sdtt.E
     student, minus the tar): sdtt.make_examples -> the distill job's collate + codec decode."""
     exs = sdtt.make_examples(tden, x0.to(device), list(indices), spec)
     samples = [{"key": shards.sample_key(e.index), "xt": e.xt, "meta": e.meta(), **e.fields} for e in exs]
-    from trainer.jobs.distill import offline_batch
-
     return offline_batch(samples, spec.codec, spec.k, cfg, device)
 
 

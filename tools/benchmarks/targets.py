@@ -21,15 +21,15 @@ from tools.benchmarks.common import (
     x0_rows,
 )
 from tools.benchmarks.timing import Ratio, cpu_ratio, goal_line, interleaved, med, table
-from trainer.config import load_config, round_steps
+from trainer.config import load_config
 from trainer.method import diffusion, sdtt
 from trainer.method.sampling import make_denoiser
 from trainer.targets import shards
+from trainer.targets.header import TeacherId, describe, sharding
+from trainer.targets.writer import write_shard
 
 
 def cmd_targets(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.jobs.targets import build_header, write_shard
-
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(args.device)
     set_threads(args.threads, device)
@@ -44,10 +44,8 @@ def cmd_targets(args: argparse.Namespace) -> dict[str, Any]:
     per_shard = shards.samples_per_shard(g.samples_per_shard, g.shard_max_bytes,
                                          shards.max_sample_bytes(g.codec, g.k, V, L))
     plan = shards.ShardPlan(n, per_shard)
-    header = build_header(cfg, args.round, teacher="bench", which="raw", teacher_sha="0" * 64,
-                          data_info={"digest": "bench", "tokenizer": "bench"}, spec=spec,
-                          student_steps=round_steps(cfg, args.round), per_shard=per_shard, prefix=plan.prefix)
-    header["num_samples"] = n
+    header = describe(cfg, args.round, TeacherId("bench", "raw", "0" * 64), {"digest": "bench", "tokenizer": "bench"})
+    header |= sharding(cfg, per_shard, plan.prefix) | {"num_samples": n}
     digest = shards.header_digest(header)
     x0 = x0_rows(cfg, n, L, args.seed)
     batches = [b for j in range(plan.num_shards) for b in plan.batches(j, g.batch_size)]
@@ -64,7 +62,7 @@ def cmd_targets(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-targets-", dir=args.work))
 
     def full() -> Path:
-        """The targets job's own shard loop (trainer/jobs/targets.py ``write_shard``): rollout + codec
+        """The targets job's own shard loop (trainer/targets/writer.py ``write_shard``): rollout + codec
         (sdtt.make_examples), ShardWriter (tar, fsync, sha256, atomic rename), then the manifest."""
         out = Path(tempfile.mkdtemp(prefix="set-", dir=work))
         shards.start_set(out, header)

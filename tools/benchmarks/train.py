@@ -100,7 +100,7 @@ def cmd_train_worker(args: argparse.Namespace) -> dict[str, Any] | None:
     in interleaved blocks of steps fed by the distill job's reader (one stream for all modes)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from trainer.config import EngineConfig
+    from trainer.config import EngineConfig, distill_setup
     from trainer.runtime import dist
     from trainer.runtime.engine import build_engine, resolve_precision
 
@@ -150,10 +150,11 @@ def cmd_train_worker(args: argparse.Namespace) -> dict[str, Any] | None:
         else:
             eng_cfg = EngineConfig(zero_stage=int(mode[-1]), precision=precision, global_batch_size=gbs,
                                    micro_batch_size=micro)
-            optim = dataclasses.replace(cfg.optim, weight_decay=cfg.distill.weight_decay)
-            # No EMA: the comparison is the parallelism strategy (DDP has none either).
-            engine = build_engine(model, optim, eng_cfg, 10**9, info.world_size, lr=cfg.distill.lr,
-                                  warmup_steps=0, global_batch_size=gbs, ema_decay=None, key="distill")
+            # No EMA and no warm-up: the comparison is the parallelism strategy (DDP has neither).
+            setup = distill_setup(cfg)
+            setup = dataclasses.replace(setup, optim=dataclasses.replace(setup.optim, warmup_steps=0),
+                                        global_batch_size=gbs, ema=0.0)
+            engine = build_engine(model, setup, eng_cfg, 10**9, info.world_size)
 
             def zero_step(b: Any, engine=engine) -> float:
                 return engine.train_step(lambda e, mb: student_loss(e, mb, cfg), [b])["loss"]

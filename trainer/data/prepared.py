@@ -1,14 +1,17 @@
 """Corpora -> fixed-length token sequences, prepared once and read by every later job.
 
 Three sources (``DataConfig.source``):
-- ``synthetic``: a seeded sparse first-order Markov chain with a small uniform leak (``MarkovSource``)
-  whose likelihood, entropy rate and bigram law are exact, so model quality is measured against the
-  truth, not a proxy;
-- ``text``: local ``.txt`` (one document per file) and ``.jsonl`` (one document per line) files;
+- ``synthetic``: a seeded sparse first-order Markov chain with a small uniform leak
+  (``MarkovSource``, trainer/data/synthetic.py) whose likelihood, entropy rate and bigram law are
+  exact, so model quality is measured against the truth, not a proxy;
+- ``text``: local files and folders (trainer/data/corpus.py: plain text, jsonl, parquet, arrow,
+  ``save_to_disk`` folders);
 - ``hf``: a Hugging Face dataset by name (optional ``datasets`` package, cache or hub).
 
-Text is tokenised, each document followed by EOS, concatenated and cut into rows of ``seq_len``.
-``prepare_data`` writes ``train.npy``/``valid.npy`` (int32 [N, L]) and then ``data.json`` (what made
+Text is tokenised in ``data.workers`` processes and packed into rows of ``seq_len``, each document
+followed by EOS, or MDLM's ``[BOS] ... [EOS]`` rows with ``data.wrap`` (trainer/data/packing.py).
+``prepare_data`` writes ``train.npy``/``valid.npy`` ([N, L], uint16 when the vocabulary fits in
+16 bits, else int32; memory-mapped by every reader) and then ``data.json`` (what made
 them and a sha256 digest); every file appears by an atomic rename and data.json comes last, so a
 reader that finds data.json finds complete arrays. ``batches`` turns the train array into the
 deterministic, resumable per-rank stream the training loops consume.
@@ -16,343 +19,56 @@ deterministic, resumable per-rank stream the training loops consume.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
+import itertools
 import json
-import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainer.config import DataConfig, SyntheticConfig
+from trainer.config import DataConfig
+from trainer.data.corpus import documents, expand_paths, iter_hf_documents, iter_text_documents  # noqa: F401
+from trainer.data.errors import DataError
+from trainer.data.packing import BATCH_DOCS, Packer, bos_id, encode_docs, pack_stream, token_dtype
+from trainer.data.synthetic import DENSE_MAX_VOCAB, MarkovSource  # noqa: F401 (re-exported)
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
+from trainer.fileio import atomic_write_json
 
-FORMAT_VERSION = 1  # bump when the meaning of prepared files or of their inputs changes
+# bump when the meaning of prepared files or of their inputs changes. 2: uint16 tokens when the vocabulary
+# fits, data.wrap, plain-text/parquet/arrow/save_to_disk inputs.
+FORMAT_VERSION = 2
 SPLITS = ("train", "valid")
 
 
-class DataError(ValueError):
-    """Bad or missing data; the message names the file, glob or config key."""
-
-
 # --------------------------------------------------------------------------------------------------
-# The synthetic source
+# Packing (serial; prepare_data uses trainer/data/packing.py's parallel stream)
 # --------------------------------------------------------------------------------------------------
-# Above this vocabulary the transition matrix is not materialised: the stationary law comes from
-# sparse power iteration and dense tables are refused (50k^2 float64 would be 20 GB).
-DENSE_MAX_VOCAB = 2048
-# Dirichlet draws with a small concentration underflow to exactly 0; raising them to this floor keeps
-# every listed successor a real edge, so the irreducibility/aperiodicity checks mean something.
-_MIN_PROB = 1e-12
-_MAX_REDRAWS = 100
-_POWER_TOL = 1e-13
-_POWER_MAX_ITERS = 200_000
-
-
-class MarkovSource:
-    """A seeded first-order Markov chain over ``vocab_size`` states (= tokens): sparse plus a leak.
-
-    Row i is P_i = (1 - leak) S_i + leak / V, where S_i puts Dirichlet(``concentration``) weights on
-    ``branching`` distinct successors. One successor of every state lies on a random Hamiltonian
-    cycle through all states, so S alone is irreducible; with ``branching >= 2`` the successor sets
-    are re-drawn until S is also aperiodic (``branching == 1`` is the cycle itself, periodic, but with
-    a unique uniform stationary law). Sequences start from the stationary law of P, so every position
-    is stationary and consecutive pairs follow ``bigram_distribution`` exactly.
-
-    Sparse form (float64): ``succ[i, k]`` is the k-th successor of state i and ``probs[i, k]`` its
-    weight in S; ``stationary`` is the stationary law of P. Nothing V x V is built unless asked for
-    (and then only up to vocab 2048), so a GPT-2-sized vocabulary works.
-    """
-
-    def __init__(self, cfg: SyntheticConfig):
-        if (cfg.vocab_size < 2 or not 1 <= cfg.branching <= cfg.vocab_size or cfg.concentration <= 0
-                or not 0 <= cfg.leak < 1):
-            raise DataError(f"bad data.synthetic: vocab_size={cfg.vocab_size}, branching={cfg.branching}, "
-                            f"concentration={cfg.concentration}, leak={cfg.leak}")
-        self.cfg = cfg
-        self.vocab_size = cfg.vocab_size
-        self.leak = cfg.leak
-        rng = np.random.default_rng(cfg.seed)
-        for _ in range(_MAX_REDRAWS):
-            succ, probs = _draw_chain(cfg.vocab_size, cfg.branching, cfg.concentration, rng)
-            if cfg.branching == 1 or _period(succ) == 1:
-                break
-        else:
-            raise DataError(f"data.synthetic: no aperiodic chain in {_MAX_REDRAWS} draws "
-                            f"(vocab_size={cfg.vocab_size}, branching={cfg.branching})")
-        self.succ: np.ndarray = succ
-        self.probs: np.ndarray = probs
-        # Cumulative rows with an exact 1.0 at the end: a uniform u in (0, 1] always finds a successor.
-        self._cum = np.cumsum(probs, axis=1)
-        self._cum[:, -1] = 1.0
-        self.stationary: np.ndarray = (self._stationary_dense() if self.vocab_size <= DENSE_MAX_VOCAB
-                                       else self._stationary_power())
-        self._cum_stationary = np.cumsum(self.stationary)
-        self._cum_stationary[-1] = 1.0
-        with np.errstate(divide="ignore"):
-            self._log_stationary = np.log(self.stationary)
-
-    # -- sampling and likelihood ---------------------------------------------------------------
-    def sample(self, n: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
-        """``n`` independent sequences of length ``seq_len`` (int64 [n, seq_len])."""
-        out = np.empty((n, seq_len), dtype=np.int64)
-        # u in (0, 1]: the index of the first cumulative value >= u has exactly its own probability.
-        out[:, 0] = np.searchsorted(self._cum_stationary, 1.0 - rng.random(n), side="left")
-        for t in range(1, seq_len):
-            state = out[:, t - 1]
-            u = 1.0 - rng.random(n)
-            nxt = self.succ[state, (self._cum[state] < u[:, None]).sum(axis=1)]
-            if self.leak > 0:
-                jump = rng.random(n) < self.leak
-                nxt = np.where(jump, rng.integers(0, self.vocab_size, n), nxt)
-            out[:, t] = nxt
-        return out
-
-    def log_prob(self, seqs: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Exact log-likelihood of each sequence (float64 [n]); -inf only if leak = 0 and a
-        transition is not in the sparse support."""
-        x = self._check_tokens(seqs)
-        out = np.empty(x.shape[0], dtype=np.float64)
-        # Chunk the rows: the successor match below is [rows, L - 1, branching] wide.
-        rows = max(1, (1 << 22) // max(1, x.shape[1] * self.cfg.branching))
-        for i in range(0, x.shape[0], rows):
-            out[i:i + rows] = self._log_prob_rows(x[i:i + rows])
-        return out
-
-    def _log_prob_rows(self, x: np.ndarray) -> np.ndarray:
-        prev, nxt = x[:, :-1], x[:, 1:]
-        sparse = np.where(self.succ[prev] == nxt[..., None], self.probs[prev], 0.0).sum(axis=-1)
-        with np.errstate(divide="ignore"):
-            step = np.log((1.0 - self.leak) * sparse + self.leak / self.vocab_size)
-        return self._log_stationary[x[:, 0]] + step.sum(axis=1)
-
-    def nll_per_token(self, seqs: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Negative log-likelihood per token, nats (float64 [n])."""
-        x = self._check_tokens(seqs)
-        return -self.log_prob(x) / x.shape[1]
-
-    def _check_tokens(self, seqs: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = seqs.detach().cpu().numpy() if isinstance(seqs, torch.Tensor) else np.asarray(seqs)
-        if x.ndim != 2 or x.shape[1] < 1 or not np.issubdtype(x.dtype, np.integer):
-            raise DataError(f"Markov source: expected an integer array [n, L], got {x.dtype} {x.shape}")
-        if x.size and (x.min() < 0 or x.max() >= self.vocab_size):
-            raise DataError(f"Markov source: token ids must lie in [0, {self.vocab_size}); got "
-                            f"[{x.min()}, {x.max()}] (a MASK id left in a sample?)")
-        return x.astype(np.int64, copy=False)
-
-    # -- exact information quantities ------------------------------------------------------------
-    @property
-    def entropy_rate(self) -> float:
-        """sum_i pi_i H(P_i), nats per token: the per-token NLL floor of a long sequence."""
-        v, eps = self.vocab_size, self.leak
-        listed = (1.0 - eps) * self.probs + eps / v
-        row_entropy = -(listed * np.log(listed)).sum(axis=1)
-        if eps > 0:  # the V - branching states a row reaches by the leak alone
-            row_entropy -= (v - self.cfg.branching) * (eps / v) * math.log(eps / v)
-        return float(self.stationary @ row_entropy)
-
-    @property
-    def stationary_entropy(self) -> float:
-        """H(pi), nats: the entropy of the first token."""
-        pi = self.stationary[self.stationary > 0]
-        return float(-(pi * np.log(pi)).sum())
-
-    def sequence_entropy_per_token(self, seq_len: int) -> float:
-        """(H(pi) + (L - 1) h) / L: the exact expected per-token NLL of a true sample of length L,
-        the floor a perfect model reaches."""
-        return (self.stationary_entropy + (seq_len - 1) * self.entropy_rate) / seq_len
-
-    def transition_matrix(self) -> np.ndarray:
-        """P as a dense float64 [V, V] table (vocabularies up to 2048)."""
-        v = self.vocab_size
-        if v > DENSE_MAX_VOCAB:
-            raise DataError(f"Markov source: vocab_size={v} is too large for a dense [V, V] table; "
-                            f"use the sparse succ/probs/stationary arrays")
-        p = np.full((v, v), self.leak / v)
-        rows = np.repeat(np.arange(v), self.cfg.branching)
-        p[rows, self.succ.ravel()] += (1.0 - self.leak) * self.probs.ravel()  # successors are distinct
-        return p
-
-    def bigram_distribution(self) -> np.ndarray:
-        """The stationary joint law of consecutive tokens, pi_i P_ij (dense float64 [V, V])."""
-        return self.stationary[:, None] * self.transition_matrix()
-
-    def _stationary_dense(self) -> np.ndarray:
-        """Exact solve of pi (P - I) = 0 with sum(pi) = 1 (one balance equation is redundant)."""
-        v = self.vocab_size
-        a = self.transition_matrix().T - np.eye(v)
-        a[-1] = 1.0
-        rhs = np.zeros(v)
-        rhs[-1] = 1.0
-        pi = np.clip(np.linalg.solve(a, rhs), 0.0, None)  # rounding can leave -1e-18 on rare states
-        return pi / pi.sum()
-
-    def _stationary_power(self) -> np.ndarray:
-        """Sparse power iteration pi <- pi P from uniform. It converges: P is aperiodic, or it is the
-        deterministic cycle, whose stationary law is the uniform start."""
-        v, eps = self.vocab_size, self.leak
-        pi = np.full(v, 1.0 / v)
-        for _ in range(_POWER_MAX_ITERS):
-            flow = np.bincount(self.succ.ravel(), weights=(pi[:, None] * self.probs).ravel(), minlength=v)
-            new = (1.0 - eps) * flow + eps / v
-            new /= new.sum()
-            if np.abs(new - pi).sum() < _POWER_TOL:
-                return new
-            pi = new
-        raise DataError(f"data.synthetic: the chain mixes too slowly to find its stationary law in "
-                        f"{_POWER_MAX_ITERS} iterations; raise branching, concentration or leak")
-
-
-def _draw_chain(vocab: int, branching: int, concentration: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    order = rng.permutation(vocab)
-    cycle_next = np.empty(vocab, dtype=np.int64)
-    cycle_next[order] = np.roll(order, -1)
-    succ = np.empty((vocab, branching), dtype=np.int64)
-    succ[:, 0] = cycle_next
-    if branching > 1:
-        for i in range(vocab):
-            # Draw from the V - 1 states other than the cycle successor (self-loops allowed).
-            others = rng.choice(vocab - 1, size=branching - 1, replace=False)
-            succ[i, 1:] = others + (others >= cycle_next[i])
-    probs = rng.dirichlet(np.full(branching, concentration), size=vocab)
-    probs = np.maximum(probs, _MIN_PROB)
-    return succ, probs / probs.sum(axis=1, keepdims=True)
-
-
-def _period(succ: np.ndarray) -> int:
-    """Period of an irreducible chain's graph: gcd over edges u->v of level(u) + 1 - level(v), with
-    levels the breadth-first distances from state 0."""
-    level = np.full(succ.shape[0], -1, dtype=np.int64)
-    level[0] = 0
-    frontier, depth = np.array([0]), 0
-    while frontier.size:
-        depth += 1
-        nbrs = np.unique(succ[frontier])
-        frontier = nbrs[level[nbrs] < 0]
-        level[frontier] = depth
-    return int(np.gcd.reduce(np.abs(level[:, None] + 1 - level[succ]).ravel()))
-
-
-# --------------------------------------------------------------------------------------------------
-# Text sources
-# --------------------------------------------------------------------------------------------------
-_TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-def expand_paths(patterns: Sequence[str]) -> list[Path]:
-    """Files matched by the globs, each pattern's matches sorted (a stable document order)."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True))
-        matches = [m for m in matches if m.is_file()]
-        if not matches:
-            raise DataError(f"data.paths: glob '{pattern}' matches no file")
-        for m in matches:
-            if m.suffix not in _TEXT_SUFFIXES:
-                raise DataError(f"data.paths: {m} is neither .txt nor .jsonl")
-            if m not in files:
-                files.append(m)
-    return files
-
-
-def iter_text_documents(files: Sequence[Path], text_field: str) -> Iterator[str]:
-    """A ``.txt`` file is one document; a ``.jsonl`` line is one document (its ``text_field``)."""
-    for path in files:
-        try:
-            if path.suffix == ".txt":
-                yield path.read_text(encoding="utf-8")
-                continue
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield _jsonl_text(line, text_field, f"{path}:{lineno}")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text: {e}") from None
-
-
-def _jsonl_text(line: str, text_field: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON: {e}") from None
-    if not isinstance(record, dict) or text_field not in record:
-        raise DataError(f"{where}: no field '{text_field}' (data.text_field)")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise DataError(f"{where}: field '{text_field}' is {type(text).__name__}, not a string")
-    return text
-
-
-def iter_hf_documents(cfg: DataConfig) -> Iterator[str]:
-    """Documents of a Hugging Face dataset (``data.hf_name``), from the local cache or the hub."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("data.source=hf needs the optional 'datasets' package: install the project's "
-                        "'hf' extra (pip install -e '.[hf]') or 'pip install datasets'") from None
-    what = f"'{cfg.hf_name}' (config '{cfg.hf_config or 'default'}', split '{cfg.hf_split}')"
-    try:
-        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=cfg.hf_split)
-    except Exception as e:  # offline, not cached, unknown name or split: all end the same way here
-        raise DataError(f"data.hf_name: cannot load Hugging Face dataset {what}: {type(e).__name__}: {e}. "
-                        f"Without network access it must already be in the local Hugging Face cache "
-                        f"(HF_HOME / HF_DATASETS_CACHE); HF_DATASETS_OFFLINE=1 reads the cache only") from None
-    if cfg.text_field not in ds.column_names:
-        raise DataError(f"data.text_field: dataset {what} has no column '{cfg.text_field}' "
-                        f"(columns: {', '.join(ds.column_names)})")
-    for batch in ds.iter(batch_size=1024):
-        for text in batch[cfg.text_field]:
-            if not isinstance(text, str):
-                raise DataError(f"data.text_field: dataset {what} has a non-string '{cfg.text_field}'")
-            yield text
-
-
-# --------------------------------------------------------------------------------------------------
-# Packing
-# --------------------------------------------------------------------------------------------------
-_ENCODE_BATCH = 512  # documents per tokenizer call (the Rust tokenizers parallelise a batch)
-
-
-def pack_documents(docs: Iterable[str], tokenizer: Tokenizer, seq_len: int,
-                   max_rows: int = 0) -> Iterator[np.ndarray]:
-    """Tokenise, append EOS after each document, concatenate and cut into rows of ``seq_len``.
-
-    Yields int32 blocks [k, seq_len]; the final partial row is dropped. With ``max_rows > 0`` it
-    stops after that many rows (so a capped run does not tokenise a whole corpus).
-    """
-    carry = np.empty(0, dtype=np.int32)
+def pack_documents(docs: Iterable[str], tokenizer: Tokenizer, seq_len: int, max_rows: int = 0,
+                   wrap: bool = False) -> Iterator[np.ndarray]:
+    """Tokenise in this process and cut into int32 rows [k, seq_len] (trainer/data/packing.py's
+    layouts); the final partial row is dropped; stops after ``max_rows`` rows when > 0."""
+    packer = Packer(seq_len, tokenizer.eos_id, bos_id(tokenizer), wrap)
     emitted = 0
     batch: list[str] = []
-
-    def flush() -> np.ndarray:
-        nonlocal carry, emitted
-        ids = [np.asarray(t + [tokenizer.eos_id], dtype=np.int32) for t in tokenizer.encode_batch(batch)]
-        batch.clear()
-        flat = np.concatenate([carry, *ids])
-        n = flat.size // seq_len
+    for doc in itertools.chain(docs, [None]):
+        if doc is not None:
+            batch.append(doc)
+            if len(batch) < BATCH_DOCS:
+                continue
+        rows = packer.add(encode_docs(tokenizer, batch, wrap))
+        batch = []
         if max_rows:
-            n = min(n, max_rows - emitted)
-        carry = flat[n * seq_len:]
-        emitted += n
-        return flat[:n * seq_len].reshape(n, seq_len)
-
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == _ENCODE_BATCH:
-            block = flush()
-            if block.size:
-                yield block
-            if max_rows and emitted >= max_rows:
-                return
-    if batch:
-        block = flush()
-        if block.size:
-            yield block
+            rows = rows[:max_rows - emitted]
+        if rows.size:
+            emitted += rows.shape[0]
+            yield rows
+        if max_rows and emitted >= max_rows:
+            return
 
 
 def split_indices(n: int, num_valid: int, num_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -380,7 +96,7 @@ def data_dir(cfg: DataConfig, run_dir: str | Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(run_dir) / "data"
 
 
-def prepare_data(cfg: DataConfig, out_dir: str | Path) -> Path:
+def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = False) -> Path:
     """Write ``train.npy``, ``valid.npy`` and ``data.json`` under ``out_dir`` (once).
 
     If data.json exists with the same inputs, nothing is rewritten. If it exists with different
@@ -404,9 +120,9 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> Path:
         info = _prepare_synthetic(cfg, out)
     else:
         assert tokenizer is not None
-        info = _prepare_text(cfg, tokenizer, out)
+        info = _prepare_text(cfg, tokenizer, out, progress)
     info.update(format=FORMAT_VERSION, inputs=inputs, seq_len=cfg.seq_len)
-    _write_json_atomic(out / "data.json", info)
+    atomic_write_json(out / "data.json", info, indent=2)
     return out
 
 
@@ -417,14 +133,22 @@ def _digest_inputs(cfg: DataConfig, tokenizer: Tokenizer | None) -> dict[str, An
     if cfg.source == "synthetic":
         return dict(common, synthetic=dataclasses.asdict(cfg.synthetic))
     assert tokenizer is not None
-    common.update(tokenizer=tokenizer.name, text_field=cfg.text_field)
+    common.update(tokenizer=tokenizer.name, text_field=cfg.text_field, wrap=cfg.wrap)
     if cfg.source == "text":
         # Path and size, not content: hashing a large corpus on every job start would cost minutes.
-        files = [[str(p.resolve()), p.stat().st_size] for p in expand_paths(cfg.paths)]
-        return dict(common, files=files)
+        files = [[str(p.resolve()), _size(p)] for p in expand_paths(cfg.paths)]
+        return dict(common, files=files, hf_split=cfg.hf_split)
     if cfg.source == "hf":
-        return dict(common, hf_name=cfg.hf_name, hf_config=cfg.hf_config, hf_split=cfg.hf_split)
+        return dict(common, hf_name=cfg.hf_name, hf_config=cfg.hf_config, hf_split=cfg.hf_split,
+                    hf_revision=cfg.hf_revision)
     raise DataError(f"data.source: unknown source '{cfg.source}'")
+
+
+def _size(path: Path) -> int:
+    """A file's size; a save_to_disk folder's total size."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file())
+    return path.stat().st_size
 
 
 def _prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
@@ -440,41 +164,40 @@ def _prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
             n = min(_ROWS_PER_WRITE, counts[split] - start)
             yield source.sample(n, cfg.seq_len, streams[split])
 
-    digest = _write_splits(out, cfg.seq_len, {s: (counts[s], blocks(s)) for s in SPLITS})
+    dtype = token_dtype(cfg.synthetic.vocab_size)
+    digest = _write_splits(out, cfg.seq_len, {s: (counts[s], blocks(s)) for s in SPLITS}, dtype)
     s = cfg.synthetic
     return dict(
         source=(f"synthetic Markov chain (vocab {s.vocab_size}, branching {s.branching}, "
                 f"concentration {s.concentration}, leak {s.leak}, seed {s.seed})"),
-        tokenizer="synthetic", vocab_size=s.vocab_size, eos_id=None,
+        tokenizer="synthetic", vocab_size=s.vocab_size, eos_id=None, dtype=dtype.name,
         num_train=counts["train"], num_valid=counts["valid"], digest=digest,
         entropy_rate=source.entropy_rate,
         sequence_entropy_per_token=source.sequence_entropy_per_token(cfg.seq_len),
     )
 
 
-def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict[str, Any]:
-    if cfg.source == "text":
-        files = expand_paths(cfg.paths)
-        docs = iter_text_documents(files, cfg.text_field)
-        description = f"text: {len(files)} files from {', '.join(cfg.paths)}"
-    else:
-        docs = iter_hf_documents(cfg)
-        description = f"hf: {cfg.hf_name}" + (f"/{cfg.hf_config}" if cfg.hf_config else "") + \
-            f" split {cfg.hf_split}"
+def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path, progress: bool = False) -> dict[str, Any]:
+    docs, description = documents(cfg)
     max_rows = cfg.num_train_sequences + cfg.num_valid_sequences if cfg.num_train_sequences > 0 else 0
+    dtype = token_dtype(tokenizer.vocab_size)
+    workers = cfg.workers or auto_workers(cfg)
     # Pack into a flat scratch file first: the corpus size is unknown until the end and may not fit
     # in memory; the split then copies rows out of its memory map.
     scratch = out / f".packed.{os.getpid()}.tmp"
-    n_rows = 0
+    stats: dict = {}
+    t0 = time.perf_counter()
     try:
         with scratch.open("wb") as f:
-            for block in pack_documents(docs, tokenizer, cfg.seq_len, max_rows):
+            for block in pack_stream(docs, cfg.tokenizer, tokenizer, cfg.seq_len, wrap=cfg.wrap, workers=workers,
+                                     max_rows=max_rows, dtype=dtype, progress=progress, stats=stats):
                 f.write(block.tobytes())
-                n_rows += block.shape[0]
+        n_rows = stats["rows"]
+        seconds = time.perf_counter() - t0
         if n_rows == 0:
             raise DataError(f"data.source={cfg.source}: {description} gives no complete sequence of "
                             f"data.seq_len={cfg.seq_len} tokens")
-        packed = np.memmap(scratch, dtype=np.int32, mode="r", shape=(n_rows, cfg.seq_len))
+        packed = np.memmap(scratch, dtype=dtype, mode="r", shape=(n_rows, cfg.seq_len))
         train_idx, valid_idx = split_indices(n_rows, cfg.num_valid_sequences, cfg.num_train_sequences,
                                              cfg.seed)
 
@@ -483,16 +206,40 @@ def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict[str,
                 yield np.asarray(packed[idx[start:start + _ROWS_PER_WRITE]])  # noqa: F821 (deleted below, after use)
 
         digest = _write_splits(out, cfg.seq_len, {"train": (train_idx.size, blocks(train_idx)),
-                                                  "valid": (valid_idx.size, blocks(valid_idx))})
+                                                  "valid": (valid_idx.size, blocks(valid_idx))}, dtype)
         del packed  # the memmap must close before the scratch file is unlinked
     finally:
         scratch.unlink(missing_ok=True)
     return dict(source=description, tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,
-                eos_id=tokenizer.eos_id, num_train=int(train_idx.size), num_valid=int(valid_idx.size),
-                num_packed=n_rows, digest=digest)
+                eos_id=tokenizer.eos_id, bos_id=bos_id(tokenizer) if cfg.wrap else None, wrap=cfg.wrap,
+                dtype=dtype.name, num_train=int(train_idx.size), num_valid=int(valid_idx.size), num_packed=n_rows,
+                digest=digest, text_bytes=stats["bytes"], tokens=stats["tokens"], workers=workers,
+                pack_seconds=round(seconds, 4), mb_per_s=float(f"{stats['bytes'] / 1e6 / max(seconds, 1e-9):.4g}"))
 
 
-def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable[np.ndarray]]]) -> str:
+AUTO_MB_PER_WORKER = 32  # below this much text per process, spawning one costs more than it saves
+
+
+def auto_workers(cfg: DataConfig) -> int:
+    """data.workers=0: every available CPU, but no more than one per AUTO_MB_PER_WORKER MB of local
+    input (a worker's start-up, seconds on a busy machine, must pay for itself)."""
+    cpus = available_cpus()
+    if cfg.source != "text":
+        return cpus
+    total = sum(_size(p) for p in expand_paths(cfg.paths))
+    return max(1, min(cpus, -(-total // (AUTO_MB_PER_WORKER * 10**6))))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable[np.ndarray]]],
+                  dtype: np.dtype) -> str:
     """Write each split to a temporary .npy, hashing the rows as they go, then rename all of them.
     Returns the digest: sha256 over (name, shape, dtype, C-order bytes) of each split in order."""
     digest = hashlib.sha256()
@@ -500,11 +247,11 @@ def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable
     for split, (n, blocks) in splits.items():
         tmp = out / f".{split}.{os.getpid()}.tmp"
         tmp_paths[split] = tmp
-        digest.update(f"{split}:{n}x{seq_len}:int32;".encode())
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n, seq_len))
+        digest.update(f"{split}:{n}x{seq_len}:{dtype.name};".encode())
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, seq_len))
         row = 0
         for block in blocks:
-            block = np.ascontiguousarray(block, dtype=np.int32)
+            block = np.ascontiguousarray(block, dtype=dtype)
             arr[row:row + block.shape[0]] = block
             digest.update(block.tobytes())
             row += block.shape[0]
@@ -515,12 +262,6 @@ def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable
     for split, tmp in tmp_paths.items():
         os.replace(tmp, out / f"{split}.npy")
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -549,7 +290,8 @@ def load_data_info(out_dir: str | Path) -> dict[str, Any]:
 
 
 def load_split(out_dir: str | Path, split: str) -> np.ndarray:
-    """A prepared split as a read-only memory map (int32 [N, L]), checked against data.json."""
+    """A prepared split as a read-only memory map ([N, L] of data.json's dtype: uint16 when the
+    vocabulary fits, else int32), checked against data.json. Readers convert rows to int64."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
     info = load_data_info(out_dir)
@@ -561,8 +303,9 @@ def load_split(out_dir: str | Path, split: str) -> np.ndarray:
     except (ValueError, OSError) as e:  # bad header, truncated data
         raise DataError(f"{path}: corrupt token file: {e}") from None
     expected = (info[f"num_{split}"], info["seq_len"])
-    if arr.dtype != np.int32 or arr.shape != expected:
-        raise DataError(f"{path}: holds {arr.dtype} {arr.shape}, data.json says int32 {expected}")
+    dtype = np.dtype(info.get("dtype", "int32"))
+    if arr.dtype != dtype or arr.shape != expected:
+        raise DataError(f"{path}: holds {arr.dtype} {arr.shape}, data.json says {dtype.name} {expected}")
     return arr
 
 

@@ -7,16 +7,19 @@ target shards, so a job can refuse data made with another tokenizer.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from trainer.errors import BadInput
+
 EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token; also how ByteTokenizer renders its EOS
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BadInput, ValueError):
     """A tokenizer could not be loaded or used; the message names the path or the id."""
 
 
@@ -33,14 +36,23 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are ids 0..255 and EOS is 256: any text, no files, vocabulary of 257."""
+    """UTF-8 bytes are ids 0..255 and EOS is 256: any text, no files, vocabulary of 257.
+
+    EOS renders as ``<|endoftext|>`` and that text encodes back to EOS, as a Hugging Face tokenizer
+    treats its special tokens: decode then encode is the identity (what retokenising relies on).
+    """
 
     name = "byte"
     vocab_size = 257
     eos_id = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        parts = text.split(EOS_TEXT)
+        out = list(parts[0].encode("utf-8"))
+        for part in parts[1:]:
+            out.append(self.eos_id)
+            out.extend(part.encode("utf-8"))
+        return out
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -94,6 +106,8 @@ class HFTokenizer:
                                  f"{', '.join(f.name for f in files)}: {e}") from None
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id: int = self._find_eos()
+        # MDLM's wrapped rows start with BOS: the config's bos_token, else EOS (GPT-2 uses one token for both).
+        self.bos_id: int | None = self._find_special("bos_token")
         hashed = files + [self.dir / n for n in _CONFIG_FILES if (self.dir / n).is_file()]
         self.name: str = f"{self.dir.resolve().name}-{_hash_files(hashed)[:12]}"
 
@@ -105,22 +119,29 @@ class HFTokenizer:
         raise TokenizerError(f"{self.dir}: no tokenizer files: expected tokenizer.json, or vocab.json "
                              f"and merges.txt")
 
-    def _find_eos(self) -> int:
+    def _find_special(self, key: str) -> int | None:
+        """The id of ``key`` (eos_token, bos_token) from the tokenizer's config files, if named there."""
         for fname in _CONFIG_FILES:
             path = self.dir / fname
             if not path.is_file():
                 continue
             try:
-                eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+                tok = json.loads(path.read_text(encoding="utf-8")).get(key)
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
                 raise TokenizerError(f"{path}: not a JSON object: {e}") from None
-            if isinstance(eos, dict):  # AddedToken serialisation: {"content": "...", ...}
-                eos = eos.get("content")
-            if isinstance(eos, str):
-                tid = self._tok.token_to_id(eos)
+            if isinstance(tok, dict):  # AddedToken serialisation: {"content": "...", ...}
+                tok = tok.get("content")
+            if isinstance(tok, str):
+                tid = self._tok.token_to_id(tok)
                 if tid is None:
-                    raise TokenizerError(f"{path}: eos_token '{eos}' is not in the vocabulary")
+                    raise TokenizerError(f"{path}: {key} '{tok}' is not in the vocabulary")
                 return tid
+        return None
+
+    def _find_eos(self) -> int:
+        found = self._find_special("eos_token")
+        if found is not None:
+            return found
         tid = self._tok.token_to_id(EOS_TEXT)
         if tid is None:
             raise TokenizerError(f"{self.dir}: no eos_token in {' or '.join(_CONFIG_FILES)} and no "
@@ -143,6 +164,28 @@ def _hash_files(paths: Sequence[Path]) -> str:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(spec: str) -> Tokenizer:
+    return load_tokenizer(spec)
+
+
+def render_samples(data_cfg, rows) -> list[str]:
+    """Sample rows (ids [n, L]) as readable lines: decoded text (newlines shown as \\n) for text
+    sources, space-separated ids for the synthetic one or when an id is outside the vocabulary (an
+    unfinished sample may hold MASK). For TensorBoard's sample text and samples.txt."""
+    ids = [[int(i) for i in row] for row in rows]
+    if data_cfg.source == "synthetic":
+        return [" ".join(map(str, r)) for r in ids]
+    tok = _cached(data_cfg.tokenizer)
+    out = []
+    for r in ids:
+        if all(0 <= i < tok.vocab_size for i in r):
+            out.append(tok.decode(r).replace("\\", "\\\\").replace("\n", "\\n"))
+        else:
+            out.append(" ".join(map(str, r)))
+    return out
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -19,13 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.data.prepared import DENSE_MAX_VOCAB, MarkovSource
+from trainer.errors import BadInput
 
 # A judge maps token ids Long[B, L] to the log-probabilities of the tokens it scores, Float[B, T]
 # (T = L - 1 without a BOS, L with one), batched inside, without gradients.
 JudgeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class JudgeError(ValueError):
+class JudgeError(BadInput, ValueError):
     """A judge model could not be loaded or cannot score the given ids; names the path or the id."""
 
 

@@ -14,14 +14,18 @@ Every row stores its per-sample NLLs and entropies. Writes
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
 from trainer.evaluation.sweep import evaluate_model, format_table
+from trainer.evaluation.text import TextEvaluation
+from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
-from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
+from trainer.layout import CONTROL, RunLayout
+from trainer.runtime.checkpoint import load_model
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
@@ -50,7 +54,7 @@ def build_judge(cfg: RunConfig, device):
     if not cfg.eval.judge:
         return None
     if cfg.eval.judge == "ar":
-        model, _ = common.load_model(common.Path(cfg.eval.ar_path), "ema", causal=True)
+        model, _ = load_model(cfg.eval.ar_path, "ema", causal=True)
         return mq.OwnARJudge(model.to(device), batch_size=cfg.eval.batch_size)
     return mq.HFJudge(cfg.eval.judge, device=device, batch_size=cfg.eval.batch_size)
 
@@ -60,30 +64,35 @@ def main(argv=None) -> None:
     args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv,
                              flags={"--control": "evaluate the control (trainer.jobs.pretrain --control)"})
     cfg = common.run_config(args)
+    if cfg.eval.judge == "ar" and not cfg.eval.ar_path:  # the run's own AR stage (pretrain --ar)
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ar_path=str(args.run_dir / "ar" / "export")))
     r = args.round
     device = common.device()
-    export = args.run_dir / "control" / "export" if args.control else common.model_export(args.run_dir, r)
-    model, _ = common.load_model(export, cfg.eval.weights, cfg.model)
+    which = CONTROL if args.control else r
+    model, _ = load_model(RunLayout(args.run_dir).export(which), cfg.eval.weights, cfg.model)
     model.to(device)
     source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
-    judge = build_judge(cfg, device)
+    # Text: decode, retokenise for the judge, MAUVE, the likelihood bound (trainer/evaluation/text.py).
+    text = None if source else TextEvaluation.build(cfg, args.run_dir, device)
+    judge = None if text else build_judge(cfg, device)
     name = "control" if args.control else "teacher" if r == 0 else "student"
     t0 = time.time()
     rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True,
                           sweep=sweep_plan(cfg, r, args.control))
+    text_result = text.measure(model, rows) if text else {}
     samples_txt = []
     for row in rows:
         x = row.pop("_samples")
         samples_txt.append(f"# {name} round {r}, {row['steps']} steps, temperature {row['temperature']:g}")
-        samples_txt += [" ".join(map(str, seq.tolist())) for seq in x[:8]]
+        samples_txt += text.sample_lines(x[:8]) if text else [" ".join(map(str, seq.tolist())) for seq in x[:8]]
         row.update(model=name, round=r)
-    out = args.run_dir / "control" / "eval" if args.control else common.eval_dir(args.run_dir, r)
+    out = RunLayout(args.run_dir).eval(which)
     result = {
         "model": name, "round": r, "weights": cfg.eval.weights,
         "round_steps": cfg.distill.start_steps // 2**r,
         "entropy_rate": source.entropy_rate if source else None,
         "nll_floor": source.sequence_entropy_per_token(cfg.data.seq_len) if source else None,
-        "rows": rows, "seconds": round(time.time() - t0, 1),
+        "rows": rows, "seconds": round(time.time() - t0, 1), **text_result,
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "samples.txt", "\n".join(samples_txt) + "\n")
@@ -91,8 +100,8 @@ def main(argv=None) -> None:
         for row in rows:
             if row["temperature"] != 1.0:
                 continue
-            vals = {f"eval/{name}/{k}@{row['steps']}": row[k] for k in ("nll", "entropy", "bigram_kl", "gen_ppl")
-                    if row.get(k) is not None}
+            vals = {f"eval/{name}/{k}@{row['steps']}": row[k]
+                    for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}
             mw.scalars(r, vals)
         mw.text(r, f"eval/{name}/samples", "\n\n".join(samples_txt[:3]))
     atomic_write_json(out / "metrics.json", result)  # last: its presence means the stage is done

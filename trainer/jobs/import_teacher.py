@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from trainer.config import ConfigError
 from trainer.jobs import common
+from trainer.layout import RunLayout
 from trainer.model.dit import count_parameters
 from trainer.model.mdlm_import import import_mdlm
 from trainer.runtime.checkpoint import export_weights
@@ -24,13 +26,13 @@ def main(argv=None) -> None:
     args = common.parse_args(__doc__.splitlines()[1], argv=argv)
     cfg = common.run_config(args, write=True)
     if not cfg.teacher.import_path:
-        raise SystemExit("bad config key 'teacher.import_path': set it to a local MDLM directory")
+        raise ConfigError("bad config key 'teacher.import_path': set it to a local MDLM directory")
     model, model_cfg = import_mdlm(cfg.teacher.import_path, cfg.model)
     if model_cfg != cfg.model:
         # The checkpoint decides the shape; keep the run's non-shape settings (dropout, rope base).
         cfg = dataclasses.replace(cfg, model=model_cfg)
     state = model.state_dict()
-    out = export_weights(args.run_dir / "teacher" / "export", state, state, cfg, step=0)
+    out = export_weights(RunLayout(args.run_dir).export(0), state, state, cfg, step=0)
     log.info("imported %s (%d parameters) into %s", cfg.teacher.import_path, count_parameters(model), out)
 
 

@@ -16,23 +16,23 @@ import json
 import logging
 from pathlib import Path
 
-from trainer.evaluation import compare
+from trainer.evaluation import compare, text_report
 from trainer.evaluation.sweep import format_table
+from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
-from trainer.runtime.checkpoint import atomic_write_json, atomic_write_text
+from trainer.layout import CONTROL, RunLayout
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
 
 ROW_KEYS = ("model", "round", "steps", "temperature", "nll", "nll_se", "nll_gap", "gen_ppl", "entropy", "entropy_se",
-            "bigram_kl", "samples", "nfe", "seconds")
+            "bigram_kl", "mauve", "samples", "nfe", "seconds")
 
 
 def load_evals(run_dir: Path, rounds: int, control: bool = False) -> list[dict]:
     """Every evaluation's metrics.json (teacher, each round's student, the control when trained)."""
-    paths = [common.eval_dir(run_dir, r) / "metrics.json" for r in range(rounds + 1)]
-    if control:
-        paths.append(run_dir / "control" / "eval" / "metrics.json")
+    layout = RunLayout(run_dir)
+    paths = [layout.eval_metrics(m) for m in [*range(rounds + 1), *([CONTROL] if control else [])]]
     evals = []
     for path in paths:
         if not path.exists():
@@ -244,11 +244,14 @@ def main(argv=None) -> None:
     report = collect(args.run_dir, cfg.distill.rounds, cfg.distill.control, reference(cfg, args.run_dir))
     fig = plot(report, args.run_dir / "quality_vs_steps.png")
     ffig = plot_frontiers(report, args.run_dir / "frontier.png")
+    rounds, control = cfg.distill.rounds, cfg.distill.control
     with MetricsWriter(args.run_dir, enabled=True) as mw:
         mw.figure(cfg.distill.rounds, "report/quality_vs_steps", fig)
         if ffig is not None:
             mw.figure(cfg.distill.rounds, "report/frontier", ffig)
-    text = markdown(report)
+        mw.hparams(text_report.hparams(cfg), text_report.final_metrics(args.run_dir, rounds, control))
+    extra = text_report.markdown_section(args.run_dir, rounds, control)  # text runs: the field's protocol
+    text = markdown(report) + ("\n" + extra if extra else "")
     atomic_write_text(args.run_dir / "report.md", text)
     atomic_write_json(args.run_dir / "report.json", report)  # last: the stage's product
     print(text)

@@ -1,8 +1,8 @@
 """Pure SDTT math: the teacher's m-step targets, one deterministic training example, and the
 divergences between a student and dense or sparse (coded) targets.
 
-Method facts: /work/shared/notes/sdtt-method.md. Two defects of the public reference code are
-deliberately NOT reproduced here:
+Method facts: the SDTT paper (Deschenaux & Gulcehre, 2024) and MDLM (Sahoo et al., 2024). Two
+defects of the public reference code are deliberately NOT reproduced here:
 * the teacher's intermediate times are t, t - dt, ..., t - m dt (``teacher_grid``), not a mix of
   t_start and t_end with swapped weights;
 * "tvd" is the total variation 1/2 sum_v |p_v - q_v| between probabilities, not an L1 distance

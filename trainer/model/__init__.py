@@ -1,4 +1,4 @@
 """The denoiser network (DiT and its causal, KV-cached twin) and the published-MDLM weight layout.
 
-Knows nothing of parallelism or training: imports only `trainer.config` and itself.
+Knows nothing of parallelism or training: imports only `trainer.config`, `trainer.errors` and itself.
 """

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from trainer.config import ModelConfig
+from trainer.errors import BadInput
 from trainer.model.dit import DiT
 
 PREFIX = "backbone."
@@ -32,7 +33,7 @@ MDLM_OWT_HEADS = 12
 MDLM_OWT_LENGTH = 1024
 
 
-class MDLMImportError(ValueError):
+class MDLMImportError(BadInput, ValueError):
     """A checkpoint that cannot be imported; the message names the file and the key."""
 
 

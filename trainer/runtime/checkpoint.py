@@ -10,14 +10,13 @@ No deepspeed import here (engine.py is the only one), and no pickle: safetensors
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,85 +25,52 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trainer import fileio
 from trainer.config import ModelConfig, RunConfig, load_config, save_config, to_dict
+from trainer.errors import BadInput
+from trainer.fileio import atomic_write_json, fsync_dir, publish_mode, sha256_file
 
 EXPORT_FORMAT = 1
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
 
+# A checkpoint folder (``<model>/checkpoints``): one sub-folder per tag (DeepSpeed's files plus the
+# ones below) and ``latest``, the tag of the newest complete checkpoint, written last (engine.py).
+LATEST = "latest"
+META = "engine_meta.json"  # step, world size, ZeRO stage, model config, sha256 of every file
+CLIENT = "client_state.json"  # the job's JSON state (data position, round, init)
+RNG = "rng.json"
+EMA_FILE = "ema.safetensors"
+CONFIG = "config.yaml"
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint or export that must not be loaded; the message names the file and the problem."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Small file helpers (shared with engine.py)
-# --------------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def publish_mode(path: str | Path) -> None:
-    """Give a file made by mkstemp/mkdtemp (0600/0700) the mode a plain open() would have: other
-    users of a shared run folder must be able to read checkpoints and exports."""
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_UMASK)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (best effort: not every filesystem allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder + fsync + os.replace: never half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
 def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+    """A checkpoint's or export's JSON file; missing or corrupt raises CheckpointError naming it."""
+    return fileio.read_json(path, CheckpointError)
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """Read access to a checkpoint folder's protocol files (the engine writes them)."""
+
+    root: Path
+
+    def latest(self) -> str | None:
+        """The tag of the newest complete checkpoint, or None when there is none."""
+        path = self.root / LATEST
+        return path.read_text().strip() if path.is_file() else None
+
+    def meta(self, tag: str) -> dict[str, Any]:
+        return read_json(self.root / tag / META)
+
+    def client_state_path(self, tag: str) -> Path:
+        return self.root / tag / CLIENT
+
+    def client_state(self, tag: str) -> dict[str, Any]:
+        return read_json(self.client_state_path(tag))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,15 +172,9 @@ def model_mismatch(stored: ModelConfig | Mapping[str, Any], expected: ModelConfi
 
 def verify_file(path: Path, entry: Mapping[str, Any]) -> None:
     """Size then sha256 against a manifest entry; a CheckpointError names the file."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (listed in the manifest)")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise CheckpointError(f"{path}: truncated or altered: {size} bytes, manifest says {entry['bytes']}")
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        raise CheckpointError(f"{path}: corrupt: sha256 {digest[:16]}... does not match the manifest's "
-                              f"{entry['sha256'][:16]}...")
+    reason = fileio.verify_file(path, entry)
+    if reason is not None:
+        raise CheckpointError(f"{path}: {reason}" + (" (listed in the manifest)" if reason == "missing" else ""))
 
 
 def load_exported(export_dir: str | Path, which: str = "ema", expect_model: ModelConfig | None = None
@@ -247,3 +207,14 @@ def load_exported(export_dir: str | Path, which: str = "ema", expect_model: Mode
         raise CheckpointError(f"{export_dir / name}: tensors disagree with export.json at "
                               f"{', '.join(bad[:5])}")
     return sd, cfg
+
+
+def load_model(export_dir: str | Path, weights: str = "ema", expect_model: ModelConfig | None = None,
+               causal: bool = False) -> tuple[torch.nn.Module, RunConfig]:
+    """An exported model, verified (sha256, names, shapes), in eval mode on CPU: (model, its config)."""
+    from trainer.model.dit import DiT
+
+    state, cfg = load_exported(export_dir, weights, expect_model)
+    model = DiT(cfg.model, causal=causal)
+    model.load_state_dict(state)
+    return model.eval(), cfg

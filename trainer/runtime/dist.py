@@ -1,12 +1,11 @@
 """Process-group setup from the environment, and the few rank helpers the jobs need.
 
-Sources, first match wins:
-  * torchrun / the deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR/PORT);
-  * SLURM (srun, one task per process): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the launcher
-    (cluster/rendezvous.py) exports MASTER_ADDR/PORT. trainer/ never imports cluster/, so the
-    little env reading needed here is repeated on purpose;
-  * nothing: a single process. It still gets a (world-size-1) process group, because DeepSpeed
-    assumes one exists.
+The launch environment is read from the torchrun variables only: RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT. torchrun sets them (``--local``), and so does the SLURM
+job wrapper (cluster/slurm.py ``task_rendezvous``: submitit reads SLURM's variables, once, there).
+Without them the process is a single process; it still gets a (world-size-1) process group, because
+DeepSpeed assumes one exists. A process that srun started as one of several tasks without those
+variables is refused rather than trained alone.
 
 The resolved RANK/WORLD_SIZE/LOCAL_RANK are written back into ``os.environ``: DeepSpeed reads
 LOCAL_RANK from there. gloo on CPU, nccl on GPU.
@@ -44,7 +43,7 @@ class EnvRanks:
     local_world_size: int
     master_addr: str | None
     master_port: str | None
-    source: str  # "torchrun" | "slurm" | "single"
+    source: str  # "torchrun" | "single"
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
@@ -55,34 +54,25 @@ def _int(env: Mapping[str, str], key: str) -> int:
 
 
 def read_env(env: Mapping[str, str]) -> EnvRanks:
-    """Pure: where this process sits, from launcher variables (no side effects, for tests)."""
+    """Pure: where this process sits, from the torchrun variables (no side effects, for tests)."""
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1
-        src = "torchrun"
-    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        # Only inside an srun step: the batch script itself also has SLURM_PROCID=0 and the job's
-        # SLURM_NTASKS, and would wait forever for peers that do not exist. The step's own counts
-        # win over the job's (an `srun -n1` inside a larger allocation).
-        world_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
-        rank, world = _int(env, "SLURM_PROCID"), _int(env, world_key)
-        local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
-        # "4", "4(x2)" or "4,2": the first count is ours or close.
-        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", "1"))
-        per_node = per_node.split("(")[0].split(",")[0]
-        local_world = int(per_node) if per_node.isdigit() else 1
-        src = "slurm"
     else:
+        tasks = env.get("SLURM_STEP_NUM_TASKS", "1")
+        if "SLURM_STEP_ID" in env and tasks.isdigit() and int(tasks) > 1:
+            raise ValueError(f"started by srun as one of {tasks} tasks (SLURM_STEP_NUM_TASKS) without RANK/WORLD_SIZE: "
+                             "launch through tools/submit.py or torchrun, which set the torchrun variables")
         return EnvRanks(0, 0, 1, 1, addr, port, "single")
     if not 0 <= rank < world:
-        raise ValueError(f"{src} environment: rank {rank} is outside world size {world}")
+        raise ValueError(f"torchrun environment: rank {rank} is outside world size {world}")
     if world > 1 and not (addr and port):
         missing = [k for k, v in (("MASTER_ADDR", addr), ("MASTER_PORT", port)) if not v]
-        raise ValueError(f"{src} environment with world size {world} but {', '.join(missing)} not set "
+        raise ValueError(f"torchrun environment with world size {world} but {', '.join(missing)} not set "
                          "(the launcher must export the rendezvous address)")
-    return EnvRanks(rank, local, world, max(1, local_world), addr, port, src)
+    return EnvRanks(rank, local, world, max(1, local_world), addr, port, "torchrun")
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:

@@ -24,10 +24,6 @@ class EMA:
         self.decay = decay
         self.shadow: dict[str, torch.Tensor] = {}
 
-    @property
-    def initialized(self) -> bool:
-        return bool(self.shadow)
-
     @torch.no_grad()
     def update(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fold in one step of full parameters; the first call copies them."""

@@ -1,8 +1,7 @@
 """DeepSpeed ZeRO, behind a small interface. The ONLY module that imports deepspeed.
 
     info = dist.init_distributed()
-    engine = build_engine(model, cfg.optim, cfg.engine, cfg.train.steps, info.world_size,
-                          ema_decay=cfg.train.ema)
+    engine = build_engine(model, pretrain_setup(cfg), cfg.engine, cfg.train.steps, info.world_size)
     state = engine.load(ckpt_root, expect_model=cfg.model) or {"data_pos": 0}
 
     def loss_fn(engine, batch):              # this rank's mean loss on one micro-batch
@@ -58,24 +57,27 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from trainer.config import EngineConfig, ModelConfig, OptimConfig, RunConfig, batch_geometry, save_config, to_dict
+from trainer.config import EngineConfig, ModelConfig, RunConfig, TrainSetup, batch_geometry, save_config, to_dict
+from trainer.fileio import atomic_write_json, atomic_write_text, publish_mode, sha256_file
 from trainer.runtime import dist
 from trainer.runtime.checkpoint import (
+    CLIENT,
+    CONFIG,
+    EMA_FILE,
+    LATEST,
+    META,
+    RNG,
     CheckpointError,
-    atomic_write_json,
-    atomic_write_text,
     capture_rng,
     model_mismatch,
-    publish_mode,
     read_json,
     restore_rng,
-    sha256_file,
     verify_file,
 )
 from trainer.runtime.ema import EMA
 from trainer.runtime.lr import lr_at
 
-# --- DeepSpeed import with the CPU workarounds (shared/notes/deepspeed-cpu.md) ---------------------
+# --- DeepSpeed import with the CPU workarounds -------------------------------------------------------
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip the accelerator probe and its warning
 # torch 2.13 warns (FutureWarning) from inside ZeRO's collectives on every step.
@@ -94,12 +96,6 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
 _ds_logger.setLevel(logging.WARNING)
 
-META = "engine_meta.json"
-CLIENT = "client_state.json"
-RNG = "rng.json"
-EMA_FILE = "ema.safetensors"
-CONFIG = "config.yaml"
-LATEST = "latest"
 FORMAT = 1
 _UNIVERSAL_TAG = "uc"
 
@@ -115,11 +111,11 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def ds_config(optim: OptimConfig, engine: EngineConfig, world_size: int, *, lr: float | None = None,
-              global_batch_size: int | None = None, key: str = "engine") -> dict[str, Any]:
-    """The DeepSpeed config dict. Batch geometry errors name the config key (``key.*``)."""
-    gbs = global_batch_size if global_batch_size is not None else engine.global_batch_size
-    micro, accum = batch_geometry(gbs, engine.micro_batch_size, world_size, key=key)
+def ds_config(setup: TrainSetup, engine: EngineConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for a stage's ``setup``; batch geometry errors name the stage's
+    config key (``setup.key``.global_batch_size, ``.micro_batch_size``)."""
+    optim, gbs = setup.optim, setup.global_batch_size
+    micro, accum = batch_geometry(gbs, engine.micro_batch_size, world_size, key=setup.key)
     zero: dict[str, Any] = {"stage": engine.zero_stage}
     if engine.zero_stage == 3:
         # Parameters under 10^5 elements stay whole on every rank (DeepSpeed's default, written out
@@ -133,7 +129,7 @@ def ds_config(optim: OptimConfig, engine: EngineConfig, world_size: int, *, lr: 
         "optimizer": {
             "type": "AdamW",
             # torch_adam: torch's AdamW. DeepSpeed's FusedAdam would JIT-compile (~75 s) first.
-            "params": {"lr": lr if lr is not None else optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+            "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                        "weight_decay": optim.weight_decay, "torch_adam": True, "adam_w_mode": True},
         },
         "zero_optimization": zero,
@@ -496,35 +492,29 @@ class Engine:
             return
         from safetensors.torch import load_file
         shapes = {k: tuple(v) for k, v in meta["params"].items()}
-        self.ema.load_state_dict(load_file(tag_dir / EMA_FILE), device=self.ema_device,
+        self.ema.load_state_dict(load_file(tag_dir / EMA_FILE), device=self.device,
                                  expect_shapes=shapes, source=str(tag_dir / EMA_FILE))
 
-    @property
-    def ema_device(self) -> torch.device:
-        return self.device
 
-
-def build_engine(model: nn.Module, optim: OptimConfig, engine: EngineConfig, total_steps: int, world_size: int,
-                 *, lr: float | None = None, warmup_steps: int | None = None,
-                 global_batch_size: int | None = None, ema_decay: float | None = None,
-                 key: str = "engine") -> Engine:
-    """Wrap ``model`` in DeepSpeed ZeRO. ``lr``/``warmup_steps``/``global_batch_size`` override the
-    configs (the distill stage uses its own); ``ema_decay`` None or 0 disables the EMA. The process
-    group must exist (``dist.init_distributed``)."""
+def build_engine(model: nn.Module, setup: TrainSetup, engine: EngineConfig, total_steps: int,
+                 world_size: int) -> Engine:
+    """Wrap ``model`` in DeepSpeed ZeRO with a stage's ``setup`` (config.pretrain_setup /
+    distill_setup; ``setup.ema`` 0 disables the EMA). The process group must exist
+    (``dist.init_distributed``)."""
     if not tdist.is_initialized():
         raise RuntimeError("build_engine: call trainer.runtime.dist.init_distributed() first")
     if world_size != tdist.get_world_size():
         raise ValueError(f"build_engine: world_size={world_size} but the process group has "
                          f"{tdist.get_world_size()} ranks")
-    config = ds_config(optim, engine, world_size, lr=lr, global_batch_size=global_batch_size, key=key)
+    config = ds_config(setup, engine, world_size)
     precision = resolve_precision(engine.precision)
-    schedule = Schedule(base_lr=lr if lr is not None else optim.lr,
-                        warmup_steps=warmup_steps if warmup_steps is not None else optim.warmup_steps,
-                        total_steps=total_steps, kind=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
+    optim = setup.optim
+    schedule = Schedule(base_lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total_steps,
+                        kind=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
     deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
     with _quiet():
         ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    ema = EMA(ema_decay) if ema_decay else None
+    ema = EMA(setup.ema) if setup.ema else None
     return Engine(ds_engine, schedule, config["train_micro_batch_size_per_gpu"],
                   config["gradient_accumulation_steps"], engine.zero_stage, precision, ema)
 

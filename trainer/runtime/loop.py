@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from trainer.config import RunConfig, TrainConfig
 from trainer.runtime import dist
 from trainer.runtime.engine import Engine
-from trainer.runtime.metrics import DataWaitTimer, MetricsWriter, Throughput
+from trainer.runtime.metrics import DataWaitTimer, GpuStats, MetricsWriter, Throughput
 from trainer.runtime.preempt import StopFlag
 
 log = logging.getLogger("sdtt")
@@ -52,6 +52,7 @@ def train(engine: Engine, task: Task, train_cfg: TrainConfig, cfg: RunConfig, ck
     stop = StopFlag()
     rank = dist.get_rank()
     tput, wait = Throughput(), DataWaitTimer()
+    gpu = GpuStats(sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()), dist.get_world_size())
     bar = tqdm(total=total_steps, initial=engine.step, desc=desc, disable=not dist.is_main(), dynamic_ncols=True)
     last_saved = start = engine.step
     while engine.step < total_steps:
@@ -66,7 +67,8 @@ def train(engine: Engine, task: Task, train_cfg: TrainConfig, cfg: RunConfig, ck
         if done % train_cfg.log_every == 0 or done == total_steps:
             rates = tput.rates()
             scalars = {"train/loss": stats["loss"], "train/lr": stats["lr"], "train/grad_norm": stats["grad_norm"],
-                       "train/tokens_per_s": rates["tokens_per_s"], "train/data_wait_frac": wait.fraction()}
+                       "train/tokens_per_s": rates["tokens_per_s"], "train/data_wait_frac": wait.fraction(),
+                       **gpu.scalars(rates["tokens_per_s"])}
             metrics.scalars(done, scalars)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
         if task.evaluate is not None and (done % train_cfg.eval_every == 0 or done == total_steps):

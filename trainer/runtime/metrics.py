@@ -64,6 +64,12 @@ class MetricsWriter:
         body = to_yaml(cfg) if not isinstance(cfg, str) else cfg
         self.text(0, "config", "\n".join("    " + line for line in body.splitlines()))
 
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """TensorBoard's hparams summary (the HPARAMS tab: one row per run, its settings and its final
+        metrics), written beside the run's events under ``tb/hparams``."""
+        if self.enabled:
+            self._tb.add_hparams(dict(hparams), {k: float(v) for k, v in metrics.items()}, run_name="hparams")
+
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()
@@ -106,6 +112,45 @@ class Throughput:
         out = {"tokens_per_s": self._tokens / dt, "samples_per_s": self._samples / dt}
         if reset:
             self.reset()
+        return out
+
+
+# Peak dense bf16 tensor FLOP/s (vendor datasheets, no sparsity), matched against
+# torch.cuda.get_device_name() in order: the first pattern found in the name wins. A device not listed
+# gets no MFU (a wrong peak would be worse than none).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
+    ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("A10G", 70e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The peak dense bf16 FLOP/s of a device by its CUDA name (``NVIDIA H100 80GB HBM3``), or None."""
+    return next((peak for pattern, peak in PEAK_BF16_FLOPS if pattern in device_name), None)
+
+
+class GpuStats:
+    """GPU scalars for TensorBoard: peak memory since the last call (``gpu/peak_mem_gb``, this
+    rank's) and model FLOP utilisation ``train/mfu`` = 6 N tokens/s / (world size x device peak),
+    with N the trained parameters and tokens/s the job's. Empty without CUDA; no MFU on a device
+    missing from PEAK_BF16_FLOPS."""
+
+    def __init__(self, n_params: int, world_size: int) -> None:
+        import torch
+
+        self.on = torch.cuda.is_available()
+        self.n, self.world = n_params, max(1, world_size)
+        self.peak = peak_bf16_flops(torch.cuda.get_device_name()) if self.on else None
+
+    def scalars(self, tokens_per_s: float) -> dict[str, float]:
+        if not self.on:
+            return {}
+        import torch
+
+        out = {"gpu/peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+        torch.cuda.reset_peak_memory_stats()
+        if self.peak:
+            out["train/mfu"] = 6.0 * self.n * tokens_per_s / (self.world * self.peak)
         return out
 
 

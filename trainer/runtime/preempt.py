@@ -3,8 +3,8 @@
 SLURM sends USR2 (``--signal=USR2@<lead>``) to every task some seconds before the limit or a
 preemption; a plain ``scancel`` or kill sends TERM. The handler only sets a flag: the training loop
 checks it at a step boundary, all ranks agree (any rank signalled means all stop), everyone saves a
-checkpoint with the data position, and the job exits with ``EXIT_PREEMPTED`` so the launcher knows
-to requeue rather than call it a failure.
+checkpoint with the data position, and the job exits with ``trainer.layout.EXIT_PREEMPTED`` so the
+launcher knows to requeue rather than call it a failure.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import signal
 
 import torch
 import torch.distributed as tdist
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the work so far is checkpointed
 
 
 class StopFlag:

@@ -1,3 +1,4 @@
-"""The contract between the targets job and the distill job: codecs, the WebDataset shard format and
-its manifest, the sample order and the reader. Never imports `jobs` or the engine.
+"""The contract between the targets job and the distill job: codecs, the header (what determines a
+set), the WebDataset shard format and its manifest, writing a shard, the sample order and the reader.
+Never imports `jobs` or the engine.
 """

@@ -2,7 +2,7 @@
 
 An SDTT target is a full distribution over V tokens at every masked position; with GPT-2's vocabulary
 that is ~200 KB per position in fp32, so the offline target set needs a sparse code
-(/work/shared/notes/offline-targets.md). Three codecs, chosen by ``targets.codec``:
+(measured trade-offs: docs/benchmarks.md, storage). Three codecs, chosen by ``targets.codec``:
 
 ``dense``
     ``logp`` fp32 [M, V]. Exact. For tests and small vocabularies.
@@ -35,19 +35,19 @@ int32 otherwise; ``decode`` always returns int64. Counts and ``nuniq`` are uint8
 Only npy-friendly numeric arrays: a shard never needs pickle. The divergences that go with each code
 live in trainer/method/sdtt.py, so the pairing is tested in one place.
 
-``python -m trainer.targets.codecs --config configs/tiny.yaml`` prints bytes per stored position.
+``python tools/inspect_shards.py --sizes [--config FILE]`` prints bytes per stored position.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from trainer.errors import BadInput
 
 CODECS = ("topk", "topk_is", "sampled", "dense")
 GPT2_VOCAB = 50257
@@ -61,7 +61,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class CodecError(ValueError):
+class CodecError(BadInput, ValueError):
     """A code that cannot be encoded or decoded; the message names the codec and the field."""
 
 
@@ -349,64 +349,3 @@ def stats(fields: Mapping[str, np.ndarray], codec: str) -> dict[str, float]:
     else:
         out["positions"] = float(fields["logp"].shape[0])
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# python -m trainer.targets.codecs --config configs/tiny.yaml
-# --------------------------------------------------------------------------------------------------
-def size_table(vocab: int, ks: Sequence[int], distinct: Mapping[int, float] | None = None) -> list[str]:
-    """Rows of bytes per stored position for every codec and K."""
-    rows = [f"vocabulary {vocab}: ids stored as {id_dtype(vocab).name}",
-            f"  {'codec':<8} {'K':>6} {'bytes/position':>15}  note"]
-    rows.append(f"  {'dense':<8} {'-':>6} {bytes_per_position('dense', 1, vocab):>15,.0f}  fp32, exact")
-    for k in ks:
-        if k > vocab:
-            continue
-        rows.append(f"  {'topk':<8} {k:>6} {bytes_per_position('topk', k, vocab):>15,.0f}  "
-                    f"fp16 log-probs + ids + log tail mass")
-    for k in ks:
-        if k > vocab:
-            continue
-        rows.append(f"  {'topk_is':<8} {k:>6} {bytes_per_position('topk_is', k, vocab):>15,.0f}  "
-                    f"topk + K importance-sampled tail ids with their fp16 log-probs")
-    for k in ks:
-        worst = bytes_per_position("sampled", k, vocab)
-        note = "worst case (K distinct ids)"
-        if distinct and k in distinct:
-            note += (f"; measured {bytes_per_position('sampled', k, vocab, distinct[k]):,.1f} "
-                     f"({distinct[k]:.2f} distinct ids)")
-        rows.append(f"  {'sampled':<8} {k:>6} {worst:>15,.0f}  {note}")
-    return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError, load_config
-
-    parser = argparse.ArgumentParser(prog="python -m trainer.targets.codecs",
-                                     description="Bytes per stored position for each target codec and K.")
-    parser.add_argument("--config", default=None, help="YAML config (its model.vocab_size is used)")
-    parser.add_argument("--k", type=int, nargs="*", default=[1, 4, 8, 12, 16, 32, 64, 128])
-    parser.add_argument("--targets", default=None,
-                        help="an existing target folder: also print its measured bytes per position")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"codecs: error: {e}", file=sys.stderr)
-        return 2
-    for vocab in (cfg.model.vocab_size, GPT2_VOCAB):
-        print("\n".join(size_table(vocab, args.k)))
-    if args.targets:
-        from trainer.targets.shards import ShardError, summarize
-
-        try:
-            print("\n".join(summarize(args.targets)))
-        except ShardError as e:
-            print(f"codecs: error: {e}", file=sys.stderr)
-            return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,10 +2,10 @@
 
 Three things happen before the first step, on every rank:
 
-* ``check_manifest``: the set's manifest against what the student expects (round, sequence length,
-  vocabulary, tokenizer, data, codec/K and its pairing with the divergence, teacher steps, and the
-  teacher digest: the sha256 of the weight file the targets were made from must be the one this
-  round starts from). A mismatch is refused naming the manifest field and both values.
+* ``trainer.targets.header.check``: the set's manifest against what the student expects (round,
+  sequence length, vocabulary, tokenizer, data, codec/K and its pairing with the divergence, teacher
+  steps, and the teacher digest: the sha256 of the weight file the targets were made from must be the
+  one this round starts from). A mismatch is refused naming the manifest field and both values.
 * ``verify_shards``: every shard's size and sha256 against the manifest, the work split over ranks
   and the verdicts gathered, so every rank knows the same bad shards. ``targets.verify=fail``
   refuses a bad shard by name; ``skip`` drops it from the order and reports the count.
@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,67 +45,21 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from trainer import fileio
 from trainer.config import ConfigError
-from trainer.method import sdtt
 from trainer.runtime import dist
-from trainer.runtime.checkpoint import sha256_file
 from trainer.targets import codecs, shards
 from trainer.targets.shards import BadShard, ShardError
 
 ORDER_DOMAIN = 0x5D79  # separates the order's seeds from every other use of (seed, round, ...)
 
 
-class ManifestMismatch(ShardError):
-    """The target set was made for another student (the message names the field and both values)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# The manifest check
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Expected:
-    """What the student expects of its target set; ``why`` says where each value came from."""
-
-    values: dict[str, Any]
-    why: dict[str, str] = field(default_factory=dict)
-    divergence: str = "rkl"
-
-
-def check_manifest(manifest: Mapping[str, Any], expected: Expected, where: str | Path) -> None:
-    """Refuse a set made for another student; the first differing field is named with both values
-    (all differing fields are listed, so one run shows everything to fix)."""
-    diff = []
-    for key, want in expected.values.items():
-        have = manifest.get(key, "<missing>")
-        if have != want:
-            src = f" ({expected.why[key]})" if key in expected.why else ""
-            diff.append(f"field '{key}': the target set has {have!r}, the student expects {want!r}{src}")
-    if diff:
-        raise ManifestMismatch(f"{where}: target set does not fit this student: " + "; ".join(diff))
-    try:
-        sdtt.check_pairing(manifest["codec"], expected.divergence)
-    except ValueError as e:
-        raise ManifestMismatch(f"{where}: field 'codec' ({manifest['codec']!r}, k={manifest['k']}): {e}") from None
-    if not 1 <= int(manifest["k"]) <= int(manifest["vocab_size"]):
-        raise ManifestMismatch(f"{where}: field 'k' is {manifest['k']}, outside [1, vocab_size="
-                               f"{manifest['vocab_size']}]")
-
-
 # --------------------------------------------------------------------------------------------------
 # Checksums
 # --------------------------------------------------------------------------------------------------
 def _check_shard(root: Path, entry: Mapping[str, Any]) -> BadShard | None:
-    path = root / entry["name"]
-    if not path.is_file():
-        return BadShard(entry["name"], "missing")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return BadShard(entry["name"], f"size {size} bytes, manifest says {entry['bytes']} (truncated or altered)")
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        return BadShard(entry["name"], f"sha256 {digest[:16]}... does not match the manifest's "
-                                       f"{entry['sha256'][:16]}... (corrupt)")
-    return None
+    reason = fileio.verify_file(root / entry["name"], entry)
+    return None if reason is None else BadShard(entry["name"], reason)
 
 
 def verify_shards(root: str | Path, manifest: Mapping[str, Any], policy: str) -> list[BadShard]:

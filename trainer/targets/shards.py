@@ -42,7 +42,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from trainer.runtime.checkpoint import atomic_write_json, fsync_dir, sha256_file
+from trainer import fileio
+from trainer.errors import BadInput
+from trainer.fileio import atomic_write_json, fsync_dir, sha256_file
 from trainer.targets import codecs
 
 FORMAT = "sdtt-targets/1"
@@ -55,7 +57,7 @@ _NPY_HEADER_MAX = 256  # np.save pads the header to a multiple of 64; ours are ~
 _META_MAX = 512
 
 
-class ShardError(RuntimeError):
+class ShardError(BadInput, RuntimeError):
     """A target set or shard that cannot be used; the message names the file and the problem."""
 
 
@@ -334,15 +336,7 @@ def write_manifest(out_dir: str | Path, header: Mapping[str, Any], plan: ShardPl
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ShardError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path}: corrupt JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ShardError(f"{path}: corrupt: not a JSON object")
-    return obj
+    return fileio.read_json(path, ShardError, want_object=True)
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -371,18 +365,9 @@ def verify(out_dir: str | Path) -> list[BadShard]:
         return [BadShard(MANIFEST, str(e))]
     bad = []
     for s in manifest.get("shards", []):
-        path = out_dir / s["name"]
-        if not path.is_file():
-            bad.append(BadShard(s["name"], "missing"))
-            continue
-        size = path.stat().st_size
-        if size != s["bytes"]:
-            bad.append(BadShard(s["name"], f"size {size} bytes, manifest says {s['bytes']} (truncated or altered)"))
-            continue
-        digest = sha256_file(path)
-        if digest != s["sha256"]:
-            bad.append(BadShard(s["name"], f"sha256 {digest[:16]}... does not match the manifest "
-                                           f"({s['sha256'][:16]}...): corrupt"))
+        reason = fileio.verify_file(out_dir / s["name"], s)
+        if reason is not None:
+            bad.append(BadShard(s["name"], reason))
     return bad
 
 
@@ -463,7 +448,7 @@ def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Human summary (tools/inspect_shards.py, python -m trainer.targets.codecs --targets)
+# Human summary (tools/inspect_shards.py)
 # --------------------------------------------------------------------------------------------------
 def summarize(out_dir: str | Path) -> list[str]:
     m = read_manifest(out_dir)

@@ -1,0 +1,149 @@
+"""The import rules of docs/DESIGN.md, checked by parsing every module's imports with `ast`.
+
+Every import counts, at module level or inside a function (a lazy import is still a dependency).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+PACKAGES = ("trainer", "cluster", "tools")
+IO_MODULES = ("trainer.runtime", "trainer.data", "trainer.targets.shards", "trainer.targets.reader",
+              "trainer.targets.writer", "trainer.fileio", "trainer.distill", "trainer.evaluation", "trainer.jobs",
+              "trainer.layout", "torch.distributed", "deepspeed")
+CLUSTER_MAY_IMPORT = ("trainer.config", "trainer.layout", "trainer.errors", "trainer.fileio")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (``from a import b`` counts as a.b when a.b is a module, else a)."""
+    pkg = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative
+                anchor = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            out.add(base)
+            for a in node.names:
+                sub = REPO / Path(*f"{base}.{a.name}".split("."))
+                if sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file():
+                    out.add(f"{base}.{a.name}")
+    return out
+
+
+GRAPH = {module_name(p): imports(p) for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
+
+
+def _under(name: str, prefixes: tuple[str, ...] | str) -> bool:
+    prefixes = (prefixes,) if isinstance(prefixes, str) else prefixes
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def violations(rule) -> list[str]:
+    return [f"{mod} imports {dep}" for mod, deps in sorted(GRAPH.items()) for dep in sorted(deps) if rule(mod, dep)]
+
+
+def test_the_graph_is_not_empty():
+    """A guard for the guards: the parser finds the modules and their edges."""
+    assert "trainer.jobs.distill" in GRAPH and "trainer.distill.batches" in GRAPH["trainer.jobs.distill"]
+    assert "cluster.pipeline" in GRAPH and "trainer.layout" in GRAPH["cluster.pipeline"]
+
+
+def test_only_the_engine_imports_deepspeed():
+    assert violations(lambda m, d: _under(d, "deepspeed") and m != "trainer.runtime.engine") == []
+
+
+def test_nothing_imports_the_jobs():
+    """Entry points are wiring; library code, cluster and tools (benchmarks included) never import them."""
+    assert violations(lambda m, d: _under(d, "trainer.jobs") and not _under(m, "trainer.jobs")) == []
+
+
+@pytest.mark.parametrize("package", ["trainer.method", "trainer.model"])
+def test_method_and_model_do_no_io_and_need_no_process_group(package):
+    assert violations(lambda m, d: _under(m, package) and _under(d, IO_MODULES)) == []
+
+
+@pytest.mark.parametrize("package,allowed", [
+    ("trainer.method", ("trainer.config", "trainer.method", "trainer.targets.codecs")),
+    ("trainer.model", ("trainer.config", "trainer.errors", "trainer.model")),
+])
+def test_method_and_model_import_only_what_their_docstrings_say(package, allowed):
+    """trainer/method/__init__.py and trainer/model/__init__.py state these allow-lists (a package's
+    bare name, as in ``from trainer.targets import codecs``, is not an import of its other modules)."""
+    assert violations(lambda m, d: _under(m, package) and _under(d, "trainer") and not _under(d, allowed)
+                      and d not in ("trainer", "trainer.targets")) == []
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("trainer.data", ("trainer.runtime", "trainer.jobs")),
+    ("trainer.evaluation", ("trainer.runtime.engine", "trainer.jobs")),
+    ("trainer.targets", ("trainer.runtime.engine", "trainer.jobs")),
+    ("trainer.distill", ("trainer.jobs",)),
+])
+def test_packages_keep_their_docstrings_rule(package, forbidden):
+    """Each package's __init__ docstring says what it never imports."""
+    assert violations(lambda m, d: _under(m, package) and _under(d, forbidden)) == []
+
+
+def test_cluster_imports_only_config_layout_errors_and_fileio_of_trainer():
+    """How jobs reach machines knows nothing of models: jobs run trainer code as child processes."""
+    assert violations(lambda m, d: _under(m, "cluster") and _under(d, "trainer")
+                      and not _under(d, CLUSTER_MAY_IMPORT)) == []
+
+
+def test_layout_errors_and_fileio_are_standard_library_only():
+    """cluster/ imports them: they must not pull in torch or the rest of trainer."""
+    for mod in ("trainer.layout", "trainer.errors", "trainer.fileio"):
+        third_party = {d for d in GRAPH[mod] if d.split(".")[0] in ("torch", "numpy", "omegaconf", "deepspeed")}
+        inside = {d for d in GRAPH[mod] if _under(d, "trainer") and not _under(d, ("trainer.errors",))}
+        assert not third_party and not inside, (mod, third_party, inside)
+
+
+def test_tools_never_import_the_jobs():
+    assert violations(lambda m, d: _under(m, "tools") and _under(d, "trainer.jobs")) == []
+
+
+def test_trainer_imports_neither_cluster_nor_tools():
+    assert violations(lambda m, d: _under(m, "trainer") and _under(d, ("cluster", "tools"))) == []
+
+
+def test_no_import_circle():
+    """Between modules of trainer, cluster and tools (a package's __init__ counts as its own module)."""
+    graph = {m: {d for d in deps if d in GRAPH and d != m} for m, deps in GRAPH.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(nxt):], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []
+
+
+def test_the_rules_catch_a_violation(monkeypatch):
+    """The checks are not vacuous: a library module importing a job, or method doing I/O, is reported."""
+    monkeypatch.setitem(GRAPH, "trainer.method.bad", {"trainer.jobs.common", "trainer.fileio"})
+    assert violations(lambda m, d: _under(d, "trainer.jobs") and not _under(m, "trainer.jobs")) == [
+        "trainer.method.bad imports trainer.jobs.common"]
+    assert violations(lambda m, d: _under(m, "trainer.method") and _under(d, IO_MODULES)) == [
+        "trainer.method.bad imports trainer.fileio", "trainer.method.bad imports trainer.jobs.common"]

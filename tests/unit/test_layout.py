@@ -1,0 +1,60 @@
+"""trainer/layout.py: the run folder's paths, the pipeline's products and the model names."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.pipeline import build_chain
+from tests.helpers import TINY
+from trainer.config import load_config
+from trainer.layout import CONTROL, EXIT_PREEMPTED, RunLayout
+
+
+def test_model_folders_exports_and_evaluations():
+    at = RunLayout(Path("/run"))
+    assert at.export(0) == Path("/run/teacher/export") and at.eval(0) == Path("/run/teacher/eval")
+    assert at.export(2) == Path("/run/round_2/student/export") and at.eval(2) == Path("/run/round_2/eval")
+    assert at.checkpoints(2) == Path("/run/round_2/student/checkpoints")
+    assert at.export(CONTROL) == Path("/run/control/export") and at.eval(CONTROL) == Path("/run/control/eval")
+    assert at.targets(3) == Path("/run/round_3/targets")
+    # the teacher's metrics stay in the run folder, a student's and the control's in their own
+    assert at.metrics(0) == Path("/run") and at.metrics(1) == Path("/run/round_1/student")
+    assert at.metrics(CONTROL) == Path("/run/control")
+
+
+def test_round_r_distils_from_model_r_minus_1():
+    assert [RunLayout.teacher_of(r) for r in (1, 2, 5)] == [0, 1, 4]
+    with pytest.raises(ValueError, match="1-based"):
+        RunLayout.teacher_of(0)
+
+
+@pytest.mark.parametrize("bad", [-1, "student", 1.0, True])
+def test_not_a_model_is_refused(bad):
+    with pytest.raises(ValueError, match="not a model"):
+        RunLayout(Path("/run")).export(bad)
+
+
+def test_rel_is_run_relative_where_possible():
+    at = RunLayout(Path("/run"))
+    assert at.rel(at.export(0) / "ema.safetensors") == "teacher/export/ema.safetensors"
+    assert at.rel(Path("/elsewhere/x")) == "/elsewhere/x"
+
+
+def test_pipeline_products_are_the_layouts():
+    cfg = load_config(TINY, ["distill.control=true"])
+    at = RunLayout(Path())
+    products = {s.name: s.product for s in build_chain(cfg)}
+    assert products["prepare"] == "data/data.json" == str(at.data_info)
+    assert products["teacher"] == "teacher/export/export.json" == str(at.export_manifest(0))
+    assert products["targets_2"] == "round_2/targets/manifest.json"
+    assert products["distill_2"] == "round_2/student/export/export.json"
+    assert products["eval_0"] == "teacher/eval/metrics.json" and products["eval_2"] == "round_2/eval/metrics.json"
+    assert products["control"] == "control/export/export.json"
+    assert products["eval_control"] == "control/eval/metrics.json" and products["report"] == "report.json"
+
+
+def test_the_preemption_code_is_one_constant():
+    import cluster.slurm
+
+    assert cluster.slurm.EXIT_PREEMPTED is EXIT_PREEMPTED == 75

@@ -1,0 +1,288 @@
+"""tools/submit.py before anything is queued: sbatch's time grammar, per-stage resources, paths
+resolved against the submitting directory, site hooks, and the --dry-run budget (checked against a
+hand computation). Runs the real tool as a user would (a subprocess, --dry-run); no SLURM needed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import pipeline
+from cluster.budget import budget, model_state_bytes
+from cluster.resources import ClusterSpec, stage_resources
+from tests.helpers import REPO, TINY, env
+from trainer.config import ConfigError, load_config, parse_slurm_time, resolve_paths
+
+SMALL = REPO / "configs" / "small.yaml"
+
+
+def submit(*args: str, cwd: Path = REPO, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "submit.py"), *args], cwd=cwd,
+                          env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=120)
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("submit_tool", REPO / "tools" / "submit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sbatch_of(out: str, stage: str) -> str:
+    m = re.search(rf"^\[{stage}\] .*\n.*\n  #SBATCH (.*)$", out, re.M)
+    assert m, out
+    return m.group(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# --time: sbatch's grammar
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, minutes", [
+    ("30", 30), ("30:00", 30), ("30:01", 31), ("4:00:00", 240), ("04:00:00", 240), ("1-12", 36 * 60),
+    ("1-0:30", 24 * 60 + 30), ("2-00:00:00", 48 * 60), ("0:90", 2), ("90", 90)])
+def test_time_follows_sbatch(text: str, minutes: int) -> None:
+    assert parse_slurm_time(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["abc", "1:2:3:4", "1-", "-5", "1h", "0", "00:00", ""])
+def test_bad_time_names_the_flag(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"bad flag '--time'"):
+        parse_slurm_time(text)
+
+
+def test_time_30_00_is_30_minutes_in_the_job_request() -> None:
+    proc = submit("--config", str(TINY), "--nodes", "1", "--time", "30:00", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "--time=00:30:00" in sbatch_of(proc.stdout, "teacher")
+    bad = submit("--config", str(TINY), "--time", "thirty", "--dry-run")
+    assert bad.returncode == 2 and "bad flag '--time': 'thirty' is not a SLURM time" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-stage resources, job names, site hooks
+# --------------------------------------------------------------------------------------------------
+def test_small_on_8_nodes_prints_resources_and_budget_and_names_the_missing_tokenizer() -> None:
+    proc = submit("--config", str(SMALL), "--nodes", "8", "--dry-run")
+    out = proc.stdout
+    # The shipped config points at a tokenizer folder the repository does not hold: the plan and the
+    # budget print, then the problem, naming the key, and a non-zero exit.
+    assert proc.returncode == 2
+    assert "bad config key 'data.tokenizer': 'tokenizers/gpt2' does not exist" in proc.stderr
+    for stage in ("prepare", "report"):
+        line = sbatch_of(out, stage)
+        assert "--gpus-per-node" not in line and "gres" not in line, line
+        assert re.search(rf"^\[{stage}\] 1 x 1 tasks, no GPU", out, re.M)
+    assert "--gpus-per-node=8" in sbatch_of(out, "teacher") and "--nodes=8" in sbatch_of(out, "teacher")
+    assert "--gpus-per-node=1" in sbatch_of(out, "eval_3")
+    assert "--job-name=small-distill_2" in sbatch_of(out, "distill_2")
+    assert "--time=00:30:00" in sbatch_of(out, "report")
+    assert "--kill-on-invalid-dep=yes" in sbatch_of(out, "distill_2")
+    assert "GPU-hours reserved: 3,872.0 per attempt" in out  # 15 x 64 x 4 h + 8 evals x 1 x 4 h
+    assert re.search(r"target storage: 55\.\d GB per round, 389\.\d GB for 7 rounds", out), out
+
+
+def test_stage_overrides_time_nodes_gpus_partition() -> None:
+    cfg = load_config(TINY, ["slurm.stages.eval.time=1-00:00:00", "slurm.stages.eval.gpus_per_node=2",
+                             "slurm.stages.distill.nodes=1", "slurm.stages.prepare.partition=cpu",
+                             "slurm.constraint=h100", "slurm.stages.prepare.constraint=none",
+                             "slurm.mem_gb_per_task=0"])
+    spec = ClusterSpec(nodes=2, gpus_per_node=4, time_min=90)
+    res = {s.name: stage_resources(s, cfg, spec, "myrun") for s in pipeline.build_chain(cfg)}
+    assert (res["eval_1"].time_min, res["eval_1"].gpus_per_node, res["eval_1"].nodes) == (1440, 2, 1)
+    assert (res["distill_2"].nodes, res["distill_2"].tasks_per_node) == (1, 4)
+    assert (res["teacher"].nodes, res["teacher"].time_min) == (2, 90)
+    assert res["prepare"].extra["partition"] == "cpu" and res["prepare"].gpus_per_node == 0
+    assert "constraint" not in res["prepare"].extra and res["teacher"].extra["constraint"] == "h100"
+    assert res["teacher"].job_name == "myrun-teacher"
+    assert "--mem=0" in res["teacher"].sbatch_lines()
+
+
+def test_bad_stage_settings_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"bad config key 'slurm.stages.evaluate'"):
+        load_config(TINY, ["slurm.stages.evaluate.time=30"])
+    with pytest.raises(ConfigError, match=r"bad config key 'slurm.stages.eval.time'.*'half an hour'"):
+        load_config(TINY, ["slurm.stages.eval.time=half an hour"])
+    with pytest.raises(ConfigError, match=r"bad config key 'slurm.stages.eval.time'.*USR2"):
+        load_config(TINY, ["slurm.stages.eval.time=1"])  # 1 minute < the 120 s signal lead
+
+
+def test_site_hooks_reach_the_dry_run() -> None:
+    proc = submit("--config", str(TINY), "--nodes", "2", "--gpus-per-node", "4", "--constraint", "h100",
+                  "--exclude", "n[3-4]", "--reservation", "big", "--sbatch", "exclusive=", "--sbatch", "comment=sdtt",
+                  "--dry-run", "slurm.setup=[module load cuda/12.4, source ~/venv/bin/activate]",
+                  "slurm.env_from_shell=[NCCL_*]", "slurm.env={NCCL_DEBUG: WARN}",
+                  extra_env={"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO"})
+    assert proc.returncode == 0, proc.stderr
+    line = sbatch_of(proc.stdout, "distill_1")
+    for flag in ("--constraint=h100", "--exclude=n[3-4]", "--reservation=big", "--exclusive", "--comment=sdtt"):
+        assert flag in line.split(), (flag, line)
+    assert "job setup: module load cuda/12.4" in proc.stdout
+    assert "job environment: NCCL_SOCKET_IFNAME=ib0" in proc.stdout
+    assert "job environment: NCCL_DEBUG=WARN" in proc.stdout  # a fixed value wins over the shell's
+    bad = submit("--config", str(TINY), "--sbatch", "exclusive", "--dry-run")
+    assert bad.returncode == 2 and "bad flag '--sbatch': 'exclusive' is not KEY=VALUE" in bad.stderr
+
+
+def test_executor_gets_the_setup_environment_and_kill_on_invalid_dep(tmp_path: Path) -> None:
+    from cluster.slurm import executor_parameters
+
+    cfg = load_config(TINY, ["slurm.setup=[module load nccl]", "slurm.additional={exclusive: ''}"])
+    st = pipeline.build_chain(cfg)[1]
+    res = stage_resources(st, cfg, ClusterSpec(nodes=1, gpus_per_node=2), "r")
+    params = executor_parameters(res, cfg, tmp_path, ["17"], {"NCCL_DEBUG": "WARN"})
+    assert params["setup"][:2] == ["module load nccl", "export NCCL_DEBUG=WARN"]
+    assert params["setup"][-1] == f"cd {tmp_path}"
+    add = params["additional_parameters"]
+    assert add["dependency"] == "afterok:17" and add["kill_on_invalid_dep"] == "yes" and add["exclusive"] is True
+    assert params["job_name"] == "r-teacher"
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------------
+def test_paths_resolve_against_the_submitting_directory(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello\n")
+    (tmp_path / "mdlm").mkdir()
+    (tmp_path / "tok").mkdir()
+    cfg = load_config(TINY, ["data.source=text", "data.paths=[corpus/*.txt]", "data.tokenizer=tok",
+                             "data.cache_dir=cache", "teacher.source=import", "teacher.import_path=./mdlm",
+                             "eval.judge=gpt2-large"])
+    out, problems = resolve_paths(cfg, tmp_path)
+    assert problems == []
+    assert out.data.paths == [str(tmp_path / "corpus" / "*.txt")]
+    assert out.data.tokenizer == str(tmp_path / "tok") and out.data.cache_dir == str(tmp_path / "cache")
+    assert out.teacher.import_path == str(tmp_path / "mdlm")
+    assert out.eval.judge == "gpt2-large"  # not a path here: a hub name, kept
+    (tmp_path / "gpt2-large").mkdir()
+    assert resolve_paths(cfg, tmp_path)[0].eval.judge == str(tmp_path / "gpt2-large")  # exists: a path
+    # Unused paths are not required; a path-like judge that is missing is an error.
+    _, problems = resolve_paths(load_config(TINY, ["eval.judge=./judges/none", "teacher.import_path=nowhere"]),
+                                tmp_path)
+    assert problems == [f"bad config key 'eval.judge': './judges/none' does not exist (as "
+                        f"{tmp_path / 'judges' / 'none'})"]
+
+
+def test_a_missing_path_fails_at_submit_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "tiny.yaml").write_text(TINY.read_text())
+    proc = submit("--config", "tiny.yaml", "--local", "--run-dir", "run", "teacher.source=import",
+                  "teacher.import_path=models/mdlm", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"bad config key 'teacher.import_path': 'models/mdlm' does not exist (as {tmp_path}/models/mdlm)" \
+        in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_stored_config_holds_absolute_paths(tmp_path: Path) -> None:
+    """A run folder made from another directory stores its paths absolute; the folder's config
+    then reloads unchanged from anywhere (the resubmission check compares it)."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "tiny.yaml").write_text(TINY.read_text())
+    tool = _tool()
+    args = tool.parse_args(["--config", "cfg/tiny.yaml", "--run-dir", "runs/x", "data.cache_dir=shared-data"])
+    import os
+
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        cfg, run_dir, problems = tool.resolve_config(args)
+    finally:
+        os.chdir(old)
+    assert problems == [] and run_dir == tmp_path / "runs" / "x"
+    assert cfg.data.cache_dir == str(tmp_path / "shared-data")
+
+
+def test_a_list_config_gets_the_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- name: tiny\n- model: {}\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: the top level must be a mapping of sections"):
+        load_config(bad)
+    proc = submit("--config", str(bad), "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The budget, against a hand computation
+# --------------------------------------------------------------------------------------------------
+def test_budget_matches_a_hand_computation() -> None:
+    """configs/tiny.yaml on 2 nodes x 4 GPUs, 60 minutes: every number below is worked out by hand
+    from the config (tiny.yaml values in the comments); only N comes from the model."""
+    tool = _tool()
+    cfg = load_config(TINY)
+    spec = ClusterSpec(nodes=2, gpus_per_node=4, time_min=60)
+    stages = pipeline.build_chain(cfg)
+    n = tool.parameter_count(cfg)
+    b = {s.stage: s for s in budget(stages, cfg, spec, n, tool.target_size(cfg)).stages}
+    # GPU-hours: teacher, 3 targets, 3 distill and the control (distill.control: true) on 8 GPUs for
+    # 1 h; eval_0..eval_3 and eval_control on 1 GPU for 1 h; prepare and report hold no GPU.
+    assert b["teacher"].gpu_hours == 8 and b["eval_2"].gpu_hours == 1 and b["prepare"].gpu_hours == 0
+    assert b["control"].gpu_hours == 8 and b["eval_control"].gpu_hours == 1
+    assert sum(s.gpu_hours for s in b.values()) == 8 * 8 + 5 * 1 == 69
+    # tokens: train.steps 1500 x engine.global_batch_size 32 x seq_len 64
+    assert b["teacher"].tokens == 1500 * 32 * 64 == 3_072_000
+    assert b["teacher"].flop == 6 * n * 3_072_000
+    # distill: steps_per_round 300 x distill.global_batch_size 32 x 64; targets: 2048 samples x 64 x m=2
+    assert b["distill_1"].tokens == 614_400 and b["targets_1"].tokens == 262_144
+    # eval: num_samples 256 x 64 x (4 + 8 + 16 + 32 + 64) forward tokens
+    assert b["eval_0"].tokens == 256 * 64 * 124 == 2_031_616
+    # ZeRO-2, W = 8, bf16: 2N weights + 2N/8 grads + 12N/8 optimizer + 4N fp32 EMA = 7.75 N
+    assert b["teacher"].state_bytes == pytest.approx(7.75 * n)
+    assert model_state_bytes(n, 2, 8, True) == pytest.approx(7.75 * n)
+    # activations, micro-batch 32 / 8 = 4: 34 x 4 x 64 x d 128 x 2 layers + logits 4 x 64 x 65 x 10 bytes
+    assert b["teacher"].activation_bytes == 34 * 4 * 64 * 128 * 2 + 4 * 64 * 65 * 10 == 2_394_624
+    # targets: topk K=8, V=64 (uint16 ids): 8 x (2 + 2) + 4 = 36 B per masked position; a sample =
+    # 4 x 64 (xt) + 32 masked x 36 + 128 (meta json) + 5 members x (512 + 128 + 256) = 6016 B
+    assert b["targets_1"].target_bytes == 2048 * 6016 == 12_320_768
+
+
+def test_targets_keep_false_budget_holds_one_round() -> None:
+    tool = _tool()
+    for keep, peak_rounds in (("true", 3), ("false", 1)):
+        cfg = load_config(TINY, [f"targets.keep={keep}"])
+        b = budget(pipeline.build_chain(cfg), cfg, ClusterSpec(nodes=1, gpus_per_node=1), 1000, tool.target_size(cfg))
+        assert b.target_bytes_all_rounds == 3 * b.target_bytes_per_round
+        assert b.target_bytes_peak == peak_rounds * b.target_bytes_per_round
+
+
+# --------------------------------------------------------------------------------------------------
+# targets.keep: false
+# --------------------------------------------------------------------------------------------------
+def _fake_round(run: Path, r: int) -> None:
+    t = run / f"round_{r}" / "targets"
+    (t / "progress").mkdir(parents=True)
+    (t / "targets-0000-000000.tar").write_bytes(b"x" * 1000)
+    (t / "progress" / "shard-000000.json").write_text("{}")
+    (t / "manifest.json").write_text(json.dumps({"round": r}))
+    (t / "plan.json").write_text("{}")
+
+
+def test_targets_are_released_only_after_distill_is_recorded_done(tmp_path: Path) -> None:
+    cfg = load_config(TINY, ["targets.keep=false"])
+    stages = {s.name: s for s in pipeline.build_chain(cfg)}
+    run = tmp_path / "run"
+    _fake_round(run, 1)
+    targets = run / "round_1" / "targets"
+    assert pipeline.release_outputs(run, stages["distill_1"], log=lambda _: None) == []  # not done yet
+    assert (targets / "targets-0000-000000.tar").exists()
+    for name in ("prepare", "teacher", "targets_1", "distill_1"):  # what the chain has done so far
+        product = run / stages[name].product
+        product.parent.mkdir(parents=True, exist_ok=True)
+        if not product.exists():
+            product.write_text("{}")
+        pipeline.mark(run, stages[name], "done")
+    export = run / "round_1" / "student" / "export"
+    assert pipeline.release_outputs(run, stages["distill_1"], log=lambda _: None) == ["round_1/targets"]
+    assert sorted(p.name for p in targets.iterdir()) == ["RELEASED.json", "manifest.json", "plan.json"]
+    assert json.loads((targets / "RELEASED.json").read_text())["bytes_freed"] == 1000
+    assert pipeline.is_done(run, stages["targets_1"])  # the manifest stays: targets_1 is not redone ...
+    chain = list(stages.values())
+    assert "targets_1" not in [s.name for s in pipeline.pending(run, chain)]
+    (export / "export.json").write_text("changed")  # ... unless distill_1 must run again: then it is
+    assert [s.name for s in pipeline.pending(run, chain)][:3] == ["eval_0", "targets_1", "distill_1"]
+    kept = load_config(TINY)
+    assert all(not s.releases for s in pipeline.build_chain(kept))  # targets.keep defaults to true
