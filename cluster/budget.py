@@ -117,8 +117,8 @@ def stage_budget(st: Stage, cfg: RunConfig, res: StageResources, n: int, size: T
     bf16 = res.gpus_per_node > 0 and cfg.engine.precision != "fp32" or cfg.engine.precision == "bf16"
     zero = cfg.engine.zero_stage
     tokens = flop = state = act = targets = 0.0
-    if kind in ("teacher", "control", "distill") and st.distributed:
-        if kind == "teacher":
+    if kind in ("teacher", "ar", "control", "distill") and st.distributed:
+        if kind in ("teacher", "ar"):  # the AR baseline trains with the teacher's setup and steps
             steps, batch = cfg.train.steps, cfg.engine.global_batch_size
         elif kind == "control":
             steps, batch = cfg.distill.rounds * cfg.distill.steps_per_round, cfg.distill.global_batch_size

@@ -88,7 +88,7 @@ class StageResources:
 
 
 def stage_kind(name: str) -> str:
-    """prepare, teacher, targets, distill, eval, control or report: the ``slurm.stages`` key of a stage."""
+    """prepare, teacher, ar, targets, distill, eval, control or report: the ``slurm.stages`` key of a stage."""
     return name.split("_", 1)[0]
 
 
@@ -116,7 +116,8 @@ def validate_fit(cfg: RunConfig, spec: ClusterSpec, stages: list[Stage] | None =
         from cluster.pipeline import build_chain
 
         stages = build_chain(cfg)
-    batches = {"teacher": "engine.global_batch_size", "control": "distill.global_batch_size",
+    batches = {"teacher": "engine.global_batch_size", "ar": "engine.global_batch_size",
+               "control": "distill.global_batch_size",
                "distill": "distill.global_batch_size"}
     for st in stages:
         key = batches.get(stage_kind(st.name))

@@ -226,7 +226,7 @@ class EvalConfig:
 @dataclass
 class StageSlurmConfig:
     """What one kind of stage asks SLURM for, where it differs from the run-wide ``slurm.*`` values.
-    Kinds: prepare, teacher, targets, distill, eval, control, report (every round's ``distill_R`` is
+    Kinds: prepare, teacher, ar, targets, distill, eval, control, report (every round's ``distill_R`` is
     ``distill``; ``eval_control`` is ``eval``). 0 / -1 / "" = the default of the kind."""
 
     time: str = ""  # sbatch --time grammar (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]); "" = --time / slurm.time_min
@@ -244,7 +244,7 @@ def _default_stage_slurm() -> dict[str, StageSlurmConfig]:
             "report": StageSlurmConfig(gpus_per_node=0, time="30")}
 
 
-STAGE_KINDS = ("prepare", "teacher", "targets", "distill", "eval", "control", "report")
+STAGE_KINDS = ("prepare", "teacher", "ar", "targets", "distill", "eval", "control", "report")
 
 
 @dataclass
@@ -316,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            layer = OmegaConf.load(path)
+            layer = OmegaConf.create(_quote_times(path.read_text()))
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"{path}: cannot parse YAML: {_first_line(e)}") from None
         if not isinstance(layer, DictConfig):
@@ -327,7 +327,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"command line: override '{item}' is not of the form key=value")
         try:
-            layer = OmegaConf.from_dotlist([item])
+            layer = OmegaConf.from_dotlist([_quote_times(item)])
         except OmegaConfBaseException as e:
             raise ConfigError(f"command line: bad override '{item}': {_first_line(e)}") from None
         cfg = _merge(cfg, layer, f"command line ('{item}')")
@@ -337,6 +337,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source += " + command line"
     validate(run, source=source)
     return run
+
+
+# YAML 1.1 reads 30:00 and 1:00:00 as base-60 integers (1800, 3600): a time limit written unquoted,
+# `time: 30:00`, would reach the config as 1800 minutes. Quote such values of `time` keys (the only
+# ones are slurm.stages.<kind>.time) before YAML sees them, so they keep sbatch's meaning.
+_SEXAGESIMAL_TIME = re.compile(r"(\btime\s*[:=]\s*)(\d+(?:-\d+)?(?::\d+)+)(?=\s*(?:[,}\]#]|$))", re.M)
+
+
+def _quote_times(text: str) -> str:
+    return _SEXAGESIMAL_TIME.sub(r'\1"\2"', text)
 
 
 def to_yaml(cfg: RunConfig) -> str:

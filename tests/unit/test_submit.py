@@ -102,6 +102,18 @@ def test_stage_overrides_time_nodes_gpus_partition() -> None:
     assert "--mem=0" in res["teacher"].sbatch_lines()
 
 
+def test_unquoted_times_keep_sbatchs_meaning(tmp_path: Path) -> None:
+    """YAML 1.1 would read 30:00 as 1800 and 1:00:00 as 3600 (base 60): not here."""
+    cfg_file = tmp_path / "site.yaml"
+    cfg_file.write_text("slurm:\n  stages:\n    eval: {time: 30:00}\n    distill:\n      time: 1:00:00  # one hour\n")
+    cfg = load_config(cfg_file, ["slurm.stages.report.time=45:00"])
+    st = cfg.slurm.stages
+    assert (st["eval"].time, st["distill"].time, st["report"].time) == ("30:00", "1:00:00", "45:00")
+    spec = ClusterSpec(nodes=1, gpus_per_node=1)
+    res = {s.name: stage_resources(s, cfg, spec) for s in pipeline.build_chain(cfg)}
+    assert (res["eval_1"].time_min, res["distill_1"].time_min, res["report"].time_min) == (30, 60, 45)
+
+
 def test_bad_stage_settings_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"bad config key 'slurm.stages.evaluate'"):
         load_config(TINY, ["slurm.stages.evaluate.time=30"])

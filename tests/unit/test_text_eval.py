@@ -29,9 +29,9 @@ def judge() -> T.OwnARTextJudge:
 
 
 def test_cut_at_eos():
-    assert T.cut_at_eos([EOS, EOS, 1, 2, EOS, 3, EOS], EOS) == [1, 2, EOS]
+    assert T.cut_at_eos([EOS, EOS, 1, 2, EOS, 3, EOS], EOS) == [EOS, 1, 2, EOS]  # one BOS kept as context
     assert T.cut_at_eos([1, 2, 3], EOS) == [1, 2, 3]
-    assert T.cut_at_eos([EOS, EOS], EOS) == []
+    assert T.cut_at_eos([EOS, EOS], EOS) == [EOS]
 
 
 def _direct_nll(judge: T.OwnARTextJudge, ids: list[int]) -> float:
@@ -43,12 +43,14 @@ def _direct_nll(judge: T.OwnARTextJudge, ids: list[int]) -> float:
 
 
 def test_gen_ppl_scores_up_to_the_first_eos(judge):
-    texts = ["hello world<|endoftext|>ignored tail", "ab", "a much longer sample than the others"]
+    texts = ["hello world<|endoftext|>ignored tail", "ab", "<|endoftext|>a much longer sample than the others"]
     got = T.gen_ppl_text(judge, texts, batch_size=2)  # padding inside batches
     tok = ByteTokenizer()
     seqs = [[*tok.encode("hello world"), EOS], tok.encode(texts[1]), tok.encode(texts[2])]
-    nll = sum(_direct_nll(judge, s) for s in seqs)
-    n = sum(len(s) for s in seqs)
+    # The third starts with the row's BOS: read as context, not scored.
+    nll = _direct_nll(judge, seqs[0]) + _direct_nll(judge, seqs[1]) + _direct_nll(judge, seqs[2]) \
+        - _direct_nll(judge, seqs[2][:1])
+    n = sum(len(s) for s in seqs) - 1
     assert got["judge_tokens"] == n
     assert got["gen_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)  # float32 forwards, batched or not
     # What follows the first EOS changes nothing.

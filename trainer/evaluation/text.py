@@ -2,10 +2,11 @@
 
 * **Generative perplexity, retokenised.** Samples are decoded to text with the model's tokenizer and
   re-encoded with the judge's; each retokenised sample is scored up to and including its first EOS,
-  nothing after it (a wrapped row's leading ``[BOS]``, GPT-2's ``<|endoftext|>``, is dropped
-  first). gen-PPL = exp(sum of NLL / number of scored tokens) over all samples. A judge without a
-  BOS (a Hugging Face GPT-2) cannot score a sample's first token, as in MDLM; the project's own AR
-  judge can (its input starts with BOS), so it scores every token.
+  nothing after it. A wrapped row's leading ``[BOS]`` (GPT-2's ``<|endoftext|>``) is kept as unscored
+  context: the judge read it first in training, as the samples' rows begin with it. gen-PPL =
+  exp(sum of NLL / number of scored tokens) over all samples. A judge without a BOS (a Hugging Face
+  GPT-2) cannot score a sample's first token, as in MDLM; the project's own AR judge can (its input
+  starts with its own BOS), so it scores every token but a leading [BOS].
 * **Entropy beside it**: the mean per-sample entropy of the sampled token ids
   (``quality.unigram_entropy``), which exposes the low-temperature collapse that lowers gen-PPL.
 * **MAUVE** (Pillutla et al. 2021, ``mauve-text``) of prefix-conditioned samples against held-out
@@ -141,15 +142,16 @@ def decode(samples: torch.Tensor | np.ndarray, tokenizer: Tokenizer) -> list[str
 
 
 def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
-    """Drop leading EOS (a wrapped row's BOS), then keep up to and including the first EOS."""
+    """Keep one leading EOS (a wrapped row's BOS: context, never scored), then the tokens up to and
+    including the first EOS after them; nothing after it."""
     ids = list(ids)
     start = 0
     while start < len(ids) and ids[start] == eos_id:
         start += 1
-    ids = ids[start:]
-    if eos_id in ids:
-        ids = ids[:ids.index(eos_id) + 1]
-    return ids
+    body = ids[start:]
+    if eos_id in body:
+        body = body[:body.index(eos_id) + 1]
+    return ([eos_id] if start else []) + body
 
 
 def retokenise(texts: Sequence[str], judge: TextJudge, cut_eos: bool = True) -> list[list[int]]:
@@ -175,12 +177,15 @@ def _batches(seqs: list[list[int]], batch_size: int, pad_id: int):
 
 
 def score(judge: TextJudge, seqs: list[list[int]], batch_size: int = 32) -> tuple[float, int]:
-    """(total NLL in nats, number of scored tokens) of the judge's id sequences."""
+    """(total NLL in nats, number of scored tokens) of the judge's id sequences. A leading EOS (the
+    row's BOS) is context: the judge reads it, as it read it in training, but it is not scored."""
     total, count = 0.0, 0
-    for _, x, lengths in _batches(seqs, batch_size, judge.tokenizer.eos_id):
+    eos = judge.tokenizer.eos_id
+    for _, x, lengths in _batches(seqs, batch_size, eos):
         logp, _ = judge.run(x)
         valid = torch.arange(x.shape[1])[None, :] < lengths[:, None]
         valid &= ~torch.isnan(logp)
+        valid[:, 0] &= x[:, 0] != eos
         total += float(-logp[valid].sum())
         count += int(valid.sum())
     return total, count
