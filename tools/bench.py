@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--distill-steps", type=int, default=300)
     s.add_argument("--eval-samples", type=int, default=1024)
     s.add_argument("--seeds", type=int, default=3, help="distillation runs per codec (training noise)")
+    s.add_argument("--codecs", nargs="+", default=["dense", "topk", "topk_is", "sampled"],
+                   help="codecs to distil with (dense reverse KL is always the reference)")
 
     s = add("tokenize", "text preparation: tokenise+pack MB/s per core and its scaling with workers", 3)
     s.add_argument("--tokenizer", default="bpe", help="bpe (a 4k byte-level BPE trained on the corpus), byte, "

@@ -37,6 +37,11 @@ def size_table(vocab: int, ks: list[int], distinct: dict[int, float] | None = No
         rows.append(f"  {'topk':<8} {k:>6} {bytes_per_position('topk', k, vocab):>15,.0f}  "
                     f"fp16 log-probs + ids + log tail mass")
     for k in ks:
+        if k > vocab:
+            continue
+        rows.append(f"  {'topk_is':<8} {k:>6} {bytes_per_position('topk_is', k, vocab):>15,.0f}  "
+                    f"topk + K importance-sampled tail ids with their fp16 log-probs")
+    for k in ks:
         worst = bytes_per_position("sampled", k, vocab)
         note = "worst case (K distinct ids)"
         if distinct and k in distinct:
@@ -54,7 +59,7 @@ def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:
             break
         try:
             for sample in shards.iter_samples(out_dir / s["name"]):
-                if codec == "topk":
+                if codec in ("topk", "topk_is"):
                     values.append(np.exp(sample["logtail"].astype(np.float64)))
                 elif codec == "sampled":
                     values.append(sample["nuniq"].astype(np.float64))
@@ -69,7 +74,7 @@ def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:
     if v.size == 0:
         return []
     q = np.quantile(v, [0.5, 0.9, 0.99])
-    what = "tail mass" if codec == "topk" else "distinct ids"
+    what = "tail mass" if codec in ("topk", "topk_is") else "distinct ids"
     return [f"  {what:<10} over {v.size} positions of {n} samples: mean {v.mean():.4g}, median {q[0]:.4g}, "
             f"p90 {q[1]:.4g}, p99 {q[2]:.4g}, max {v.max():.4g}"]
 

@@ -155,7 +155,7 @@ class TargetsConfig:
 
     num_samples: int = 4096
     teacher_steps: int = 2  # m ancestral teacher steps per student step
-    codec: str = "topk"  # topk | sampled | dense
+    codec: str = "topk"  # topk | topk_is (top-K + importance-sampled tail ids) | sampled | dense
     k: int = 16
     samples_per_shard: int = 256
     shard_max_bytes: int = 256 * 1024 * 1024
@@ -209,6 +209,12 @@ class EvalConfig:
     judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
     ar_path: str = ""  # the AR model's export dir; "" = <run>/ar/export (trainer.jobs.pretrain --ar)
     seed: int = 1
+    # Sampling temperatures swept at the compared step counts (each round's count, for the teacher
+    # and the control; its own count for a student), to read every model's quality at the data's own
+    # entropy (trainer/evaluation/paired.py). 1.0 is always evaluated at every count in eval.steps.
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    # True source samples drawn for the reference row (entropy, NLL floor, bigram-KL floor); 0 = none.
+    reference_samples: int = 4096
     # Text sources (trainer/evaluation/text.py): MAUVE of this many prefix-conditioned samples
     # against held-out rows (0 = off), the clamped prefix length (0 = seq_len / 4), and how many
     # held-out rows the likelihood bound is measured on.
@@ -437,7 +443,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     g = cfg.targets
     _check(g.num_samples >= 1, source, "targets.num_samples", "must be positive")
     _check(g.teacher_steps >= 1, source, "targets.teacher_steps", "must be at least 1")
-    _choice(g.codec, ("topk", "sampled", "dense"), source, "targets.codec")
+    _choice(g.codec, ("topk", "topk_is", "sampled", "dense"), source, "targets.codec")
     _check(1 <= g.k <= m.vocab_size, source, "targets.k", f"must be in [1, model.vocab_size={m.vocab_size}]")
     _check(g.samples_per_shard >= 1, source, "targets.samples_per_shard", "must be positive")
     _check(g.shard_max_bytes >= 1024, source, "targets.shard_max_bytes", "must be at least 1024")
@@ -455,6 +461,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     # (trainer/method/sdtt.py, SUPPORTED).
     _check(ds.mode != "offline" or g.codec != "sampled" or ds.divergence == "fkl", source, "distill.divergence",
            f"'{ds.divergence}' cannot be computed from targets.codec=sampled targets; use fkl, or targets.codec=topk")
+    # The tail draws estimate the within-tail KL of either direction; TV and MSE have no such estimate.
+    _check(ds.mode != "offline" or g.codec != "topk_is" or ds.divergence in ("rkl", "fkl"), source,
+           "distill.divergence", f"'{ds.divergence}' cannot be computed from targets.codec=topk_is targets; "
+           "use rkl or fkl, or targets.codec=topk")
     _check(ds.lr > 0, source, "distill.lr", "must be positive")
     _check(ds.global_batch_size >= 1, source, "distill.global_batch_size", "must be positive")
     _check(0 <= ds.ema < 1, source, "distill.ema", "must be in [0, 1)")
@@ -471,6 +481,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(ev.num_samples >= 2, source, "eval.num_samples", "must be at least 2 (for a standard error)")
     _check(ev.batch_size >= 1, source, "eval.batch_size", "must be positive")
     _choice(ev.weights, ("ema", "raw"), source, "eval.weights")
+    _check(len(ev.temperatures) > 0 and all(float(x) > 0 for x in ev.temperatures), source, "eval.temperatures",
+           "must be a non-empty list of positive sampling temperatures")
+    _check(ev.reference_samples >= 0, source, "eval.reference_samples", "must be >= 0 (0 = no reference row)")
     _check(ev.mauve_samples >= 0, source, "eval.mauve_samples", "must be >= 0 (0 = no MAUVE)")
     _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
            f"must be in [0, data.seq_len={d.seq_len}) (0 = a quarter of the row)")

@@ -45,10 +45,26 @@ def test_report_puts_each_student_beside_the_teacher(demo_run):
         for key in ("model", "round", "steps", "nll", "nll_se", "gen_ppl", "entropy", "samples", "bigram_kl"):
             assert key in r
         assert r["entropy"] > 0 and r["samples"] == 256
-    pairs = report["head_to_head"]
-    assert [(p["round"], p["steps"]) for p in pairs] == [(1, 8), (2, 4)]
-    assert all(p["teacher_nll"] is not None and p["student_nll"] is not None for p in pairs)
+    comps = report["comparisons"]
+    assert [(c["round"], c["steps"]) for c in comps] == [(1, 8), (2, 4)]
+    for c in comps:  # paired differences, each with its SE, and the matched-entropy reads
+        assert c["teacher_nll"]["value"] is not None and c["student_nll"]["value"] is not None
+        assert c["student_minus_teacher"]["se"] > 0 and c["gap_closed_student"]["se"] > 0
+        assert c["teacher_nll_at_H"] is not None and c["student_nll_at_H"] is not None
+        assert c["student_minus_teacher_at_H"]["se"] > 0
+    # the teacher is swept over eval.temperatures at every round's count, a student at its own
+    temps = {(r["model"], r["round"], r["steps"]): set() for r in report["rows"]}
+    for r in report["rows"]:
+        temps[(r["model"], r["round"], r["steps"])].add(r["temperature"])
+    assert temps[("teacher", 0, 8)] == temps[("student", 1, 8)] == {0.9, 1.0, 1.1}
+    assert temps[("teacher", 0, 16)] == {1.0}  # the start count: no student is compared there
+    assert temps[("student", 1, 4)] == {1.0}
+    ref = report["reference"]
+    assert abs(ref["nll"] - report["nll_floor"]) < 4 * ref["nll_se"] and ref["entropy"] == report["data_entropy"]
     assert (demo_run / "report.md").exists() and (demo_run / "quality_vs_steps.png").stat().st_size > 10_000
+    assert (demo_run / "frontier.png").stat().st_size > 10_000
+    ev = json.loads((demo_run / "round_1" / "eval" / "metrics.json").read_text())
+    assert all(len(r["nll_per_sample"]) == 256 for r in ev["rows"])
 
 
 def test_teacher_shows_the_physics_of_step_counts(demo_run):

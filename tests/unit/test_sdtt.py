@@ -163,7 +163,7 @@ def _same(a: S.Example, b: S.Example) -> bool:
             and all(np.array_equal(a.fields[k], b.fields[k]) for k in a.fields))
 
 
-@pytest.mark.parametrize("codec", ["topk", "sampled", "dense"])
+@pytest.mark.parametrize("codec", ["topk", "topk_is", "sampled", "dense"])
 def test_examples_do_not_depend_on_the_batch(codec):
     teacher = _mixing_teacher()
     x0 = torch.randint(0, V, (6, 16), generator=torch.Generator().manual_seed(0))

@@ -79,6 +79,12 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
                 sizes[f"topk{kk}@V{vocab}"] = b
                 size_rows.append([f"topk (V={vocab})", kk, b, tail.get(kk, math.nan) if vocab == V else "n/a", "-"])
         for kk in args.k:
+            if kk < vocab:
+                b = codecs.bytes_per_position("topk_is", kk, vocab)
+                sizes[f"topk_is{kk}@V{vocab}"] = b
+                size_rows.append([f"topk_is (V={vocab})", kk, b, tail.get(kk, math.nan) if vocab == V else "n/a",
+                                  "-"])
+        for kk in args.k:
             worst = codecs.bytes_per_position("sampled", kk, vocab)
             meas = codecs.bytes_per_position("sampled", kk, vocab, distinct[kk]) if vocab == V else math.nan
             sizes[f"sampled{kk}@V{vocab}"] = worst
@@ -90,7 +96,10 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- quality: one short distillation round per codec, same data, same draws ---------------
     candidates = [("dense", V, "rkl")] + [("topk", kk, "rkl") for kk in args.k if kk < V]
-    if not args.no_sampled:
+    # top-K + K importance-sampled tail ids (sees the tail's shape): topk_is at K costs topk's bytes at 2K
+    candidates += [("topk_is", kk, "rkl") for kk in args.k if kk < V and "topk_is" in args.codecs]
+    candidates = [c for c in candidates if c[0] in args.codecs or c[0] == "dense"]
+    if not args.no_sampled and "sampled" in args.codecs:
         candidates += [("dense", V, "fkl")] + [("sampled", kk, "fkl") for kk in args.k]
     heldout = x0_rows(cfg, cfg.distill.global_batch_size, L, args.seed + 2)
     names = [f"{c}{'' if c == 'dense' else kk}/{kind}" for c, kk, kind in candidates]

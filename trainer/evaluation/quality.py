@@ -102,6 +102,12 @@ def markov_quality(source: MarkovSource, samples: np.ndarray | torch.Tensor,
 def unigram_entropy(samples: np.ndarray | torch.Tensor) -> float:
     """Mean over sequences of the entropy (nats) of each sequence's own token histogram: the
     "sample entropy" MDLM/SDTT report beside generative perplexity."""
+    return float(np.mean(sequence_entropies(samples)))
+
+
+def sequence_entropies(samples: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The entropy (nats) of each sequence's own token histogram, float64 [n] (``unigram_entropy``
+    is their mean; the per-sequence values give its standard error and pair models sample by sample)."""
     x = np.sort(_as_numpy(samples), axis=1)
     n, length = x.shape
     # Runs of equal ids in each sorted row are that row's histogram.
@@ -111,7 +117,7 @@ def unigram_entropy(samples: np.ndarray | torch.Tensor) -> float:
     counts = np.bincount(run_id).astype(np.float64)
     run_row = np.nonzero(starts.ravel())[0] // length
     sum_clogc = np.bincount(run_row, weights=counts * np.log(counts), minlength=n)
-    return float(np.mean(math.log(length) - sum_clogc / length))
+    return math.log(length) - sum_clogc / length
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Sample a model at several step counts and measure what came out.
 
-One row per (model, steps): exact NLL under the synthetic source with its standard error and the gap
-to the source's entropy, the bigram KL that exposes lost diversity, generative perplexity under a
-judge when one is configured, and always the sample entropy beside them.
+One row per (model, steps, temperature): exact NLL under the synthetic source with its standard error
+and the gap to the source's entropy, the bigram KL that exposes lost diversity, generative perplexity
+under a judge when one is configured, and always the sample entropy beside them. Each row also keeps
+the per-sample NLLs and entropies (``nll_per_sample``, ``entropy_per_sample``): every row is drawn
+with the same seed, so sample i of every model, step count and temperature shares its noise, and the
+report pairs them (trainer/evaluation/paired.py).
 """
 from __future__ import annotations
 
@@ -14,12 +17,12 @@ from torch import nn
 
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
-from trainer.evaluation.quality import JudgeFn, gen_ppl, markov_quality, unigram_entropy
+from trainer.evaluation.quality import JudgeFn, bigram_kl, gen_ppl, markov_quality, sequence_entropies
 from trainer.method import sampling
 
 
 def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int, seed: int,
-                 device: torch.device, progress: bool = False) -> tuple[torch.Tensor, int]:
+                 device: torch.device, progress: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
     """``num_samples`` sequences at ``steps`` steps, in batches; (samples on CPU, denoiser calls)."""
     mask_id = cfg.model.vocab_size
     denoise = sampling.make_denoiser(model, mask_id, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
@@ -33,7 +36,7 @@ def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int,
                                       noise_eps=cfg.diffusion.noise_eps, sampling_eps=cfg.diffusion.sampling_eps,
                                       generator=gen, device=device,
                                       cache=cfg.sampling.cache and not cfg.model.time_conditioning,
-                                      progress=progress, stats=stats)
+                                      progress=progress, stats=stats, temperature=temperature)
         out.append(x.cpu())
         nfe += stats["nfe"]
     return torch.cat(out), nfe
@@ -41,11 +44,17 @@ def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int,
 
 def quality_row(samples: torch.Tensor, source: MarkovSource | None, judge: JudgeFn | None) -> dict:
     """Every quality number for one set of samples; absent measures are None, never omitted."""
-    row: dict = {"nll": None, "nll_se": None, "nll_gap": None, "bigram_kl": None, "gen_ppl": None}
+    row: dict = {"nll": None, "nll_se": None, "nll_gap": None, "bigram_kl": None, "gen_ppl": None,
+                 "nll_per_sample": None}
+    ent = sequence_entropies(samples)
     if source is not None:
         row.update(markov_quality(source, samples))
-    else:
-        row["entropy"] = unigram_entropy(samples)
+        row["nll_per_sample"] = [round(float(v), 6) for v in source.nll_per_token(samples.numpy()
+                                                                                  if isinstance(samples, torch.Tensor)
+                                                                                  else samples)]
+    row["entropy"] = float(ent.mean())
+    row["entropy_se"] = float(ent.std(ddof=1) / np.sqrt(ent.size)) if ent.size > 1 else None
+    row["entropy_per_sample"] = [round(float(v), 6) for v in ent]
     if judge is not None:
         row["gen_ppl"] = gen_ppl(judge, samples)
     row["samples"] = int(samples.shape[0])
@@ -54,17 +63,23 @@ def quality_row(samples: torch.Tensor, source: MarkovSource | None, judge: Judge
 
 def evaluate_model(model: nn.Module, cfg: RunConfig, steps_list: list[int], source: MarkovSource | None,
                    judge: JudgeFn | None, device: torch.device, progress: bool = False,
-                   keep_samples: bool = False) -> list[dict]:
-    """One quality row per step count, each with its timing and number of denoiser calls.
+                   keep_samples: bool = False, sweep: dict[int, list[float]] | None = None) -> list[dict]:
+    """One quality row per (step count, temperature), each with its timing and number of denoiser calls.
 
-    Every step count uses the same seed (cfg.eval.seed), so rows differ by the sampler alone.
+    Every step count is sampled at temperature 1; ``sweep`` adds, per step count, the other
+    temperatures to sample it at (a step count absent from ``steps_list`` is added). Every row uses
+    the same seed (cfg.eval.seed), so rows differ by the sampler alone and their samples pair up.
     """
     model.eval()
+    plan = {(s, 1.0) for s in steps_list}
+    for s, temps in (sweep or {}).items():
+        plan |= {(s, float(tau)) for tau in temps}
     rows = []
-    for steps in sorted(set(steps_list)):
+    for steps, tau in sorted(plan):
         t0 = time.perf_counter()
-        samples, nfe = draw_samples(model, cfg, steps, cfg.eval.num_samples, cfg.eval.seed, device, progress)
-        row = {"steps": steps, **quality_row(samples, source, judge), "nfe": nfe,
+        samples, nfe = draw_samples(model, cfg, steps, cfg.eval.num_samples, cfg.eval.seed, device, progress,
+                                    temperature=tau)
+        row = {"steps": steps, "temperature": tau, **quality_row(samples, source, judge), "nfe": nfe,
                "seconds": round(time.perf_counter() - t0, 3)}
         if keep_samples:
             row["_samples"] = samples
@@ -72,8 +87,23 @@ def evaluate_model(model: nn.Module, cfg: RunConfig, steps_list: list[int], sour
     return rows
 
 
-def format_table(rows: list[dict], columns: tuple[str, ...] = ("model", "round", "steps", "nll", "nll_se",
-                                                               "entropy", "bigram_kl", "gen_ppl")) -> str:
+def reference_row(source: MarkovSource, num_samples: int, seq_len: int, seed: int, eval_samples: int) -> dict:
+    """True source samples as a model row ("source"): the NLL a perfect sampler reaches (mean over
+    ``num_samples``), the data's own sample entropy (the target of matched-diversity comparisons) and
+    the bigram-KL floor: the bigram KL of the first ``eval_samples`` of them, i.e. at the sample count
+    every model row is measured with (the KL's finite-sample floor shrinks as samples are added)."""
+    x = source.sample(num_samples, seq_len, np.random.default_rng(np.random.SeedSequence([seed, 0x5EED])))
+    x = torch.from_numpy(np.asarray(x, dtype=np.int64))
+    row = {"model": "source", "round": None, "steps": None, "temperature": None, **quality_row(x, source, None)}
+    row.pop("nll_per_sample")
+    row.pop("entropy_per_sample")
+    if row.get("bigram_kl") is not None:
+        row["bigram_kl"] = bigram_kl(source, x[:eval_samples])
+    return row
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = ("model", "round", "steps", "temperature", "nll",
+                                                               "nll_se", "entropy", "bigram_kl", "gen_ppl")) -> str:
     """A fixed-width text table of result rows (missing values shown as '-')."""
     cols = [c for c in columns if any(c in r for r in rows)]
 

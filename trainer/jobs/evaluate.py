@@ -5,7 +5,10 @@
 Round 0 is the teacher, round r >= 1 that round's student; ``--control`` evaluates the control
 (trained for all rounds' budget: give it the last round). Every model is sampled at the step
 counts of ``eval.steps`` plus every count a round reaches (start, start/2, ...), with the same seed,
-so the report can put the student at N steps beside the teacher at N steps. Writes
+so the report can put the student at N steps beside the teacher at N steps, sample by sample (the
+samples pair up: trainer/evaluation/paired.py). The temperatures of ``eval.temperatures`` are swept
+at the step counts each model is compared at (``sweep_plan``), for the quality-vs-entropy frontier.
+Every row stores its per-sample NLLs and entropies. Writes
 ``<model>/eval/metrics.json`` and ``samples.txt``, and the scalars to TensorBoard
 (``eval/<model>/nll@<steps>`` at global step = round).
 """
@@ -31,6 +34,18 @@ log = logging.getLogger("sdtt")
 def step_counts(cfg: RunConfig) -> list[int]:
     reached = [cfg.distill.start_steps // 2**r for r in range(cfg.distill.rounds + 1)]
     return sorted(set(cfg.eval.steps) | set(reached))
+
+
+def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[float]]:
+    """The step counts to sweep ``eval.temperatures`` at: the teacher (round 0) and the control at
+    every round's student count (each student is compared with them there at matched entropy), a
+    student at its own count. Sampling dominates the evaluation's cost, so nothing else is swept."""
+    temps = [float(x) for x in cfg.eval.temperatures]
+    if control or round_idx == 0:
+        counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
+    else:
+        counts = [cfg.distill.start_steps // 2**round_idx]
+    return {n: temps for n in counts}
 
 
 def build_judge(cfg: RunConfig, device):
@@ -62,12 +77,13 @@ def main(argv=None) -> None:
     judge = None if text else build_judge(cfg, device)
     name = "control" if args.control else "teacher" if r == 0 else "student"
     t0 = time.time()
-    rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True)
+    rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True,
+                          sweep=sweep_plan(cfg, r, args.control))
     text_result = text.measure(model, rows) if text else {}
     samples_txt = []
     for row in rows:
         x = row.pop("_samples")
-        samples_txt.append(f"# {name} round {r}, {row['steps']} steps")
+        samples_txt.append(f"# {name} round {r}, {row['steps']} steps, temperature {row['temperature']:g}")
         samples_txt += text.sample_lines(x[:8]) if text else [" ".join(map(str, seq.tolist())) for seq in x[:8]]
         row.update(model=name, round=r)
     out = RunLayout(args.run_dir).eval(which)
@@ -82,6 +98,8 @@ def main(argv=None) -> None:
     atomic_write_text(out / "samples.txt", "\n".join(samples_txt) + "\n")
     with MetricsWriter(args.run_dir, enabled=True) as mw:
         for row in rows:
+            if row["temperature"] != 1.0:
+                continue
             vals = {f"eval/{name}/{k}@{row['steps']}": row[k]
                     for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}
             mw.scalars(r, vals)

@@ -11,8 +11,10 @@ consolidated raw and EMA weights to ``<run>/teacher/export``: what every later s
 
 With ``--control`` it trains the *control* instead (``<run>/control/``): the students' starting weights
 trained on with the MDLM loss for the same number of steps, batch size, learning rate and EMA as all
-the distillation rounds together. A student that beats its teacher but not the control has gained
-from the extra training, not from SDTT (the case of an under-trained teacher).
+the distillation rounds together, on the teacher's data stream from where the teacher stopped
+(examples it has not seen) and with per-step noise from its own seed domain (``control_stream``). A
+student that beats its teacher but not the control has gained from the extra training, not from
+SDTT (the case of an under-trained teacher).
 
 With ``--ar`` it trains the autoregressive baseline instead (``<run>/ar/``): the same-size causal DiT
 with next-token loss (trainer/method/autoregressive.py), the teacher's steps, batch and optimiser on
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from trainer.config import RunConfig, TrainSetup, distill_setup, pretrain_setup
@@ -71,6 +74,31 @@ def stage(cfg: RunConfig, control: bool) -> tuple[ModelRef, TrainSetup, int]:
     return CONTROL, distill_setup(cfg), cfg.distill.rounds * cfg.distill.steps_per_round
 
 
+CONTROL_SEED_DOMAIN = 0xC0  # the control's per-step noise (t, mask): a stream the teacher never drew
+
+
+def control_noise_seed(train_seed: int) -> int:
+    """The control's step-noise seed: a hash of (train.seed, CONTROL_SEED_DOMAIN), unrelated to train.seed."""
+    state = np.random.SeedSequence([train_seed, CONTROL_SEED_DOMAIN]).generate_state(2, dtype=np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
+
+
+def control_stream(cfg: RunConfig, control: bool) -> tuple[int, int]:
+    """(data offset, noise seed) of this invocation's training stream.
+
+    data offset: the first step of ``batches`` (at the stage's global batch) it reads. The control
+    continues the teacher's data stream where the teacher stopped (train.steps x its batch examples,
+    rounded up to the control's batch: never re-reading the teacher's last ones), so it trains on
+    examples the teacher has not seen, as the students do, instead of replaying the teacher's first
+    batches. noise seed: the seed of the per-step noise (t and mask); the control's comes from its
+    own domain, so no (x0, t, mask) example repeats one of the teacher's. The teacher: (0, train.seed).
+    """
+    if not control:
+        return 0, cfg.train.seed
+    seen = cfg.train.steps * pretrain_setup(cfg).global_batch_size
+    return -(-seen // distill_setup(cfg).global_batch_size), control_noise_seed(cfg.train.seed)
+
+
 def main(argv=None) -> int:
     common.setup_logging()
     args = common.parse_args(__doc__.splitlines()[1], argv=argv, flags={
@@ -81,6 +109,7 @@ def main(argv=None) -> int:
     if args.ar and args.control:
         raise SystemExit("--ar and --control train different models: pass one")
     model_ref, setup, total_steps = stage(cfg, args.control)  # --ar: the teacher's setup and steps
+    data_offset, noise_seed = control_stream(cfg, args.control)
     layout = RunLayout(args.run_dir)
     name = "control" if args.control else "ar" if args.ar else "teacher"
 
@@ -114,7 +143,7 @@ def main(argv=None) -> int:
         # batches() is a pure function of the step: (re)start it wherever the loop is.
         if stream["step"] != step - 1 or stream["it"] is None:
             stream["it"] = batches(train_tokens, setup.global_batch_size, info.rank, info.world_size,
-                                   cfg.data.seed, start_step=step)
+                                   cfg.data.seed, start_step=data_offset + step)
         _, local = next(stream["it"])
         stream["step"] = step
         return list(local.split(engine.micro_batch))
@@ -133,7 +162,7 @@ def main(argv=None) -> int:
     task = Task(micro_batches=micro_batches, loss=loss,
                 tokens_per_step=setup.global_batch_size * cfg.data.seq_len, samples_per_step=setup.global_batch_size,
                 evaluate=evaluate, client_state=lambda: {"data_step": engine.step})
-    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, total_steps, cfg.train.seed, desc=name)
+    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, total_steps, noise_seed, desc=name)
     if not finished:
         metrics.close()
         return EXIT_PREEMPTED

@@ -2,11 +2,13 @@
 
     python -m trainer.jobs.report --run-dir DIR
 
-Reads ``teacher/eval/metrics.json`` and each ``round_<r>/eval/metrics.json`` and writes
-``<run>/report.json`` ({"entropy_rate", "rows": [...]}), ``report.md`` (the table, and per round the
-student at its own step count beside the teacher at the same count), and ``quality_vs_steps.png``
-(quality and entropy against steps: one curve for the teacher and one per round, like the SDTT
-paper's main figure), also logged to TensorBoard.
+Reads ``teacher/eval/metrics.json``, each ``round_<r>/eval/metrics.json`` and the control's, and
+writes ``<run>/report.json`` (rows, the true-source reference row, per round the paired comparisons of
+trainer/evaluation/compare.py, a flat ``summary`` for tools/seeds.py, and the frontiers),
+``report.md`` (per round: the student at its step count N beside the teacher and the fair control at
+N, paired differences with SE, the share of the teacher's gap closed, and every model's NLL at the
+data's own entropy read off its temperature sweep), ``quality_vs_steps.png`` and ``frontier.png``
+(NLL against entropy along each sweep), also logged to TensorBoard.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from trainer.evaluation import text_report
+from trainer.evaluation import compare, text_report
 from trainer.evaluation.sweep import format_table
 from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
@@ -23,11 +25,12 @@ from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
 
-ROW_KEYS = ("model", "round", "steps", "nll", "nll_se", "nll_gap", "gen_ppl", "entropy", "bigram_kl", "mauve",
-            "samples", "nfe", "seconds")
+ROW_KEYS = ("model", "round", "steps", "temperature", "nll", "nll_se", "nll_gap", "gen_ppl", "entropy", "entropy_se",
+            "bigram_kl", "mauve", "samples", "nfe", "seconds")
 
 
-def collect(run_dir: Path, rounds: int, control: bool = False) -> dict:
+def load_evals(run_dir: Path, rounds: int, control: bool = False) -> list[dict]:
+    """Every evaluation's metrics.json (teacher, each round's student, the control when trained)."""
     layout = RunLayout(run_dir)
     paths = [layout.eval_metrics(m) for m in [*range(rounds + 1), *([CONTROL] if control else [])]]
     evals = []
@@ -35,43 +38,51 @@ def collect(run_dir: Path, rounds: int, control: bool = False) -> dict:
         if not path.exists():
             raise FileNotFoundError(f"missing evaluation {path}: run trainer.jobs.evaluate first")
         evals.append(json.loads(path.read_text()))
-    rows = [{k: row.get(k) for k in ROW_KEYS} for ev in evals for row in ev["rows"]]
+    return evals
+
+
+def reference(cfg, run_dir: Path) -> dict | None:
+    """The reference row: true source samples (synthetic data), or None for text."""
+    if cfg.data.source != "synthetic" or cfg.eval.reference_samples == 0:
+        return None
+    from trainer.data.prepared import MarkovSource
+    from trainer.evaluation.sweep import reference_row
+
+    return reference_row(MarkovSource(cfg.data.synthetic), cfg.eval.reference_samples, cfg.data.seq_len,
+                         cfg.eval.seed, cfg.eval.num_samples)
+
+
+def collect(run_dir: Path, rounds: int, control: bool = False, ref: dict | None = None) -> dict:
+    """The report: every row (without per-sample values), the reference row, and per round the paired
+    comparisons of trainer/evaluation/compare.py at the data's entropy (the reference's)."""
+    evals = load_evals(run_dir, rounds, control)
+    full = [{**row, "model": ev["model"], "round": ev["round"]} for ev in evals for row in ev["rows"]]
+    rows = [{k: row.get(k) for k in ROW_KEYS} for row in full]
+    round_steps = {int(ev["round"]): ev["round_steps"] for ev in evals if ev["model"] != "control"}
+    control_round = next((int(ev["round"]) for ev in evals if ev["model"] == "control"), None)
+    target = ref["entropy"] if ref else None
+    comparisons = compare.compare_all(full, round_steps, target, control_round)
     return {"entropy_rate": evals[0].get("entropy_rate"), "nll_floor": evals[0].get("nll_floor"),
-            "round_steps": {str(ev["round"]): ev["round_steps"] for ev in evals if ev["model"] != "control"},
-            "rows": rows, "few_step_gap": few_step_gaps(rows)}
+            "data_entropy": target, "reference": ref,
+            "round_steps": {str(k): v for k, v in round_steps.items()}, "control_round": control_round,
+            "rows": rows, "comparisons": comparisons, "summary": compare.summary(comparisons),
+            "frontiers": frontiers(full)}
 
 
-def few_step_gaps(rows: list[dict]) -> list[dict]:
-    """Per model: NLL at its fewest evaluated steps minus NLL at its most. SDTT should shrink this gap
-    (the cost of sampling in few steps); extra training alone lowers both ends."""
+def frontiers(full_rows: list[dict]) -> list[dict]:
+    """Per (model, round, steps) with a temperature sweep: its points (temperature, entropy, NLL) by entropy."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in full_rows:
+        if row.get("nll") is not None:
+            groups.setdefault((row["model"], row["round"], row["steps"]), []).append(row)
     out = []
-    for key in sorted({(r["model"], r["round"]) for r in rows}, key=lambda k: (k[0] != "teacher", k[1], k[0])):
-        mine = sorted((r for r in rows if (r["model"], r["round"]) == key and r["nll"] is not None),
-                      key=lambda r: r["steps"])
-        if len(mine) >= 2:
-            out.append({"model": key[0], "round": key[1],
-                        "few_steps": mine[0]["steps"], "many_steps": mine[-1]["steps"],
-                        "gap": mine[0]["nll"] - mine[-1]["nll"]})
-    return out
-
-
-def head_to_head(report: dict) -> list[dict]:
-    """Per round: the student at its own step count beside the teacher at the same count."""
-    teacher = {row["steps"]: row for row in report["rows"] if row["model"] == "teacher"}
-    control = {row["steps"]: row for row in report["rows"] if row["model"] == "control"}
-    out = []
-    for row in report["rows"]:
-        if row["model"] != "student" or row["steps"] != report["round_steps"][str(row["round"])]:
+    for (model, rnd, steps), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        if len(rows) < 2:
             continue
-        t = teacher.get(row["steps"], {})
-        c = control.get(row["steps"], {})
-        out.append({"round": row["round"], "steps": row["steps"],
-                    "control_nll": c.get("nll"), "control_nll_se": c.get("nll_se"),
-                    "student_nll": row["nll"], "student_nll_se": row["nll_se"],
-                    "teacher_nll": t.get("nll"), "teacher_nll_se": t.get("nll_se"),
-                    "student_entropy": row["entropy"], "teacher_entropy": t.get("entropy"),
-                    "student_bigram_kl": row["bigram_kl"], "teacher_bigram_kl": t.get("bigram_kl"),
-                    "student_gen_ppl": row["gen_ppl"], "teacher_gen_ppl": t.get("gen_ppl")})
+        rows = sorted(rows, key=lambda r: r["entropy"])
+        out.append({"model": model, "round": rnd, "steps": steps,
+                    "points": [{"temperature": r["temperature"], "entropy": r["entropy"], "nll": r["nll"],
+                                "nll_se": r["nll_se"], "bigram_kl": r["bigram_kl"]} for r in rows]})
     return out
 
 
@@ -86,6 +97,8 @@ def plot(report: dict, path: Path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     curves: dict[str, list[dict]] = {}
     for row in report["rows"]:
+        if (row.get("temperature") or 1.0) != 1.0:
+            continue
         label = row["model"] if row["model"] != "student" else f"student round {row['round']}"
         curves.setdefault(label, []).append(row)
     for label, rows in curves.items():
@@ -114,19 +127,112 @@ def plot(report: dict, path: Path):
     return fig
 
 
-def markdown(report: dict, pairs: list[dict]) -> str:
+def plot_frontiers(report: dict, path: Path):
+    """Per round, NLL against entropy along each model's temperature sweep at the round's step count:
+    the teacher and the control at N and the teacher at 2N beside the student; the data's entropy
+    and the NLL floor as lines. Returns the figure (None when nothing was swept)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comps = report["comparisons"]
+    if not comps or not report["frontiers"]:
+        return None
+    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.8), squeeze=False)
+    fr = {(f["model"], f["round"], f["steps"]): f["points"] for f in report["frontiers"]}
+    for ax, c in zip(axes[0], comps):
+        n, r = c["steps"], c["round"]
+        for label, key, style in ((f"teacher {n}", ("teacher", 0, n), "k--"),
+                                  (f"teacher {2 * n}", ("teacher", 0, 2 * n), "k:"),
+                                  (f"control {n}", ("control", report["control_round"], n), "C1-."),
+                                  (f"student r{r} {n}", ("student", r, n), "C0-")):
+            pts = fr.get(key)
+            if pts:
+                ax.errorbar([p["entropy"] for p in pts], [p["nll"] for p in pts],
+                            yerr=[2 * (p["nll_se"] or 0) for p in pts], fmt=style, marker="o", ms=3, capsize=2,
+                            label=label)
+        if report.get("data_entropy") is not None:
+            ax.axvline(report["data_entropy"], color="g", lw=0.8, label="data entropy")
+        if report.get("nll_floor") is not None:
+            ax.axhline(report["nll_floor"], color="g", lw=0.8, ls=":", label="NLL floor")
+        ax.set_title(f"round {r}: {n} steps")
+        ax.set_xlabel("sample entropy (nats)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("exact NLL of samples (±2 SE)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def pm(v: dict | None, digits: int = 3, pct: bool = False) -> str:
+    """'value ± SE' of an estimate dict ('-' when absent; '*' marks an extrapolated frontier read)."""
+    if not v or v.get("value") is None:
+        return "-"
+    f = 100.0 if pct else 1.0
+    se = f"{f * v['se']:.{digits}f}" if v.get("se") is not None else "?"
+    out = f"{f * v['value']:.{digits}f} ± {se}" + ("%" if pct else "")
+    return out + ("*" if v.get("extrapolated") else "")
+
+
+def _num(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
     lines = ["# SDTT report", ""]
     if report["entropy_rate"] is not None:
         lines += [f"Source entropy rate {report['entropy_rate']:.4f} nats/token; a perfect sampler's samples "
                   f"score {report['nll_floor']:.4f} (the floor).", ""]
-    lines += ["## Student at its step count vs the teacher at the same count", "", "```",
-              format_table(pairs, ("round", "steps", "teacher_nll", "teacher_nll_se", "student_nll", "student_nll_se",
-                                   "control_nll", "control_nll_se", "teacher_entropy", "student_entropy",
-                                   "teacher_bigram_kl", "student_bigram_kl",
-                                   "teacher_gen_ppl", "student_gen_ppl")), "```", "",
-              "## The cost of few steps: NLL at the fewest steps minus NLL at the most", "", "```",
-              format_table(report["few_step_gap"], ("model", "round", "few_steps", "many_steps", "gap")), "```", "",
-              "## Every evaluation", "", "```", format_table(report["rows"]), "```", "",
+    ref = report.get("reference")
+    if ref:
+        lines += ["Reference row, true source samples: "
+                  f"NLL {ref['nll']:.4f} ± {ref['nll_se']:.4f} ({ref['samples']} samples), "
+                  f"sample entropy **{ref['entropy']:.4f}** (the data's entropy, the target of the "
+                  f"matched-diversity reads below), bigram KL {_num(ref.get('bigram_kl'), 4)} "
+                  "(its floor at the evaluation's sample count).", ""]
+    comps = report["comparisons"]
+    ctrl = report.get("control_round") is not None
+    lines += ["All differences are paired (sample i of every model shares its noise) and given as "
+              "value ± SE over the evaluation samples; the SE covers sampling only, not training seeds.", "",
+              "## Per round: the student at its step count N, the teacher and the fair control at N", "",
+              "| round | N | teacher | control | student | student − teacher | student − control "
+              "| control − teacher | student(N) − teacher(2N) | gap closed: student | gap closed: control |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        lines.append(f"| {c['round']} | {c['steps']} | {pm(c['teacher_nll'])} | {pm(c['control_nll'])} | "
+                     f"{pm(c['student_nll'])} | {pm(c['student_minus_teacher'])} | {pm(c['student_minus_control'])} "
+                     f"| {pm(c['control_minus_teacher'])} | {pm(c['student_minus_teacher_2n'])} | "
+                     f"{pm(c['gap_closed_student'], 1, pct=True)} | {pm(c['gap_closed_control'], 1, pct=True)} |")
+    most = comps[0]["teacher_most_steps"] if comps else None
+    lines += ["", f"NLL in nats/token (negative differences: the first model is better). Gap closed = "
+              f"(T_N − X_N) / (T_N − T_{most}): the share of the teacher's cost of sampling in N instead of "
+              f"{most} steps that model X removes at N steps (0% = the teacher's, 100% = the teacher at {most}).",
+              ""]
+    if report.get("data_entropy") is not None:
+        lines += [f"## Quality at matched diversity: NLL at the data's entropy ({report['data_entropy']:.4f})", "",
+                  "Read off each model's temperature sweep at N (linear interpolation between the two "
+                  "temperatures that bracket the data's entropy; * = extrapolated beyond the sweep).", "",
+                  "| round | N | teacher | control | student | student − teacher | student − control "
+                  "| control − teacher |", "|---|---|---|---|---|---|---|---|"]
+        for c in comps:
+            lines.append(f"| {c['round']} | {c['steps']} | {pm(c['teacher_nll_at_H'])} | {pm(c['control_nll_at_H'])} "
+                         f"| {pm(c['student_nll_at_H'])} | {pm(c['student_minus_teacher_at_H'])} | "
+                         f"{pm(c['student_minus_control_at_H'])} | {pm(c['control_minus_teacher_at_H'])} |")
+        lines += ["", "![quality against entropy](frontier.png)", ""]
+    lines += ["## Diversity at temperature 1 (entropy; bigram KL, higher = less diverse)", "",
+              "| round | N | teacher H | control H | student H | teacher bigram KL | control bigram KL "
+              "| student bigram KL |", "|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        lines.append(f"| {c['round']} | {c['steps']} | {_num(c['teacher_entropy'])} | {_num(c['control_entropy'])} "
+                     f"| {_num(c['student_entropy'])} | {_num(c['teacher_bigram_kl'])} | "
+                     f"{_num(c['control_bigram_kl'])} | {_num(c['student_bigram_kl'])} |")
+    if not ctrl:
+        lines += ["", "No control was trained (distill.control=false): the student's gain over the teacher "
+                  "cannot be told apart from the effect of training longer."]
+    lines += ["", "## Every evaluation", "", "```", format_table(report["rows"]), "```", "",
               "![quality against steps](quality_vs_steps.png)", ""]
     return "\n".join(lines)
 
@@ -135,22 +241,20 @@ def main(argv=None) -> None:
     common.setup_logging()
     args = common.parse_args(__doc__.splitlines()[1], argv=argv)
     cfg = common.run_config(args)
-    report = collect(args.run_dir, cfg.distill.rounds, cfg.distill.control)
-    pairs = head_to_head(report)
-    report["head_to_head"] = pairs
+    report = collect(args.run_dir, cfg.distill.rounds, cfg.distill.control, reference(cfg, args.run_dir))
     fig = plot(report, args.run_dir / "quality_vs_steps.png")
+    ffig = plot_frontiers(report, args.run_dir / "frontier.png")
     rounds, control = cfg.distill.rounds, cfg.distill.control
     with MetricsWriter(args.run_dir, enabled=True) as mw:
         mw.figure(cfg.distill.rounds, "report/quality_vs_steps", fig)
+        if ffig is not None:
+            mw.figure(cfg.distill.rounds, "report/frontier", ffig)
         mw.hparams(text_report.hparams(cfg), text_report.final_metrics(args.run_dir, rounds, control))
-    text = text_report.markdown_section(args.run_dir, rounds, control)  # text runs: the field's protocol
-    atomic_write_text(args.run_dir / "report.md", markdown(report, pairs) + ("\n" + text if text else ""))
+    extra = text_report.markdown_section(args.run_dir, rounds, control)  # text runs: the field's protocol
+    text = markdown(report) + ("\n" + extra if extra else "")
+    atomic_write_text(args.run_dir / "report.md", text)
     atomic_write_json(args.run_dir / "report.json", report)  # last: the stage's product
-    print(format_table(report["rows"]))
-    print()
-    print(format_table(pairs, ("round", "steps", "teacher_nll", "teacher_nll_se", "student_nll", "student_nll_se",
-                               "control_nll", "control_nll_se",
-                               "teacher_entropy", "student_entropy", "teacher_bigram_kl", "student_bigram_kl")))
+    print(text)
 
 
 if __name__ == "__main__":

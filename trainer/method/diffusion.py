@@ -122,8 +122,24 @@ def ancestral_uniforms(batch: int, length: int, generator: torch.Generator) -> T
     return torch.rand((batch, 2, length), generator=generator, dtype=torch.float64, device=generator.device)
 
 
+def tempered_cdf(log_p: Tensor, temperature: float = 1.0) -> Tensor:
+    """The float64 unnormalised CDF [n, V] of softmax(log_p / temperature) (its last column is the total).
+
+    temperature = 1 is the model's own law (exp of log_p, as before: no renormalisation needed);
+    otherwise the tempered log-weights are shifted by their row maximum before exp, in float64, so
+    even a low temperature neither overflows nor rounds the tail to zero in float32.
+    """
+    if not temperature > 0:
+        raise ValueError(f"sampling temperature must be > 0, got {temperature}")
+    lp = log_p.double()
+    if temperature != 1.0:
+        lp = lp / temperature
+        lp = lp - lp.max(dim=-1, keepdim=True).values
+    return torch.cumsum(lp.exp(), dim=-1)
+
+
 def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
-                     u: Tensor) -> Tensor:
+                     u: Tensor, temperature: float = 1.0) -> Tensor:
     """One reverse step t -> s < t given the denoiser's log p(x0 | x_t) [N, V] at the N masked
     positions of ``xt`` (row-major order: the denoiser contract) and the step's noise ``u``
     [B, 2, L] (``ancestral_uniforms``).
@@ -138,6 +154,10 @@ def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id
     batch 8, L = 1024 and GPT-2's vocabulary, as costly as a forward of the 170M model on CPU
     (tools/bench.py sampling --breakdown); most steps of a many-step sampler unmask a handful of
     tokens, and a step that unmasks none now costs 2 L uniforms.
+
+    temperature: the token is drawn from softmax(log p / temperature) (``tempered_cdf``, float64);
+    the stay/unmask decision does not depend on it, nor on the model, so with the same noise two
+    models or two temperatures unmask the same positions at the same steps (paired samples).
     """
     a_t = move_chance(t.double(), eps).to(xt.device)
     a_s = move_chance(s.double(), eps).to(xt.device)
@@ -147,7 +167,7 @@ def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id
     out = xt.clone()
     which = unmask[masked]  # [N]: the masked rows that unmask, in the same (row-major) order
     if which.any():
-        cdf = torch.cumsum(log_p_x0[which].double().exp(), dim=-1)  # [n, V]
+        cdf = tempered_cdf(log_p_x0[which], temperature)  # [n, V]
         # right=True: the first token whose CDF exceeds u * total, so a zero-probability token (a flat
         # step of the CDF) is never drawn; u < 1 keeps the index below V (clamped against rounding).
         v = u[:, 1][unmask][:, None] * cdf[:, -1:]
@@ -156,10 +176,10 @@ def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id
 
 
 def ancestral_step(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
-                   generator: torch.Generator) -> Tensor:
+                   generator: torch.Generator, temperature: float = 1.0) -> Tensor:
     """``ancestral_update`` with its noise drawn from ``generator`` (2 L uniforms per sample)."""
     return ancestral_update(log_p_x0, xt, t, s, mask_id, eps,
-                            ancestral_uniforms(xt.shape[0], xt.shape[1], generator))
+                            ancestral_uniforms(xt.shape[0], xt.shape[1], generator), temperature)
 
 
 def final_step(log_p_x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:

@@ -46,13 +46,16 @@ def sample_diffusion(denoise: Denoiser, batch_size: int, seq_len: int, steps: in
                      noise_eps: float, sampling_eps: float, generator: torch.Generator,
                      device: torch.device | str = "cpu", cache: bool = True,
                      prefix: Tensor | None = None, progress: bool = False,
-                     stats: dict | None = None) -> Tensor:
+                     stats: dict | None = None, temperature: float = 1.0) -> Tensor:
     """Ancestral sampling from all-MASK over ``steps`` steps, then an argmax for anything left.
 
     cache: reuse the previous denoiser output when no token changed in the last step. Only valid
     for time-agnostic denoisers (the output then depends on x alone): the caller decides.
     prefix: LongTensor [P] or [B, P] clamped onto the first P positions before every step.
     stats: if given, receives ``nfe`` (number of denoiser calls).
+    temperature: every token is drawn from softmax(log p / temperature), in float64
+    (``diffusion.tempered_cdf``); the final argmax does not depend on it. The noise drawn is the same
+    at every temperature, so samples at several temperatures (and of several models) stay paired.
     """
     device = torch.device(device)
     x = torch.full((batch_size, seq_len), mask_id, dtype=torch.long, device=device)
@@ -66,7 +69,7 @@ def sample_diffusion(denoise: Denoiser, batch_size: int, seq_len: int, steps: in
         if log_p is None or not cache:
             log_p = denoise(x, t.float())
             nfe += 1
-        x_next = clamp(diffusion.ancestral_step(log_p, x, t, s, mask_id, noise_eps, generator))
+        x_next = clamp(diffusion.ancestral_step(log_p, x, t, s, mask_id, noise_eps, generator, temperature))
         if not torch.equal(x_next, x):
             log_p = None  # the input changed: the cached prediction is stale
         x = x_next

@@ -30,7 +30,9 @@ DIVERGENCES = ("rkl", "fkl", "mse", "tvd")
 # distribution with zeros off the sampled ids: forward KL (cross-entropy against the estimate) stays
 # unbiased in its gradient; reverse KL and MSE would need the teacher's log-prob wherever the student
 # has mass (infinite at the zeros), and TV of the estimate is biased (|.| is not linear).
-SUPPORTED: dict[str, tuple[str, ...]] = {"dense": DIVERGENCES, "topk": DIVERGENCES, "sampled": ("fkl",)}
+# topk_is: its tail draws estimate the within-tail KL of either direction; TV and MSE have no such estimate.
+SUPPORTED: dict[str, tuple[str, ...]] = {"dense": DIVERGENCES, "topk": DIVERGENCES, "topk_is": ("rkl", "fkl"),
+                                         "sampled": ("fkl",)}
 SEED_DOMAIN = 0x5D77  # separates the target streams from any other use of (seed, round, index)
 
 
@@ -285,8 +287,8 @@ def check_pairing(codec: str, kind: str) -> None:
     if kind not in SUPPORTED.get(codec, ()):
         raise ValueError(f"divergence '{kind}' cannot be computed from '{codec}' targets (supported: "
                          f"{', '.join(SUPPORTED[codec])}): a sampled code is zero off its sampled ids, so "
-                         "reverse KL and MSE are infinite and TV is biased; use distill.divergence=fkl "
-                         "or targets.codec=topk")
+                         "reverse KL and MSE are infinite and TV is biased; topk_is estimates only the KLs' "
+                         "tail term; use a supported divergence or targets.codec=topk")
 
 
 def lump_student(student_lp: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -321,6 +323,10 @@ def sparse_divergence(student_lp: Tensor, targets: codecs.Targets, kind: str = "
     divergence equals its dense definition exactly. Equivalently: the dense divergence between
     ``targets.to_dense()`` and the student with its tail mass spread uniformly (``tests``).
 
+    topk_is: the topk divergence (rkl or fkl) plus ``tail_shape_term``, an unbiased estimate of the
+    within-tail KL that the bucket drops, from the stored draws of the teacher's tail: the sum is an
+    unbiased estimate of the dense KL, and sees how the student spreads its tail (review F3).
+
     sampled: only fkl: sum_v p_hat_v (log p_hat_v - log s_v) with p_hat = counts / K. Its gradient
     (the cross-entropy against p_hat) is unbiased for the dense forward KL's, since E[p_hat] = p;
     its value differs from KL(p || s) by a student-independent offset (E[sum p_hat log p_hat]
@@ -328,18 +334,12 @@ def sparse_divergence(student_lp: Tensor, targets: codecs.Targets, kind: str = "
     """
     if isinstance(targets, codecs.DenseTargets):
         return dense_divergence(student_lp, targets.logp.to(student_lp.device), kind)
+    if isinstance(targets, codecs.TopKISTargets):
+        check_pairing("topk_is", kind)
+        coarse = _topk_divergence(student_lp, targets, kind)
+        return coarse + tail_shape_term(student_lp, targets, kind)
     if isinstance(targets, codecs.TopKTargets):
-        ids = targets.ids.to(student_lp.device)
-        ls, ls_tail = lump_student(student_lp, ids)
-        lt = targets.logp.to(student_lp)
-        lt_tail = targets.logtail.to(student_lp)
-        n_tail = targets.vocab - ids.shape[-1]
-        if n_tail == 0:  # no bucket: keep both sides at -inf there (zero mass)
-            lt_tail = torch.full_like(lt_tail, -math.inf)
-        width = torch.ones(ids.shape[-1] + 1, dtype=student_lp.dtype, device=student_lp.device)
-        width[-1] = n_tail
-        return _column_divergence(torch.cat([ls, ls_tail[:, None]], -1), torch.cat([lt, lt_tail[:, None]], -1),
-                                  width, kind, targets.vocab)
+        return _topk_divergence(student_lp, targets, kind)
     if isinstance(targets, codecs.SampledTargets):
         check_pairing("sampled", kind)
         ids = targets.ids.to(student_lp.device)
@@ -347,3 +347,60 @@ def sparse_divergence(student_lp: Tensor, targets: codecs.Targets, kind: str = "
         lt = torch.where(w > 0, torch.log(w.clamp(min=1e-30)), torch.full_like(w, -math.inf))
         return _plogq_terms(lt, student_lp.gather(-1, ids)).sum(-1)
     raise TypeError(f"sparse_divergence: unknown targets type {type(targets).__name__}")
+
+
+def _topk_divergence(student_lp: Tensor, targets: codecs.TopKTargets, kind: str) -> Tensor:
+    """The divergence between the student and the teacher coarse-grained onto the K stored ids + one tail bucket."""
+    ids = targets.ids.to(student_lp.device)
+    ls, ls_tail = lump_student(student_lp, ids)
+    lt = targets.logp.to(student_lp)
+    lt_tail = targets.logtail.to(student_lp)
+    n_tail = targets.vocab - ids.shape[-1]
+    if n_tail == 0:  # no bucket: keep both sides at -inf there (zero mass)
+        lt_tail = torch.full_like(lt_tail, -math.inf)
+    width = torch.ones(ids.shape[-1] + 1, dtype=student_lp.dtype, device=student_lp.device)
+    width[-1] = n_tail
+    return _column_divergence(torch.cat([ls, ls_tail[:, None]], -1), torch.cat([lt, lt_tail[:, None]], -1),
+                              width, kind, targets.vocab)
+
+
+def tail_shape_term(student_lp: Tensor, targets: codecs.TopKISTargets, kind: str) -> Tensor:
+    """The within-tail term that the coarse-grained top-K divergence drops, estimated from the stored
+    tail draws v_1..v_J ~ t~ (the teacher's law renormalised over the non-stored ids) [N].
+
+    The chain rule of KL splits each dense KL exactly into the coarse-grained one (K ids + bucket)
+    plus the bucket's mass times the KL between the two distributions *inside* the tail:
+
+        KL(s || t) = KL_coarse + s_tail KL(s~ || t~),   KL(t || s) = KL_coarse + t_tail KL(t~ || s~).
+
+    With rho = s~ / t~ (so E_t~[rho] = 1): KL(s~ || t~) = E_t~[rho log rho - rho + 1] and
+    KL(t~ || s~) = E_t~[rho - 1 - log rho]. The mean over the J draws is an unbiased estimate of each
+    (of its value and of its gradient), and every term is >= 0, so a student that piles its tail
+    onto a few ids pays for every draw that lands elsewhere (rho ~ 0 costs 1 per draw in rkl), which
+    the bucket cannot see. Zero when K = V (no tail: the coded loss is then exactly dense).
+    """
+    if kind not in ("rkl", "fkl"):
+        raise ValueError(f"tail_shape_term: no tail estimate for '{kind}' (rkl or fkl)")
+    ids = targets.ids.to(student_lp.device)
+    tids = targets.tail_ids.to(student_lp.device)
+    lt_draw = targets.tail_logp.to(student_lp)
+    lt_tail = targets.logtail.to(student_lp)
+    _, ls_tail = lump_student(student_lp, ids)
+    ok = _finite(lt_draw) & _finite(lt_tail)[:, None] & _finite(ls_tail)[:, None]
+    zero = torch.zeros_like(lt_draw)
+    # log rho = log(s_v / s_tail) - log(t_v / t_tail), with the unused branch kept finite (no NaN gradient).
+    log_rho = torch.where(ok, (student_lp.gather(-1, tids) - torch.where(ok, ls_tail[:, None], zero))
+                          - (torch.where(ok, lt_draw, zero) - torch.where(ok, lt_tail[:, None], zero)), zero)
+    # A student with an exactly-zero tail probability (log -inf) would make 0 * log 0 a NaN: bound log rho
+    # (exp(-100) is zero for every purpose; a log_softmax student is never that small in float32).
+    log_rho = log_rho.clamp(min=-100.0)
+    rho = torch.exp(log_rho)
+    if kind == "rkl":
+        per_draw = rho * log_rho - rho + 1.0
+        weight = torch.exp(torch.where(_finite(ls_tail), ls_tail, torch.full_like(ls_tail, -math.inf)))
+    else:
+        per_draw = rho - 1.0 - log_rho
+        weight = torch.exp(lt_tail)
+    per_draw = torch.where(ok, per_draw, zero)
+    n_ok = ok.sum(-1).clamp(min=1)
+    return weight * per_draw.sum(-1) / n_ok

@@ -12,6 +12,14 @@ that is ~200 KB per position in fp32, so the offline target set needs a sparse c
     1 - sum(top-K) outside the stored ids, computed in float64 as a log-sum-exp over the non-stored
     log-probs (not as 1 - sum, which cancels), so it stays accurate when the tail is tiny; -inf when
     K = V. Decoding spreads the tail mass uniformly over the V - K non-stored tokens.
+``topk_is``
+    ``topk``'s three fields plus K importance-sampled tail ids: ``tail_ids`` [M, K] drawn with
+    replacement from the teacher's tail law (its distribution renormalised over the V - K non-stored
+    ids; float64 inverse CDF, from the sample's generator) and ``tail_logp`` fp16 [M, K], the teacher's
+    log-probs there. Where ``topk`` only knows the tail's total mass, these give an unbiased estimate
+    of how the student's tail shape differs from the teacher's (trainer/method/sdtt.py), so a student
+    cannot collapse its tail for free. Twice ``topk``'s bytes at the same K. With K = V (no tail) the
+    tail fields hold id 0 and -inf.
 ``sampled``
     Random-Sampling KD (Anshumann et al. 2025): K draws with replacement from the teacher
     distribution (float64 inverse-CDF), stored ragged as the distinct ids with their counts:
@@ -41,13 +49,14 @@ from torch import Tensor
 
 from trainer.errors import BadInput
 
-CODECS = ("topk", "sampled", "dense")
+CODECS = ("topk", "topk_is", "sampled", "dense")
 GPT2_VOCAB = 50257
 
 # Field names each codec writes (besides the per-sample ``xt.npy`` and ``meta.json``).
 FIELDS: dict[str, tuple[str, ...]] = {
     "dense": ("logp",),
     "topk": ("ids", "logp", "logtail"),
+    "topk_is": ("ids", "logp", "logtail", "tail_ids", "tail_logp"),
     "sampled": ("ids", "counts", "nuniq"),
 }
 
@@ -85,6 +94,8 @@ def bytes_per_position(codec: str, k: int, vocab: int, distinct: float | None = 
     ib = id_dtype(vocab).itemsize
     if codec == "topk":
         return k * (ib + 2) + 4.0  # ids + fp16 log-probs, + fp32 log tail mass
+    if codec == "topk_is":
+        return 2 * k * (ib + 2) + 4.0  # top-K and K tail draws (ids + fp16 log-probs), + log tail mass
     cb = count_dtype(k).itemsize
     u = float(k) if distinct is None else float(distinct)
     return u * (ib + cb) + cb  # distinct ids + their counts, + the per-position distinct count
@@ -117,12 +128,14 @@ def encode(log_probs: Tensor, codec: str, k: int, generator: torch.Generator | N
     m, vocab = log_probs.shape
     if codec == "dense":
         return {"logp": log_probs.float().cpu().numpy().astype(np.float32, copy=False)}
-    if not 1 <= k <= (vocab if codec == "topk" else 1 << 30):
+    if not 1 <= k <= (vocab if codec in ("topk", "topk_is") else 1 << 30):
         raise CodecError(f"{codec}: k={k} must be in [1, {vocab}]")
     if codec == "topk":
         return _encode_topk(log_probs, k, vocab)
     if generator is None:
-        raise CodecError("sampled: a torch.Generator is required (the draws must be reproducible)")
+        raise CodecError(f"{codec}: a torch.Generator is required (the draws must be reproducible)")
+    if codec == "topk_is":
+        return _encode_topk_is(log_probs, k, vocab, generator)
     return _encode_sampled(log_probs, k, vocab, generator)
 
 
@@ -138,9 +151,9 @@ def encode_rows(log_probs: Tensor, rows: Sequence[int], codec: str, k: int,
     """
     if sum(rows) != log_probs.shape[0]:
         raise CodecError(f"{codec}: {log_probs.shape[0]} rows of log-probs for {sum(rows)} positions")
-    if codec == "sampled":
+    if codec in ("sampled", "topk_is"):
         if generators is None or len(generators) != len(rows):
-            raise CodecError("sampled: one torch.Generator per sample is required")
+            raise CodecError(f"{codec}: one torch.Generator per sample is required")
         return [encode(part, codec, k, g) for part, g in zip(log_probs.split(list(rows)), generators)]
     fields = encode(log_probs, codec, k)
     bounds = np.cumsum([0, *rows])
@@ -165,6 +178,24 @@ def _encode_topk(log_probs: Tensor, k: int, vocab: int) -> dict[str, np.ndarray]
         "logp": top.cpu().numpy().astype(np.float16),
         "logtail": logtail.cpu().numpy().astype(np.float32),
     }
+
+
+def _encode_topk_is(log_probs: Tensor, k: int, vocab: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+    out = _encode_topk(log_probs, k, vocab)
+    m = log_probs.shape[0]
+    if k >= vocab or m == 0:
+        out["tail_ids"] = np.zeros((m, k), id_dtype(vocab))
+        out["tail_logp"] = np.full((m, k), -np.inf, np.float16)
+        return out
+    lp = log_probs.detach().double()
+    ids = torch.from_numpy(out["ids"].astype(np.int64)).to(lp.device)
+    tail = lp.scatter(-1, ids, -math.inf)  # the teacher's log-probs off the stored ids
+    cdf = torch.cumsum((tail - tail.max(dim=-1, keepdim=True).values).exp(), dim=-1)  # float64
+    u = torch.rand((m, k), generator=generator, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
+    out["tail_ids"] = draws.cpu().numpy().astype(id_dtype(vocab))
+    out["tail_logp"] = lp.gather(-1, draws).float().cpu().numpy().astype(np.float16)
+    return out
 
 
 def _encode_sampled(log_probs: Tensor, k: int, vocab: int, generator: torch.Generator) -> dict[str, np.ndarray]:
@@ -237,7 +268,15 @@ class SampledTargets:
         return torch.log(p).float()
 
 
-Targets = DenseTargets | TopKTargets | SampledTargets
+@dataclass
+class TopKISTargets(TopKTargets):
+    """``TopKTargets`` plus K draws from the teacher's tail law: ids and the teacher's log-probs there."""
+
+    tail_ids: Tensor | None = None  # int64 [M, J]
+    tail_logp: Tensor | None = None  # float32 [M, J] (log t_v, not renormalised); -inf when there is no tail
+
+
+Targets = DenseTargets | TopKTargets | TopKISTargets | SampledTargets
 
 
 def decode(fields: Mapping[str, np.ndarray], codec: str, vocab: int, k: int,
@@ -252,7 +291,7 @@ def decode(fields: Mapping[str, np.ndarray], codec: str, vocab: int, k: int,
         if logp.dim() != 2 or logp.shape[1] != vocab:
             raise CodecError(f"dense: logp has shape {tuple(logp.shape)}, expected [M, {vocab}]")
         return DenseTargets(logp.to(device))
-    if codec == "topk":
+    if codec in ("topk", "topk_is"):
         ids = torch.from_numpy(np.asarray(fields["ids"]).astype(np.int64))
         logp = torch.from_numpy(np.asarray(fields["logp"]).astype(np.float32))
         logtail = torch.from_numpy(np.asarray(fields["logtail"]).astype(np.float32))
@@ -260,7 +299,16 @@ def decode(fields: Mapping[str, np.ndarray], codec: str, vocab: int, k: int,
             raise CodecError(f"topk: inconsistent shapes ids {tuple(ids.shape)}, logp {tuple(logp.shape)}, "
                              f"logtail {tuple(logtail.shape)} for K={k}")
         _check_ids(ids, vocab, codec)
-        return TopKTargets(ids.to(device), logp.to(device), logtail.to(device), vocab)
+        if codec == "topk":
+            return TopKTargets(ids.to(device), logp.to(device), logtail.to(device), vocab)
+        tids = torch.from_numpy(np.asarray(fields["tail_ids"]).astype(np.int64))
+        tlp = torch.from_numpy(np.asarray(fields["tail_logp"]).astype(np.float32))
+        if tids.dim() != 2 or tids.shape[0] != ids.shape[0] or tlp.shape != tids.shape:
+            raise CodecError(f"topk_is: inconsistent shapes tail_ids {tuple(tids.shape)}, tail_logp "
+                             f"{tuple(tlp.shape)} for {ids.shape[0]} positions")
+        _check_ids(tids, vocab, codec)
+        return TopKISTargets(ids.to(device), logp.to(device), logtail.to(device), vocab, tids.to(device),
+                             tlp.to(device))
     ids = np.asarray(fields["ids"]).astype(np.int64)
     counts = np.asarray(fields["counts"]).astype(np.int64)
     nuniq = np.asarray(fields["nuniq"]).astype(np.int64)
@@ -291,7 +339,7 @@ def stats(fields: Mapping[str, np.ndarray], codec: str) -> dict[str, float]:
     """Per-sample sums for the manifest and inspect_shards: positions, payload bytes, tail mass
     (topk) or distinct ids (sampled)."""
     out = {"payload_bytes": float(sum(np.asarray(fields[f]).nbytes for f in FIELDS[codec]))}
-    if codec == "topk":
+    if codec in ("topk", "topk_is"):
         out["positions"] = float(fields["logtail"].shape[0])
         out["tail_mass_sum"] = float(np.exp(fields["logtail"].astype(np.float64)).sum())
         out["tail_mass_max"] = float(np.exp(fields["logtail"].astype(np.float64)).max(initial=0.0))

@@ -322,7 +322,7 @@ class RankReader:
 # --------------------------------------------------------------------------------------------------
 def _positions(fields: Mapping[str, np.ndarray], codec: str) -> int:
     """How many masked positions a sample's codec fields describe."""
-    key = {"dense": "logp", "topk": "logtail", "sampled": "nuniq"}[codec]
+    key = {"dense": "logp", "topk": "logtail", "topk_is": "logtail", "sampled": "nuniq"}[codec]
     return int(np.asarray(fields[key]).shape[0])
 
 

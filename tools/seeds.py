@@ -1,0 +1,144 @@
+"""Run the SDTT pipeline for several training seeds and aggregate the reports.
+
+    python tools/seeds.py --config configs/tiny-regime.yaml --seeds 0 1 2 --run-dir runs/regime [key=value ...]
+    python tools/seeds.py --run-dir runs/regime --aggregate-only
+
+Seed s runs ``tools/submit.py --local`` into ``<run-dir>/seed-<s>`` with ``seed=s train.seed=s
+data.seed=s`` (weights, training noise, data order and targets differ; the source, the evaluation seed
+and everything else stay), skipping a seed whose ``report.json`` exists. Then every scalar of each
+report's ``summary`` (trainer/evaluation/compare.py) is aggregated over the seeds: mean and a 95%
+Student-t interval, written to ``<run-dir>/seeds.json`` and ``seeds.md``. A per-seed paired SE measures
+sampling noise only; the interval over seeds also covers training noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from trainer.config import load_config  # noqa: E402
+from trainer.evaluation.paired import t_interval  # noqa: E402
+
+# The measures seeds.md shows per round, in this order (the rest are in seeds.json).
+SHOWN = (("student_nll", "student NLL at N"), ("teacher_nll", "teacher NLL at N"),
+         ("control_nll", "control NLL at N"),
+         ("student_minus_teacher", "student − teacher"), ("student_minus_control", "student − control"),
+         ("control_minus_teacher", "control − teacher"), ("student_minus_teacher_2n", "student(N) − teacher(2N)"),
+         ("gap_closed_student", "gap closed, student"), ("gap_closed_control", "gap closed, control"),
+         ("teacher_nll_at_H", "teacher NLL at data entropy"), ("control_nll_at_H", "control NLL at data entropy"),
+         ("student_nll_at_H", "student NLL at data entropy"),
+         ("student_minus_teacher_at_H", "student − teacher at data entropy"),
+         ("student_minus_control_at_H", "student − control at data entropy"),
+         ("control_minus_teacher_at_H", "control − teacher at data entropy"),
+         ("teacher_entropy", "teacher entropy"), ("control_entropy", "control entropy"),
+         ("student_entropy", "student entropy"))
+
+
+def run_seed(config: str, run_dir: Path, seed: int, overrides: list[str], nproc: int | None) -> float:
+    cmd = [sys.executable, str(ROOT / "tools" / "submit.py"), "--config", config, "--local", "--run-dir",
+           str(run_dir), f"seed={seed}", f"train.seed={seed}", f"data.seed={seed}", *overrides]
+    if nproc:
+        cmd[4:4] = ["--nproc", str(nproc)]
+    t0 = time.time()
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    print(f"[seeds] seed {seed}: {' '.join(cmd)} > {log_path}", flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"[seeds] seed {seed} failed (exit {proc.returncode}); see {log_path}")
+    return time.time() - t0
+
+
+def aggregate(reports: dict[int, dict]) -> dict:
+    """Per summary key: the per-seed values and their mean with a 95% t-interval."""
+    keys = sorted({k for r in reports.values() for k in r["summary"]})
+    out = {}
+    for key in keys:
+        vals = {s: r["summary"].get(key) for s, r in reports.items()}
+        out[key] = {"per_seed": vals, **t_interval([v for v in vals.values() if v is not None])}
+    return out
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+
+
+def markdown(agg: dict, reports: dict[int, dict], meta: dict) -> str:
+    seeds = sorted(reports)
+    lines = ["# SDTT over training seeds", "",
+             f"Config `{meta.get('config')}`, seeds {', '.join(map(str, seeds))}. Mean and 95% Student-t interval "
+             "over seeds (training and sampling noise together); differences are per-seed paired means "
+             "(negative: the first model has the lower NLL).", ""]
+    ref = next(iter(reports.values())).get("reference")
+    if ref:
+        lines += [f"Data (true source samples): NLL {ref['nll']:.4f}, entropy {ref['entropy']:.4f}, "
+                  f"bigram KL floor {ref.get('bigram_kl') or float('nan'):.4f}.", ""]
+    rounds = sorted({k.split("/")[0] for k in agg}, key=lambda r: int(r[1:]))
+    steps = next(iter(reports.values()))["round_steps"]
+    for rnd in rounds:
+        lines += [f"## Round {rnd[1:]} (N = {steps.get(rnd[1:], '?')} steps)", "",
+                  "| measure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | 95% interval |",
+                  "|---|" + "---|" * len(seeds) + "---|---|"]
+        for key, label in SHOWN:
+            a = agg.get(f"{rnd}/{key}")
+            if a is None or a["n"] == 0:
+                continue
+            pct = key.startswith("gap_closed")
+            per = " | ".join(_fmt(a["per_seed"].get(s), pct) for s in seeds)
+            ci = f"[{_fmt(a['lo'], pct)}, {_fmt(a['hi'], pct)}]" if a["lo"] is not None else "-"
+            lines.append(f"| {label} | {per} | {_fmt(a['mean'], pct)} | {ci} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tools/seeds.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--nproc", type=int, default=None, help="processes per distributed stage (submit.py --nproc)")
+    p.add_argument("--aggregate-only", action="store_true", help="aggregate the seed-* folders that have a report")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every seed")
+    args = p.parse_args(argv)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    if not args.aggregate_only:
+        if not args.config:
+            p.error("--config is required unless --aggregate-only")
+        for s in args.seeds:
+            d = args.run_dir / f"seed-{s}"
+            if (d / "report.json").exists():
+                print(f"[seeds] seed {s}: report exists, skipped", flush=True)
+                continue
+            timings[s] = round(run_seed(args.config, d, s, args.overrides, args.nproc), 1)
+            print(f"[seeds] seed {s}: done in {timings[s]:.0f} s", flush=True)
+    reports = {}
+    for d in sorted(args.run_dir.glob("seed-*")):
+        if (d / "report.json").exists():
+            reports[int(d.name.split("-", 1)[1])] = json.loads((d / "report.json").read_text())
+    if not reports:
+        raise SystemExit(f"[seeds] no seed-*/report.json under {args.run_dir}")
+    agg = aggregate(reports)
+    config = args.config
+    if config is None:  # --aggregate-only: the run's own name (every seed folder holds its config.yaml)
+        saved = args.run_dir / f"seed-{min(reports)}" / "config.yaml"
+        config = f"{saved} (name: {load_config(saved).name})" if saved.exists() else None
+    meta = {"config": config, "seeds": sorted(reports), "overrides": args.overrides, "seconds": timings}
+    (args.run_dir / "seeds.json").write_text(json.dumps({"meta": meta, "aggregate": agg}, indent=1))
+    text = markdown(agg, reports, meta)
+    (args.run_dir / "seeds.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

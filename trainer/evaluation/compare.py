@@ -1,0 +1,122 @@
+"""The report's comparisons, as pure functions of the evaluation rows (trainer/jobs/evaluate.py).
+
+Per round r (the student sampled at its own step count N = start / 2^r):
+- paired NLL differences with their SE: student - teacher and student - control at N steps,
+  control - teacher at N (what extra MDLM training alone buys), student at N - teacher at 2N (SDTT's
+  own criterion: N/2 steps as good as the teacher's N);
+- the share of the teacher's gap closed, (T_N - X_N) / (T_N - T_most), for the student and the control;
+- every model's NLL at the data's own entropy, read off its temperature sweep at N (its
+  quality-vs-entropy frontier), and the paired differences there: quality at matched diversity, which
+  a student that merely sharpens cannot win.
+Every number carries a standard error (trainer/evaluation/paired.py). None where a row is missing.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from trainer.evaluation import paired
+from trainer.evaluation.paired import Est
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["round"], row["steps"], float(row.get("temperature") or 1.0)
+
+
+def index_rows(rows: Sequence[dict]) -> dict[tuple, dict]:
+    """(model, round, steps, temperature) -> row; rows without per-sample NLLs are left out."""
+    return {_key(r): r for r in rows if r.get("nll_per_sample") is not None}
+
+
+def _nll(idx: dict, model: str, rnd: int, steps: int | None) -> Est | None:
+    row = idx.get((model, rnd, steps, 1.0)) if steps is not None else None
+    return paired.mean(row["nll_per_sample"]) if row is not None else None
+
+
+def _sweep(idx: dict, model: str, rnd: int, steps: int) -> list[dict]:
+    return [r for k, r in idx.items() if k[0] == model and k[1] == rnd and k[2] == steps]
+
+
+def _d(e: Est | None) -> dict | None:
+    return e.as_dict() if e is not None else None
+
+
+def _diff(a: Est | None, b: Est | None) -> dict | None:
+    return (a - b).as_dict() if a is not None and b is not None else None
+
+
+def at_entropy(idx: dict, model: str, rnd: int, steps: int, target: float | None) -> paired.AtEntropy | None:
+    """The model's NLL at entropy ``target`` from its temperature sweep at ``steps`` (None: no sweep)."""
+    if target is None:
+        return None
+    pts = _sweep(idx, model, rnd, steps)
+    return paired.nll_at_entropy(paired.frontier(pts), target) if len(pts) >= 2 else None
+
+
+def compare_round(rows: Sequence[dict], rnd: int, steps: int, target_entropy: float | None,
+                  control_round: int | None = None) -> dict:
+    """Every comparison of round ``rnd``'s student at its ``steps`` (see the module docstring).
+    ``control_round``: the round the control was evaluated under (the last one)."""
+    idx = index_rows(rows)
+    teacher_steps = sorted(k[2] for k in idx if k[0] == "teacher" and k[3] == 1.0)
+    most = teacher_steps[-1] if teacher_steps else None
+    t_n, s_n = _nll(idx, "teacher", 0, steps), _nll(idx, "student", rnd, steps)
+    c_n = _nll(idx, "control", control_round, steps) if control_round is not None else None
+    t_2n, t_most = _nll(idx, "teacher", 0, 2 * steps), _nll(idx, "teacher", 0, most)
+    out: dict = {"round": rnd, "steps": steps, "teacher_most_steps": most,
+                 "teacher_nll": _d(t_n), "student_nll": _d(s_n), "control_nll": _d(c_n),
+                 "teacher_2n_nll": _d(t_2n),
+                 "student_minus_teacher": _diff(s_n, t_n), "student_minus_control": _diff(s_n, c_n),
+                 "control_minus_teacher": _diff(c_n, t_n), "student_minus_teacher_2n": _diff(s_n, t_2n)}
+    gap_ok = t_n is not None and t_most is not None and most != steps
+    out["gap_closed_student"] = (paired.gap_closed(t_n, s_n, t_most).as_dict()
+                                 if gap_ok and s_n is not None else None)
+    out["gap_closed_control"] = (paired.gap_closed(t_n, c_n, t_most).as_dict()
+                                 if gap_ok and c_n is not None else None)
+    models = (("teacher", "teacher", 0), ("student", "student", rnd), ("control", "control", control_round))
+    for name, model, r in models:
+        row = idx.get((model, r, steps, 1.0))
+        out[f"{name}_entropy"] = row.get("entropy") if row else None
+        out[f"{name}_bigram_kl"] = row.get("bigram_kl") if row else None
+    ats = {name: (at_entropy(idx, model, r, steps, target_entropy) if r is not None else None)
+           for name, model, r in models}
+    for name, a in ats.items():
+        out[f"{name}_nll_at_H"] = ({**a.est.as_dict(), "extrapolated": a.extrapolated} if a is not None else None)
+
+    def at_diff(x: str, y: str) -> dict | None:
+        a, b = ats[x], ats[y]
+        if a is None or b is None:
+            return None
+        return {**(a.est - b.est).as_dict(), "extrapolated": a.extrapolated or b.extrapolated}
+
+    out["student_minus_teacher_at_H"] = at_diff("student", "teacher")
+    out["student_minus_control_at_H"] = at_diff("student", "control")
+    out["control_minus_teacher_at_H"] = at_diff("control", "teacher")
+    return out
+
+
+def compare_all(rows: Sequence[dict], round_steps: dict[int, int], target_entropy: float | None,
+                control_round: int | None) -> list[dict]:
+    """``compare_round`` for every round r >= 1 of ``round_steps`` (round -> its step count)."""
+    return [compare_round(rows, r, n, target_entropy, control_round) for r, n in sorted(round_steps.items()) if r >= 1]
+
+
+HEADLINE = ("student_minus_teacher", "student_minus_control", "control_minus_teacher", "student_minus_teacher_2n",
+            "gap_closed_student", "gap_closed_control", "teacher_nll_at_H", "student_nll_at_H", "control_nll_at_H",
+            "student_minus_teacher_at_H", "student_minus_control_at_H", "control_minus_teacher_at_H")
+
+
+def summary(comparisons: Sequence[dict]) -> dict[str, float | None]:
+    """Flat scalars for aggregation over seeds (tools/seeds.py): ``r<round>/<measure>`` -> value,
+    plus the plain NLL and entropy of each model at the round's count."""
+    out: dict[str, float | None] = {}
+    for c in comparisons:
+        p = f"r{c['round']}"
+        for key in HEADLINE:
+            v = c.get(key)
+            out[f"{p}/{key}"] = v.get("value") if isinstance(v, dict) else None
+        for name in ("teacher", "student", "control"):
+            v = c.get(f"{name}_nll")
+            out[f"{p}/{name}_nll"] = v.get("value") if isinstance(v, dict) else None
+            out[f"{p}/{name}_entropy"] = c.get(f"{name}_entropy")
+            out[f"{p}/{name}_bigram_kl"] = c.get(f"{name}_bigram_kl")
+    return out
