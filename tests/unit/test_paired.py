@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from trainer.config import load_config
+from trainer.distill import control
 from trainer.evaluation import compare, paired
-from trainer.jobs import pretrain
 from trainer.method import diffusion
 
 
@@ -161,8 +161,8 @@ def test_temperature_keeps_the_unmask_schedule_and_sharpens():
 def test_the_control_continues_the_teachers_stream_with_its_own_noise():
     cfg = load_config(None, ["train.steps=100", "engine.global_batch_size=32", "distill.global_batch_size=16",
                              "distill.rounds=2", "distill.steps_per_round=10", "train.seed=3"])
-    assert pretrain.control_stream(cfg, False) == (0, 3)
-    offset, seed = pretrain.control_stream(cfg, True)
+    assert control.control_stream(cfg, False) == (0, 3)
+    offset, seed = control.control_stream(cfg, True)
     assert offset == 200  # 100 steps x 32 examples = 200 steps at 16: the next unseen example
-    assert pretrain.stage(cfg, True)[2] == 20 and seed != 3
-    assert seed == pretrain.control_noise_seed(3) != pretrain.control_noise_seed(4)
+    assert control.stage(cfg, True)[2] == 20 and seed != 3
+    assert seed == control.control_noise_seed(3) != control.control_noise_seed(4)

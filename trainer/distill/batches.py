@@ -25,13 +25,17 @@ import torch
 from torch import Tensor
 
 from trainer.config import RunConfig
+from trainer.data.prepared import data_dir, load_split
 from trainer.data.rows import RowPicker
 from trainer.distill.consumed import ConsumedLog
 from trainer.distill.rounds import TeacherRef
+from trainer.errors import StageError
 from trainer.layout import RunLayout
 from trainer.method import sdtt
 from trainer.method.losses import sdtt_loss
+from trainer.method.sampling import make_denoiser
 from trainer.runtime import dist
+from trainer.runtime.checkpoint import load_model
 from trainer.targets import codecs, header, shards
 from trainer.targets import reader as SR
 from trainer.targets.codecs import CodecError
@@ -208,3 +212,26 @@ class OnlineBatches(_Counted):
     def _batch(self, idx: list[int]) -> Batch:
         x0 = torch.from_numpy(np.stack([np.asarray(self.rows[self.picker(j)], dtype=np.int64) for j in idx]))
         return online_targets(self.denoise, Batch(idx, x0=x0), self.spec, self.device)
+
+
+def round_source(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher: TeacherRef, rd: RoundData,
+                 order: SR.SampleOrder, geo: SR.Geometry, device: torch.device, micro_batch: int, round_start: int,
+                 consumed: ConsumedLog | None) -> BatchSource:
+    """The round's micro-batches by ``distill.mode``: offline from its target set, or online from the
+    teacher (DENSE targets for the same samples in the same order)."""
+    dcfg = cfg.distill
+    ddir = data_dir(cfg.data, layout.root)
+    if dcfg.mode == "online":
+        tmodel = load_model(teacher.export, teacher.weights, cfg.model)[0].to(device).requires_grad_(False)
+        rows = load_split(ddir, "train")
+        if rows.shape[1] != cfg.data.seq_len:
+            raise StageError(f"{ddir}: sequences of length {rows.shape[1]}, data.seq_len={cfg.data.seq_len}")
+        source = OnlineBatches(make_denoiser(tmodel, cfg.model.vocab_size, cfg.diffusion.noise_eps,
+                                             cfg.model.time_conditioning),
+                               header.example_spec(cfg, round_idx, codec="dense", k=cfg.model.vocab_size), rows,
+                               RowPicker(rows.shape[0], cfg.seed, round_idx), order, geo, device,
+                               micro_batch, round_start, consumed)
+    else:
+        source = OfflineBatches(layout.targets(round_idx), order, geo, dcfg.loader_workers, rd.codec, rd.k, cfg,
+                                device, micro_batch, round_start, consumed)
+    return source

@@ -143,3 +143,20 @@ def check_resume(data: dict, step: int, streams: int, global_batch: int, resampl
         log.warning("%s: skipped shards changed since the checkpoint (%s -> %s): the remaining order differs from an "
                     "uninterrupted run", where, data.get("skipped"), skipped)
 
+
+def round_record(cfg: RunConfig, layout: RunLayout, round_idx: int, init: Init, final_step: int, samples: int,
+                 targets: str, bad: list, teacher: TeacherRef) -> dict:
+    """The round's ``distill.json``: how it started, what it consumed, its teacher and the next one's weights."""
+    return {
+        "round": round_idx, "mode": cfg.distill.mode, "init": init.record, "round_start": init.round_start,
+        "final_step": final_step, "samples_consumed": samples, "targets": targets,
+        "skipped_shards": [[b.name, b.reason] for b in bad], "teacher": layout.rel(teacher.file),
+        "teacher_weights": teacher.weights, "teacher_sha256": teacher.sha256,
+        "next_teacher_weights": teacher_weights(cfg, round_idx + 1)}
+
+
+def data_position(cfg: RunConfig, step: int, streams: int, targets: str, bad: list, samples_consumed: int) -> dict:
+    """The round's data position saved in every checkpoint (what ``check_resume`` checks on resume)."""
+    return {"step": step, "streams": streams, "global_batch": cfg.distill.global_batch_size,
+            "resample": cfg.distill.resample, "targets": targets, "skipped": sorted(b.name for b in bad),
+            "samples_consumed": samples_consumed}

@@ -3,15 +3,11 @@
     python -m trainer.jobs.distill --run-dir DIR --round R [--config FILE] [key=value ...]
     torchrun --nproc_per_node N -m trainer.jobs.distill --run-dir DIR --round R ...
 
-Teacher and student init: trainer/distill/rounds.py (``round_teacher``, ``plan_init``). Data
-(``distill.mode``): offline, the round's target set streamed with WebDataset, its manifest checked
-against this student BEFORE training (trainer/targets/header.py) and checksums verified under
-``targets.verify``; online, the teacher makes DENSE targets for the same samples in the same order
-(trainer/distill/batches.py). Loss: the divergence ``distill.divergence`` between the student's ONE
-prediction on x_t and the targets. Optimiser: ``config.distill_setup`` (the paper's recipe). Output in
-``DIR/round_R/student``: checkpoints, metrics (tb/, metrics.jsonl), ``distill.json`` and the raw + EMA
-export, the next round's teacher; with ``distill.log_consumed`` every rank's sample indices per step
-in ``consumed/``.
+Teacher and student init: trainer/distill/rounds.py and student.py; the micro-batches (``distill.mode``:
+offline from the round's target set, online from the teacher) and the loss: trainer/distill/batches.py.
+The target set's manifest is checked against this student BEFORE anything trains. Output in
+``DIR/round_R/student``: checkpoints, metrics, ``distill.json`` and the raw + EMA export (the next
+round's teacher); with ``distill.log_consumed`` every rank's sample indices per step in ``consumed/``.
 """
 from __future__ import annotations
 
@@ -21,27 +17,23 @@ import os
 import time
 
 import numpy as np
-import torch
 
-from trainer.config import RunConfig, distill_setup, round_steps
-from trainer.data.prepared import MarkovSource, data_dir, load_data_info, load_split
-from trainer.data.rows import RowPicker
+from trainer.config import RunConfig, round_steps
+from trainer.data.prepared import MarkovSource, data_dir, load_data_info
 from trainer.distill import rounds
-from trainer.distill.batches import OfflineBatches, OnlineBatches, check_round_data, distill_loss, probe_loss
+from trainer.distill.batches import check_round_data, distill_loss, probe_loss, round_source
 from trainer.distill.consumed import ConsumedLog
+from trainer.distill.student import build_student
 from trainer.errors import StageError
 from trainer.evaluation.samples import sample_report
 from trainer.fileio import atomic_write_json
 from trainer.jobs import common
 from trainer.layout import EXIT_PREEMPTED, RunLayout
-from trainer.method.sampling import make_denoiser
-from trainer.model.dit import DiT, count_parameters
+from trainer.model.dit import count_parameters
 from trainer.runtime import dist
-from trainer.runtime.checkpoint import export_weights, load_exported, load_model
-from trainer.runtime.engine import build_engine
+from trainer.runtime.checkpoint import export_weights
 from trainer.runtime.loop import Task, train
 from trainer.runtime.metrics import MetricsWriter
-from trainer.targets import header
 from trainer.targets import reader as SR
 
 log = logging.getLogger("sdtt")
@@ -68,18 +60,7 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     # ---- build the student: its init (planned on rank 0, agreed by all), engine, resume position ------
     init = rounds.agree_init(cfg, layout, round_idx, teacher.file)
     total = init.round_start + dcfg.steps_per_round
-    torch.manual_seed(cfg.train.seed)  # identical (and then overwritten) initial weights on every rank
-    model = DiT(cfg.model)
-    if init.kind == "export":
-        model.load_state_dict(load_exported(teacher.export, teacher.weights, expect_model=cfg.model)[0])
-    engine = build_engine(model, distill_setup(cfg), cfg.engine, total, info.world_size)
-    client = {}
-    if init.kind in ("resume", "continue"):
-        client = engine.load(init.path, expect_model=cfg.model) or {}
-    if init.kind == "continue":
-        client = {}  # the previous round's data position means nothing here
-        if engine.step != init.round_start:
-            raise StageError(f"{init.path}: loaded step {engine.step}, planned {init.round_start}")
+    model, engine, client = build_student(cfg, init, teacher, total, info.world_size)
     data_state = client.get("data", {})
     if data_state:
         rounds.check_resume(data_state, engine.step - init.round_start, geo.streams, geo.streams * geo.per_stream,
@@ -98,19 +79,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
 
     # ---- build the data: complete micro-batches, offline or online -------------------------------
     consumed = ConsumedLog(sdir / "consumed", info.rank, engine.step) if dcfg.log_consumed else None
-    if dcfg.mode == "online":
-        tmodel = load_model(teacher.export, teacher.weights, cfg.model)[0].to(info.device).requires_grad_(False)
-        rows = load_split(ddir, "train")
-        if rows.shape[1] != cfg.data.seq_len:
-            raise StageError(f"{ddir}: sequences of length {rows.shape[1]}, data.seq_len={cfg.data.seq_len}")
-        source = OnlineBatches(make_denoiser(tmodel, cfg.model.vocab_size, cfg.diffusion.noise_eps,
-                                             cfg.model.time_conditioning),
-                               header.example_spec(cfg, round_idx, codec="dense", k=cfg.model.vocab_size), rows,
-                               RowPicker(rows.shape[0], cfg.seed, round_idx), order, geo, engine.device,
-                               engine.micro_batch, init.round_start, consumed)
-    else:
-        source = OfflineBatches(layout.targets(round_idx), order, geo, dcfg.loader_workers, rd.codec, rd.k, cfg,
-                                engine.device, engine.micro_batch, init.round_start, consumed)
+    source = round_source(cfg, layout, round_idx, teacher, rd, order, geo, engine.device, engine.micro_batch,
+                          init.round_start, consumed)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
 
     def micro_batches(step: int):
@@ -123,10 +93,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
 
     def client_state() -> dict:
         return {"round": round_idx, "round_start": init.round_start, "init": init.record,
-                "data": {"step": engine.step - init.round_start, "streams": geo.streams,
-                         "global_batch": dcfg.global_batch_size, "resample": dcfg.resample,
-                         "targets": rd.digest, "skipped": sorted(b.name for b in rd.bad),
-                         "samples_consumed": consumed_total()}}
+                "data": rounds.data_position(cfg, engine.step - init.round_start, geo.streams, rd.digest, rd.bad,
+                                             consumed_total())}
 
     # ---- evaluation: probe loss, then samples at the round's student step count --------------------
     markov = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
@@ -166,12 +134,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     raw = engine.consolidated_state_dict()  # collective
     ema = engine.ema_state_dict()
     if info.is_main:
-        atomic_write_json(sdir / "distill.json", {
-            "round": round_idx, "mode": dcfg.mode, "init": init.record, "round_start": init.round_start,
-            "final_step": engine.step, "samples_consumed": n, "targets": rd.digest,
-            "skipped_shards": [[b.name, b.reason] for b in rd.bad], "teacher": layout.rel(teacher.file),
-            "teacher_weights": teacher.weights, "teacher_sha256": teacher.sha256,
-            "next_teacher_weights": rounds.teacher_weights(cfg, round_idx + 1)})
+        atomic_write_json(sdir / "distill.json", rounds.round_record(cfg, layout, round_idx, init, engine.step, n,
+                                                                     rd.digest, rd.bad, teacher))
         out = export_weights(layout.export(round_idx), raw, ema if ema is not None else raw, cfg, step=engine.step,
                              overwrite=True)
         log.info("round %d: %d samples consumed; exported the student to %s (next round's teacher: its %s weights)",

@@ -9,12 +9,9 @@ a few samples every ``train.eval_every`` steps, checkpoints to ``<run>/teacher/c
 ``train.ckpt_every`` steps and resumes from the latest one on restart. At the end it exports the
 consolidated raw and EMA weights to ``<run>/teacher/export``: what every later stage loads.
 
-With ``--control`` it trains the *control* instead (``<run>/control/``): the students' starting weights
-trained on with the MDLM loss for the same number of steps, batch size, learning rate and EMA as all
-the distillation rounds together, on the teacher's data stream from where the teacher stopped
-(examples it has not seen) and with per-step noise from its own seed domain (``control_stream``). A
-student that beats its teacher but not the control has gained from the extra training, not from
-SDTT (the case of an under-trained teacher).
+With ``--control`` it trains the *control* instead (``<run>/control/``; its budget, data stream and
+noise: trainer/distill/control.py): a student that beats its teacher but not the control has gained
+from the extra training, not from SDTT (the case of an under-trained teacher).
 
 With ``--ar`` it trains the autoregressive baseline instead (``<run>/ar/``): the same-size causal DiT
 with next-token loss (trainer/method/autoregressive.py), the teacher's steps, batch and optimiser on
@@ -25,78 +22,26 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
-from trainer.config import RunConfig, TrainSetup, distill_setup, pretrain_setup
 from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
+from trainer.distill.control import control_stream, stage
 from trainer.distill.rounds import round_teacher
 from trainer.evaluation.ar_report import AR_DIR, autoregressive_report
 from trainer.evaluation.samples import sample_report
+from trainer.evaluation.validation import validate
 from trainer.jobs import common
-from trainer.layout import CONTROL, EXIT_PREEMPTED, ModelRef, RunLayout
+from trainer.layout import EXIT_PREEMPTED, RunLayout
 from trainer.method.autoregressive import ar_loss
 from trainer.method.losses import mdlm_loss
 from trainer.model.dit import DiT, count_parameters
 from trainer.runtime import dist
 from trainer.runtime.checkpoint import export_weights, load_exported
-from trainer.runtime.engine import Engine, build_engine
-from trainer.runtime.loop import Task, step_generator, train
+from trainer.runtime.engine import build_engine
+from trainer.runtime.loop import Task, train
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
-
-
-def validate(engine: Engine, valid: torch.Tensor, cfg: RunConfig, rank: int, world: int) -> float:
-    """The validation NLL bound (nats/token) over ``train.eval_batches`` batches, with fixed noise so
-    successive evaluations are comparable; a collective over ranks."""
-    engine.eval()
-    n = cfg.engine.global_batch_size // world
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(cfg.train.eval_batches):
-            start = (b * world + rank) * n
-            x0 = valid[start % len(valid):][:n]
-            if len(x0) == 0:
-                break
-            gen = step_generator(cfg.train.seed + 1, b, rank)
-            total += float(mdlm_loss(engine, x0.to(engine.device), gen, cfg)) * len(x0)
-            count += len(x0)
-    engine.train()
-    return dist.all_reduce_mean(total / max(count, 1))
-
-
-def stage(cfg: RunConfig, control: bool) -> tuple[ModelRef, TrainSetup, int]:
-    """What this invocation trains: the teacher (model 0), or the control (the teacher trained on with
-    its own MDLM loss for the students' whole budget: distillation's setup, steps and batch)."""
-    if not control:
-        return 0, pretrain_setup(cfg), cfg.train.steps
-    return CONTROL, distill_setup(cfg), cfg.distill.rounds * cfg.distill.steps_per_round
-
-
-CONTROL_SEED_DOMAIN = 0xC0  # the control's per-step noise (t, mask): a stream the teacher never drew
-
-
-def control_noise_seed(train_seed: int) -> int:
-    """The control's step-noise seed: a hash of (train.seed, CONTROL_SEED_DOMAIN), unrelated to train.seed."""
-    state = np.random.SeedSequence([train_seed, CONTROL_SEED_DOMAIN]).generate_state(2, dtype=np.uint32)
-    return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
-
-
-def control_stream(cfg: RunConfig, control: bool) -> tuple[int, int]:
-    """(data offset, noise seed) of this invocation's training stream.
-
-    data offset: the first step of ``batches`` (at the stage's global batch) it reads. The control
-    continues the teacher's data stream where the teacher stopped (train.steps x its batch examples,
-    rounded up to the control's batch: never re-reading the teacher's last ones), so it trains on
-    examples the teacher has not seen, as the students do, instead of replaying the teacher's first
-    batches. noise seed: the seed of the per-step noise (t and mask); the control's comes from its
-    own domain, so no (x0, t, mask) example repeats one of the teacher's. The teacher: (0, train.seed).
-    """
-    if not control:
-        return 0, cfg.train.seed
-    seen = cfg.train.steps * pretrain_setup(cfg).global_batch_size
-    return -(-seen // distill_setup(cfg).global_batch_size), control_noise_seed(cfg.train.seed)
 
 
 def main(argv=None) -> int:

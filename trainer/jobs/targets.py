@@ -1,13 +1,11 @@
 """Offline SDTT targets for one round: ``python -m trainer.jobs.targets --run-dir DIR --round R
 [--config FILE] [key=value ...]``, or the same under ``torchrun --nproc_per_node N`` / srun.
 
-Reads the prepared train split (the job does not prepare data: a missing folder is an error naming
-it) and round R's teacher (trainer/distill/rounds.py: model R - 1's export). Writes the target set
-``DIR/round_R/targets/``: its header (trainer/targets/header.py), sample i's clean row
-(trainer/data/rows.py) and noise from (seed, round, i), shard j = samples [j S, (j + 1) S) written by
-rank j mod W in teacher batches fixed by index (trainer/targets/writer.py), so the set is the same
-for any number of ranks. Complete shards of an interrupted run are skipped, incomplete ones redone;
-rank 0 writes manifest.json last. The contract: docs/DESIGN.md. Progress on rank 0 (tqdm),
+Writes ``DIR/round_R/targets/`` from the prepared train split and round R's teacher
+(trainer/targets/inputs.py). Sample i's clean row and noise depend only on (seed, round, i) and shard
+j is written by rank j mod W in teacher batches fixed by index (trainer/targets/writer.py), so the set
+is the same for any number of ranks. Complete shards of an interrupted run are skipped, incomplete
+ones redone; rank 0 writes manifest.json last. The contract: docs/DESIGN.md. Progress: tqdm on rank 0,
 samples/s and MB/s in the log and TensorBoard (``targets/...`` tags, step = samples written).
 """
 from __future__ import annotations
@@ -22,7 +20,6 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.config import RunConfig, round_steps
-from trainer.data.prepared import data_dir, load_data_info, load_split
 from trainer.data.rows import RowPicker
 from trainer.distill.rounds import round_teacher
 from trainer.errors import StageError
@@ -30,21 +27,17 @@ from trainer.jobs import common
 from trainer.jobs.common import log
 from trainer.layout import RunLayout
 from trainer.method import sdtt
-from trainer.method.sampling import make_denoiser
 from trainer.runtime import dist
-from trainer.runtime.checkpoint import WEIGHT_FILES, CheckpointError, load_model
 from trainer.runtime.metrics import MetricsWriter
 from trainer.targets import header, shards
-from trainer.targets.writer import write_shard
+from trainer.targets.inputs import load_train_split, teacher_denoiser
+from trainer.targets.writer import claim_set, write_shard
 
 # Test hook (fault injection): SIGKILL this process after it has written this many samples, so a
 # test can kill a real run in the middle of a shard at a reproducible point.
 KILL_AFTER_ENV = "SDTT_TARGETS_KILL_AFTER"
 
 
-# --------------------------------------------------------------------------------------------------
-# The job
-# --------------------------------------------------------------------------------------------------
 def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) -> dict[str, Any] | None:
     tcfg = cfg.targets
     if not 1 <= round_idx <= cfg.distill.rounds:
@@ -52,26 +45,11 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     sdtt.check_pairing(tcfg.codec, cfg.distill.divergence)
 
     # ---- build the data ---------------------------------------------------------------------------
-    ddir = data_dir(cfg.data, layout.root)
-    if not (ddir / "data.json").is_file():
-        raise StageError(f"no prepared data at {ddir} (data.json missing): run "
-                         f"python -m trainer.jobs.prepare --run-dir {layout.root} first")
-    data_info = load_data_info(ddir)
-    train = load_split(ddir, "train")
-    if train.shape[1] != cfg.data.seq_len:
-        raise StageError(f"{ddir}: sequences of length {train.shape[1]}, data.seq_len={cfg.data.seq_len}")
-    if data_info["vocab_size"] > cfg.model.vocab_size:
-        raise StageError(f"{ddir}: vocabulary {data_info['vocab_size']} > model.vocab_size={cfg.model.vocab_size}")
+    data_info, train = load_train_split(cfg, layout.root)
 
     # ---- build the teacher ------------------------------------------------------------------------
     teacher = round_teacher(layout, cfg, round_idx)
-    try:
-        model = load_model(teacher.export, teacher.weights, cfg.model)[0].to(info.device)
-    except CheckpointError:
-        raise
-    except RuntimeError as e:  # load_state_dict: names or shapes differ
-        raise StageError(f"{teacher.export / WEIGHT_FILES[teacher.weights]}: does not fit the model: {e}") from None
-    denoise = make_denoiser(model, cfg.model.vocab_size, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
+    denoise = teacher_denoiser(teacher, cfg, info.device)
 
     # ---- plan the set: its header, shards and digest ---------------------------------------------------
     spec = header.example_spec(cfg, round_idx)
@@ -84,23 +62,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     digest = shards.header_digest(head)
     out = layout.targets(round_idx)
 
-    # Rank 0 alone cleans up and claims the folder; its verdict is broadcast (which is also the
-    # barrier), so a refusal stops every rank instead of leaving the others waiting.
-    error = None
-    if info.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for p in shards.remove_temporaries(out):
-                log.info("removed leftover %s", p.name)
-            shards.start_set(out, head)
-        except (shards.ShardError, OSError) as e:
-            error = str(e)
-    error, digest0 = dist.broadcast_object((error, digest))
-    if error:
-        raise shards.ShardError(error)
-    if digest0 != digest:  # every rank must be producing the same set (same config, teacher, data)
-        raise StageError(f"rank {info.rank} computed another target-set header than rank 0 "
-                           "(different config, teacher or data on this node?)")
+    # ---- claim the folder, then find this rank's shards still to write ----------------------------
+    claim_set(out, head, digest, info.rank, info.is_main)
 
     mine = plan.owned(info.rank, info.world_size)
     todo = [j for j in mine if shards.completed(out, j, digest) is None]

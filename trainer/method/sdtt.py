@@ -192,7 +192,7 @@ def make_examples(denoise: Denoiser, x0: Tensor, indices: Sequence[int], spec: E
     (m x 2 x L uniforms, ``_draw``), then the codec's draws (sampled codec). No draw depends on the batch, so the
     example is a function of (x0, i, spec, teacher) alone -- provided the teacher's forward is
     batch-invariant, which batched matmuls are not to the last bit: the targets job therefore fixes
-    the batch composition by index (trainer/jobs/targets.py).
+    the batch composition by index (trainer/targets/writer.py).
     """
     if x0.dim() != 2 or x0.shape[0] != len(indices):
         raise ValueError(f"make_examples: x0 {tuple(x0.shape)} does not match {len(indices)} indices")

@@ -1,14 +1,20 @@
-"""Writing one shard of a target set: the teacher's examples of the shard's samples, in batches fixed by index."""
+"""Writing a target set: claiming its folder (``claim_set``, a collective) and writing one shard: the teacher's
+examples of the shard's samples, in batches fixed by index."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainer.errors import StageError
 from trainer.method import sdtt
+from trainer.runtime import dist
 from trainer.targets import shards
+
+log = logging.getLogger("sdtt")
 
 
 def write_shard(out: Path, plan: shards.ShardPlan, shard: int, rank: int, digest: str, denoise: sdtt.Denoiser,
@@ -27,3 +33,26 @@ def write_shard(out: Path, plan: shards.ShardPlan, shard: int, rank: int, digest
                 if on_sample is not None:
                     on_sample()
         return writer.finish()
+
+
+def claim_set(out: Path, head: dict[str, Any], digest: str, rank: int, is_main: bool) -> None:
+    """Claim ``out`` for the set with this header: a collective.
+
+    Rank 0 alone cleans up and claims the folder; its verdict is broadcast (which is also the
+    barrier), so a refusal stops every rank instead of leaving the others waiting.
+    """
+    error = None
+    if is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for p in shards.remove_temporaries(out):
+                log.info("removed leftover %s", p.name)
+            shards.start_set(out, head)
+        except (shards.ShardError, OSError) as e:
+            error = str(e)
+    error, digest0 = dist.broadcast_object((error, digest))
+    if error:
+        raise shards.ShardError(error)
+    if digest0 != digest:  # every rank must be producing the same set (same config, teacher, data)
+        raise StageError(f"rank {rank} computed another target-set header than rank 0 "
+                         "(different config, teacher or data on this node?)")
