@@ -101,6 +101,20 @@ DISTILL_OVERRIDES = ["data.num_train_sequences=512", "data.num_valid_sequences=6
 N, G = 256, 16
 
 
+def random_teacher_run(run: Path, overrides: list[str], std: float) -> Path:
+    """A run folder with config.yaml (TINY + overrides), prepared data and a teacher export whose
+    every weight is N(0, std^2) (DiT's zero-initialised gates and head would make a uniform teacher);
+    its EMA weights are 0.9 x the raw ones, so the two are told apart."""
+    cfg = load_config(TINY, overrides)
+    save_config(cfg, run / "config.yaml")
+    prepare_data(cfg.data, run / "data")
+    g = torch.Generator().manual_seed(0)
+    model = DiT(cfg.model)
+    raw = {k: std * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    export_weights(run / "teacher" / "export", raw, {k: 0.9 * v for k, v in raw.items()}, cfg, step=0)
+    return run
+
+
 def base_run(tmp_path_factory) -> Path:
     """A run folder with config.yaml, prepared data, a random teacher and round 1's targets, built
     once per test session (shared by test_shard_reader.py and test_distill.py). Copy it before writing to it."""
@@ -109,15 +123,8 @@ def base_run(tmp_path_factory) -> Path:
     if (root / "ready").exists():
         return run
     shutil.rmtree(root, ignore_errors=True)
-    cfg = load_config(TINY, DISTILL_OVERRIDES)
-    save_config(cfg, run / "config.yaml")
-    prepare_data(cfg.data, run / "data")
-    g = torch.Generator().manual_seed(0)
-    model = DiT(cfg.model)
-    # Random everything (DiT's zero-initialised gates and head would make a uniform teacher); 0.2
-    # gives a teacher neither flat nor one-hot, so distillation has something to learn.
-    raw = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
-    export_weights(run / "teacher" / "export", raw, {k: 0.9 * v for k, v in raw.items()}, cfg, step=0)
+    # 0.2 gives a teacher neither flat nor one-hot, so distillation has something to learn.
+    random_teacher_run(run, DISTILL_OVERRIDES, std=0.2)
     targets_in_process(run, 1)
     (root / "ready").touch()
     return run

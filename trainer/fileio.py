@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +55,19 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_dir(tmp: str | Path, out_dir: str | Path) -> None:
+    """Put the finished folder ``tmp`` at ``out_dir``, replacing a folder already there: the old one is
+    renamed aside first and deleted last, so ``out_dir`` is never a mix of the two."""
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    if out_dir.exists():
+        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, env, exit_code, run_job
-from trainer.config import load_config, save_config
-from trainer.data.prepared import prepare_data
+from tests.helpers import REPO, env, exit_code, random_teacher_run, run_job
 from trainer.data.rows import RowPicker
 from trainer.jobs import targets as job
-from trainer.model.dit import DiT
-from trainer.runtime.checkpoint import export_weights, read_json
+from trainer.runtime.checkpoint import read_json
 from trainer.targets import shards as SH
 
 OVERRIDES = ["data.num_train_sequences=256", "data.num_valid_sequences=64", "targets.num_samples=40",
@@ -30,18 +27,8 @@ OVERRIDES = ["data.num_train_sequences=256", "data.num_valid_sequences=64", "tar
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     """A run folder with config.yaml, prepared data and a random-weight teacher export."""
-    run = tmp_path_factory.mktemp("base") / "run"
-    cfg = load_config(TINY, OVERRIDES)
-    save_config(cfg, run / "config.yaml")
-    prepare_data(cfg.data, run / "data")
-    g = torch.Generator().manual_seed(0)
-    model = DiT(cfg.model)
-    # Random everything (DiT's zero-initialised gates and head would make a uniform teacher); at std
-    # 0.15 a masked position's prediction has ~2.9 nats of entropy, like a half-trained teacher.
-    raw = {k: 0.15 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
-    ema = {k: 0.9 * v for k, v in raw.items()}
-    export_weights(run / "teacher" / "export", raw, ema, cfg, step=0)
-    return run
+    # At std 0.15 a masked position's prediction has ~2.9 nats of entropy, like a half-trained teacher.
+    return random_teacher_run(tmp_path_factory.mktemp("base") / "run", OVERRIDES, std=0.15)
 
 
 def _copy(base: Path, dest: Path) -> Path:

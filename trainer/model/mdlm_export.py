@@ -102,6 +102,7 @@ def export_mdlm(out_dir: str | Path, state_dict: Mapping[str, Tensor], cfg: Mode
         if extra:
             (tmp / "sdtt_export.json").write_text(json.dumps(dict(extra), indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)
+        # trainer.fileio.replace_dir's swap, written out: model/ does no I/O through trainer's modules.
         if out_dir.exists():
             old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
             os.replace(out_dir, old)

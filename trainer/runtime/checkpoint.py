@@ -10,7 +10,6 @@ No deepspeed import here (engine.py is the only one), and no pickle: safetensors
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from trainer import fileio
 from trainer.config import ModelConfig, RunConfig, load_config, save_config, to_dict
 from trainer.errors import BadInput
-from trainer.fileio import atomic_write_json, fsync_dir, publish_mode, sha256_file
+from trainer.fileio import atomic_write_json, fsync_dir, publish_mode, replace_dir, sha256_file
 
 EXPORT_FORMAT = 1
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
@@ -148,13 +147,7 @@ def export_weights(out_dir: str | Path, raw_state_dict: Mapping[str, torch.Tenso
         for f in (tmp, *tmp.iterdir()):
             publish_mode(f)
         fsync_dir(tmp)
-        if out_dir.exists():  # overwrite: swap, then drop the old one
-            old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
         fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
