@@ -181,6 +181,10 @@ def markdown(report: dict) -> str:
                   "(its floor at the evaluation's sample count).", ""]
     comps = report["comparisons"]
     ctrl = report.get("control_round") is not None
+    if not any(c["teacher_nll"] is not None for c in comps):
+        # A text source has no exact likelihood: its paired comparisons are the text section's.
+        lines += ["No exact likelihood for this source: the models are compared in the text section below."]
+        return "\n".join(lines + _closing(report, ctrl))
     lines += ["All differences are paired (sample i of every model shares its noise) and given as "
               "value ± SE over the evaluation samples; the SE covers sampling only, not training seeds.", "",
               "## Per round: the student at its step count N, the teacher and the fair control at N", "",
@@ -215,9 +219,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {c['round']} | {c['steps']} | {_num(c['teacher_entropy'])} | {_num(c['control_entropy'])} "
                      f"| {_num(c['student_entropy'])} | {_num(c['teacher_bigram_kl'])} | "
                      f"{_num(c['control_bigram_kl'])} | {_num(c['student_bigram_kl'])} |")
-    if not ctrl:
-        lines += ["", "No control was trained (distill.control=false): the student's gain over the teacher "
-                  "cannot be told apart from the effect of training longer."]
-    lines += ["", "## Every evaluation", "", "```", format_table(report["rows"]), "```", "",
-              "![quality against steps](quality_vs_steps.png)", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _closing(report, ctrl))
+
+
+def _closing(report: dict, ctrl: bool) -> list[str]:
+    lines = [] if ctrl else ["", "No control was trained (distill.control=false): the student's gain over the "
+                             "teacher cannot be told apart from the effect of training longer."]
+    return lines + ["", "## Every evaluation", "", "```", format_table(report["rows"]), "```", "",
+                    "![quality against steps](quality_vs_steps.png)", ""]
