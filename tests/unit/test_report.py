@@ -1,6 +1,8 @@
 """trainer/evaluation/report.py: the report's markdown for an exact-likelihood and a text source."""
 from __future__ import annotations
 
+import pytest
+
 from trainer.evaluation.report import markdown
 
 KEYS = ("teacher", "control", "student")
@@ -29,10 +31,68 @@ def _report(nll: float | None) -> dict:
 
 def test_exact_likelihood_report_has_the_paired_tables():
     text = markdown(_report(2.5))
-    assert "## Per round" in text and "T_64" in text and "No exact likelihood" not in text
+    assert "## Per round" in text and "T_64" in text and "No likelihood" not in text
 
 
-def test_text_report_leaves_out_the_nll_tables_it_cannot_fill():
+def test_text_report_without_a_judge_leaves_out_the_tables_it_cannot_fill():
     text = markdown(_report(None))
-    assert "No exact likelihood" in text and "## Every evaluation" in text
+    assert "No likelihood for these samples" in text and "## Every evaluation" in text
     assert "## Per round" not in text and "T_None" not in text
+
+
+def _text_eval(tmp_path, model: str, rnd: int, round_steps: int, rows: list[dict], ref: dict | None = None):
+    import json
+
+    d = tmp_path / {"teacher": "teacher", "control": "control"}.get(model, f"round_{rnd}") / "eval"
+    d.mkdir(parents=True)
+    body = {"model": model, "round": rnd, "round_steps": round_steps, "rows": rows, "entropy_rate": None,
+            "nll_floor": None, "judge": "ar", "elbo_nll": 3.0, "elbo_nll_se": 0.1, "elbo_ppl": 20.0, "elbo_rows": 8}
+    if ref is not None:
+        body["reference"] = ref
+    (d / "metrics.json").write_text(json.dumps(body))
+
+
+def _text_row(rng, steps: int, temperature: float, level: float, entropy: float, n: int = 64) -> dict:
+    """A text evaluation row as trainer/evaluation/text.py writes it: per-sample judge NLL sums and
+    scored-token counts (no exact NLL), per-sample entropies."""
+    tokens = rng.integers(20, 60, size=n)
+    sums = tokens * (level + 0.3 * rng.standard_normal(n))
+    ent = entropy + 0.05 * rng.standard_normal(n)
+    return {"steps": steps, "temperature": temperature, "nll": None, "gen_nll": float(sums.sum() / tokens.sum()),
+            "gen_ppl": None, "entropy": float(ent.mean()), "entropy_per_sample": ent.tolist(),
+            "gen_nll_sum_per_sample": sums.tolist(), "judge_tokens_per_sample": tokens.tolist()}
+
+
+def test_text_report_compares_models_by_the_judges_nll_at_matched_entropy(tmp_path):
+    """A text run with a judge gets the same paired tables as a synthetic one, in log gen-PPL: the
+    student - teacher difference is the difference of the ratios of sums, and every model's value at
+    the held-out text's entropy is read off its temperature sweep."""
+    import numpy as np
+
+    from trainer.evaluation.report import JUDGED, collect
+
+    rng = np.random.default_rng(0)
+    ref = {"model": "data", "samples": 64, "entropy": 3.0, "gen_nll": 2.0, "gen_ppl": 7.39}
+    sweep = [(0.8, 2.8), (1.0, 3.1), (1.2, 3.4)]
+    teacher = [_text_row(rng, s, 1.0, 4.0 - 0.2 * i, 3.1) for i, s in enumerate((4, 8, 16))]
+    teacher += [_text_row(rng, 4, t, 4.0 + (t - 1), h) for t, h in sweep if t != 1.0]
+    _text_eval(tmp_path, "teacher", 0, 8, teacher, ref)
+    student = [_text_row(rng, 4, t, 3.7 + (t - 1), h) for t, h in sweep] + [_text_row(rng, 8, 1.0, 3.7, 3.1)]
+    _text_eval(tmp_path, "student", 1, 4, student)
+    control = [_text_row(rng, 4, t, 3.9 + (t - 1), h) for t, h in sweep]
+    _text_eval(tmp_path, "control", 1, 4, control)
+
+    report = collect(tmp_path, rounds=1, control=True)
+    assert report["measure"] == JUDGED and report["data_entropy"] == 3.0
+    (c,) = report["comparisons"]
+
+    def gen_nll(row):
+        return sum(row["gen_nll_sum_per_sample"]) / sum(row["judge_tokens_per_sample"])
+
+    want = gen_nll(student[1]) - gen_nll(teacher[0])
+    assert c["student_minus_teacher"]["value"] == pytest.approx(want, abs=1e-6)
+    assert 0 < c["student_minus_teacher"]["se"] < 0.2
+    assert c["teacher_nll_at_H"] is not None and not c["teacher_nll_at_H"]["extrapolated"]
+    assert c["student_minus_control_at_H"]["value"] < 0  # the student's curve lies 0.2 below
+    text = markdown(report)
+    assert "log gen-PPL" in text and "held-out text rows" in text and "## Quality at matched diversity" in text

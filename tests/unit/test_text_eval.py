@@ -166,3 +166,43 @@ def test_report_text_section_and_hparams(tmp_path):
     tb = read_tb_scalars(tmp_path / "tb" / "hparams")
     assert tb["final/round_1/mauve"][0][1] == pytest.approx(0.4)
     assert text_report.markdown_section(tmp_path / "nothing", rounds=1) == ""
+
+
+def test_per_sample_scores_add_up_to_gen_ppl(judge):
+    texts = ["hello world<|endoftext|>tail", "ab", "<|endoftext|>a longer sample"]
+    got = T.gen_ppl_text(judge, texts, batch_size=2)
+    sums, counts = np.array(got["gen_nll_sum_per_sample"]), np.array(got["judge_tokens_per_sample"])
+    assert counts.tolist() == [12, 2, len("a longer sample")]  # BOS context unscored, tail after EOS dropped
+    assert got["judge_tokens"] == counts.sum()
+    assert got["gen_nll"] == pytest.approx(sums.sum() / counts.sum(), rel=1e-7)  # sums kept to 6 decimals
+    alone = T.gen_ppl_text(judge, texts[1:2])  # a sample's score does not depend on its batch
+    assert alone["gen_nll_sum_per_sample"][0] == pytest.approx(sums[1], rel=1e-5)
+
+
+def test_reference_row_is_the_held_out_texts_entropy_and_score(judge):
+    from trainer.evaluation.quality import sequence_entropies
+
+    cfg = load_config(None, ["eval.num_samples=3", "eval.batch_size=2"])
+    valid = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(1))
+    ev = T.TextEvaluation(cfg, ByteTokenizer(), judge, valid, torch.device("cpu"))
+    ref = ev.reference()
+    assert ref["samples"] == 3
+    assert ref["entropy"] == pytest.approx(float(sequence_entropies(valid[:3]).mean()))
+    assert ref["gen_nll"] == pytest.approx(T.gen_ppl_text(judge, ev.decode(valid[:3]))["gen_nll"], rel=1e-6)
+    no_judge = T.TextEvaluation(cfg, ByteTokenizer(), None, valid, torch.device("cpu")).reference()
+    assert no_judge["gen_nll"] is None and no_judge["entropy"] == ref["entropy"]
+
+
+def test_conditioned_samples_follow_the_rows_temperature():
+    """MAUVE's continuations are drawn at the evaluation row's temperature, not always at 1."""
+    cfg = load_config(None, ["data.seq_len=16", "model.max_seq_len=16", "model.vocab_size=257",
+                             "data.synthetic.vocab_size=257", "model.d_model=32", "model.n_layers=1",
+                             "model.cond_dim=16", "eval.batch_size=4"])
+    model = _random(DiT(cfg.model), scale=0.02)  # small logits: temperature 1 is near uniform, 0.05 is not
+    rows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    cont = {t: T.conditioned_samples(model, cfg, rows, 8, 4, 7, torch.device("cpu"), temperature=t)
+            for t in (1.0, 0.05)}
+    assert torch.equal(cont[1.0][:, :4], rows[:, :4]) and torch.equal(cont[0.05][:, :4], rows[:, :4])
+    assert not torch.equal(cont[1.0], cont[0.05])
+    same = T.conditioned_samples(model, cfg, rows, 8, 4, 7, torch.device("cpu"))
+    assert torch.equal(same, cont[1.0])

@@ -9,6 +9,8 @@ Per round r (the student sampled at its own step count N = start / 2^r):
   quality-vs-entropy frontier), and the paired differences there: quality at matched diversity, which
   a student that merely sharpens cannot win.
 Every number carries a standard error (trainer/evaluation/paired.py). None where a row is missing.
+"NLL" is the exact NLL per token under a synthetic source, or for text the judge's NLL per scored
+token (log gen-PPL, ``paired.sample_nll``): the same comparisons in either unit.
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ def _key(row: dict) -> tuple:
 
 
 def index_rows(rows: Sequence[dict]) -> dict[tuple, dict]:
-    """(model, round, steps, temperature) -> row; rows without per-sample NLLs are left out."""
-    return {_key(r): r for r in rows if r.get("nll_per_sample") is not None}
+    """(model, round, steps, temperature) -> row; rows without a per-sample quality are left out."""
+    return {_key(r): r for r in rows if paired.has_sample_nll(r)}
 
 
 def _nll(idx: dict, model: str, rnd: int, steps: int | None) -> Est | None:
     row = idx.get((model, rnd, steps, 1.0)) if steps is not None else None
-    return paired.mean(row["nll_per_sample"]) if row is not None else None
+    return paired.sample_nll(row) if row is not None else None
 
 
 def _sweep(idx: dict, model: str, rnd: int, steps: int) -> list[dict]:

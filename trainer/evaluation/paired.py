@@ -95,12 +95,27 @@ class Frontier:
     nll: list[Est]
 
 
+def sample_nll(row: dict) -> Est:
+    """A row's quality as an estimate over its samples: the exact NLL per token under a synthetic
+    source (the mean of ``nll_per_sample``), or for text the judge's NLL per scored token, i.e.
+    log gen-PPL: a ratio of sums over samples (``gen_nll_sum_per_sample`` / ``judge_tokens_per_sample``)."""
+    if row.get("nll_per_sample") is not None:
+        return mean(row["nll_per_sample"])
+    if row.get("gen_nll_sum_per_sample") is not None:
+        return ratio(mean(row["gen_nll_sum_per_sample"]), mean(row["judge_tokens_per_sample"]))
+    raise KeyError("row has no per-sample quality (nll_per_sample or gen_nll_sum_per_sample)")
+
+
+def has_sample_nll(row: dict) -> bool:
+    return row.get("nll_per_sample") is not None or row.get("gen_nll_sum_per_sample") is not None
+
+
 def frontier(rows: Sequence[dict]) -> Frontier:
     """From evaluation rows of one model at one step count (any temperatures; each with
-    ``entropy_per_sample`` and ``nll_per_sample``), ordered by entropy."""
+    ``entropy_per_sample`` and a per-sample quality, ``sample_nll``), ordered by entropy."""
     pts = sorted(rows, key=lambda r: float(np.mean(r["entropy_per_sample"])))
     return Frontier([float(r["temperature"]) for r in pts], [mean(r["entropy_per_sample"]) for r in pts],
-                    [mean(r["nll_per_sample"]) for r in pts])
+                    [sample_nll(r) for r in pts])
 
 
 @dataclass(frozen=True)

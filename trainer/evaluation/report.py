@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.evaluation import compare
+from trainer.evaluation import compare, paired
 from trainer.evaluation.sweep import format_table
 from trainer.layout import CONTROL, RunLayout
 
-ROW_KEYS = ("model", "round", "steps", "temperature", "nll", "nll_se", "nll_gap", "gen_ppl", "entropy", "entropy_se",
-            "bigram_kl", "mauve", "samples", "nfe", "seconds")
+ROW_KEYS = ("model", "round", "steps", "temperature", "nll", "nll_se", "nll_gap", "gen_ppl", "gen_nll", "entropy",
+            "entropy_se", "bigram_kl", "mauve", "samples", "nfe", "seconds")
+EXACT = "exact NLL of samples under the source (nats/token)"
+JUDGED = "judge NLL of samples (nats per judge token, = log gen-PPL)"
 
 
 def load_evals(run_dir: Path, rounds: int, control: bool = False) -> list[dict]:
@@ -46,29 +48,34 @@ def collect(run_dir: Path, rounds: int, control: bool = False, ref: dict | None 
     rows = [{k: row.get(k) for k in ROW_KEYS} for row in full]
     round_steps = {int(ev["round"]): ev["round_steps"] for ev in evals if ev["model"] != "control"}
     control_round = next((int(ev["round"]) for ev in evals if ev["model"] == "control"), None)
+    ref = ref or evals[0].get("reference")  # text: held-out rows, measured by the teacher's evaluation
     target = ref["entropy"] if ref else None
     comparisons = compare.compare_all(full, round_steps, target, control_round)
     return {"entropy_rate": evals[0].get("entropy_rate"), "nll_floor": evals[0].get("nll_floor"),
             "data_entropy": target, "reference": ref,
+            "measure": EXACT if any(r.get("nll_per_sample") is not None for r in full) else JUDGED,
             "round_steps": {str(k): v for k, v in round_steps.items()}, "control_round": control_round,
             "rows": rows, "comparisons": comparisons, "summary": compare.summary(comparisons),
             "frontiers": frontiers(full)}
 
 
 def frontiers(full_rows: list[dict]) -> list[dict]:
-    """Per (model, round, steps) with a temperature sweep: its points (temperature, entropy, NLL) by entropy."""
+    """Per (model, round, steps) with a temperature sweep: its points (temperature, entropy, NLL) by
+    entropy; NLL as ``paired.sample_nll`` (exact, or the judge's for text)."""
     groups: dict[tuple, list[dict]] = {}
     for row in full_rows:
-        if row.get("nll") is not None:
+        if paired.has_sample_nll(row):
             groups.setdefault((row["model"], row["round"], row["steps"]), []).append(row)
     out = []
     for (model, rnd, steps), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
         if len(rows) < 2:
             continue
         rows = sorted(rows, key=lambda r: r["entropy"])
+        ests = [paired.sample_nll(r) for r in rows]
         out.append({"model": model, "round": rnd, "steps": steps,
-                    "points": [{"temperature": r["temperature"], "entropy": r["entropy"], "nll": r["nll"],
-                                "nll_se": r["nll_se"], "bigram_kl": r["bigram_kl"]} for r in rows]})
+                    "points": [{"temperature": r["temperature"], "entropy": r["entropy"], "nll": e.value,
+                                "nll_se": e.se, "bigram_kl": r.get("bigram_kl"), "mauve": r.get("mauve")}
+                               for r, e in zip(rows, ests)]})
     return out
 
 
@@ -145,7 +152,8 @@ def plot_frontiers(report: dict, path: Path):
         ax.set_title(f"round {r}: {n} steps")
         ax.set_xlabel("sample entropy (nats)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("exact NLL of samples (±2 SE)")
+    axes[0][0].set_ylabel(("exact NLL" if report.get("measure", EXACT) == EXACT else "judge NLL (log gen-PPL)")
+                          + " of samples (±2 SE)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,17 +181,24 @@ def markdown(report: dict) -> str:
         lines += [f"Source entropy rate {report['entropy_rate']:.4f} nats/token; a perfect sampler's samples "
                   f"score {report['nll_floor']:.4f} (the floor).", ""]
     ref = report.get("reference")
-    if ref:
+    judged = report.get("measure") == JUDGED
+    if ref and not judged and ref.get("nll") is not None:
         lines += ["Reference row, true source samples: "
                   f"NLL {ref['nll']:.4f} ± {ref['nll_se']:.4f} ({ref['samples']} samples), "
                   f"sample entropy **{ref['entropy']:.4f}** (the data's entropy, the target of the "
                   f"matched-diversity reads below), bigram KL {_num(ref.get('bigram_kl'), 4)} "
                   "(its floor at the evaluation's sample count).", ""]
+    elif ref:
+        scored = (f"judge NLL {ref['gen_nll']:.4f} (gen-PPL {ref['gen_ppl']:.1f}), " if ref.get("gen_nll") is not None
+                  else "")
+        lines += [f"Reference row, {ref['samples']} held-out text rows: {scored}sample entropy "
+                  f"**{ref['entropy']:.4f}** (the data's entropy, the target of the matched-diversity reads below).",
+                  ""]
     comps = report["comparisons"]
     ctrl = report.get("control_round") is not None
     if not any(c["teacher_nll"] is not None for c in comps):
-        # A text source has no exact likelihood: its paired comparisons are the text section's.
-        lines += ["No exact likelihood for this source: the models are compared in the text section below."]
+        # Text without a judge: nothing scores the samples (the text section still gives entropy and the bound).
+        lines += ["No likelihood for these samples (a text run without eval.judge): see the text section below."]
         return "\n".join(lines + _closing(report, ctrl))
     lines += ["All differences are paired (sample i of every model shares its noise) and given as "
               "value ± SE over the evaluation samples; the SE covers sampling only, not training seeds.", "",
@@ -197,7 +212,9 @@ def markdown(report: dict) -> str:
                      f"| {pm(c['control_minus_teacher'])} | {pm(c['student_minus_teacher_2n'])} | "
                      f"{pm(c['gap_closed_student'], 1, pct=True)} | {pm(c['gap_closed_control'], 1, pct=True)} |")
     most = comps[0]["teacher_most_steps"] if comps else None
-    lines += ["", f"NLL in nats/token (negative differences: the first model is better). Gap closed = "
+    unit = ("NLL: the judge's NLL of the samples in nats per judge token, i.e. log gen-PPL (gen-PPL = exp of it)"
+            if judged else "NLL in nats/token")
+    lines += ["", f"{unit} (negative differences: the first model is better). Gap closed = "
               f"(T_N − X_N) / (T_N − T_{most}): the share of the teacher's cost of sampling in N instead of "
               f"{most} steps that model X removes at N steps (0% = the teacher's, 100% = the teacher at {most}).",
               ""]

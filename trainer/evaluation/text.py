@@ -8,7 +8,9 @@
   GPT-2) cannot score a sample's first token, as in MDLM; the project's own AR judge can (its input
   starts with its own BOS), so it scores every token but a leading [BOS].
 * **Entropy beside it**: the mean per-sample entropy of the sampled token ids
-  (``quality.unigram_entropy``), which exposes the low-temperature collapse that lowers gen-PPL.
+  (``quality.sequence_entropies``, per sample so models pair up), which exposes the low-temperature
+  collapse that lowers gen-PPL. Held-out text gives the reference row: its entropy is the target the
+  report reads every model's gen-PPL at (its temperature sweep's frontier).
 * **MAUVE** (Pillutla et al. 2021, ``mauve-text``) of prefix-conditioned samples against held-out
   text: the first ``eval.prefix_tokens`` tokens of held-out rows are clamped, the model fills in the
   rest, and MAUVE compares the continuations' text with the held-out continuations' text. Features
@@ -31,7 +33,7 @@ from torch import nn
 
 from trainer.config import RunConfig
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
-from trainer.evaluation.quality import JudgeError, unigram_entropy
+from trainer.evaluation.quality import JudgeError, sequence_entropies
 from trainer.method import diffusion, sampling
 
 
@@ -176,27 +178,39 @@ def _batches(seqs: list[list[int]], batch_size: int, pad_id: int):
         yield start, x, torch.tensor([len(s) for s in chunk])
 
 
-def score(judge: TextJudge, seqs: list[list[int]], batch_size: int = 32) -> tuple[float, int]:
-    """(total NLL in nats, number of scored tokens) of the judge's id sequences. A leading EOS (the
-    row's BOS) is context: the judge reads it, as it read it in training, but it is not scored."""
-    total, count = 0.0, 0
+def score_per_sample(judge: TextJudge, seqs: list[list[int]], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence of the judge's ids: (total NLL in nats, number of scored tokens), float64 [n] and
+    int64 [n]. A leading EOS (the row's BOS) is context: the judge reads it, as it read it in
+    training, but it is not scored."""
+    nll = np.zeros(len(seqs), dtype=np.float64)
+    count = np.zeros(len(seqs), dtype=np.int64)
     eos = judge.tokenizer.eos_id
-    for _, x, lengths in _batches(seqs, batch_size, eos):
+    for start, x, lengths in _batches(seqs, batch_size, eos):
         logp, _ = judge.run(x)
         valid = torch.arange(x.shape[1])[None, :] < lengths[:, None]
         valid &= ~torch.isnan(logp)
         valid[:, 0] &= x[:, 0] != eos
-        total += float(-logp[valid].sum())
-        count += int(valid.sum())
-    return total, count
+        nll[start:start + x.shape[0]] = (-logp.where(valid, torch.zeros_like(logp))).sum(dim=1).numpy()
+        count[start:start + x.shape[0]] = valid.sum(dim=1).numpy()
+    return nll, count
+
+
+def score(judge: TextJudge, seqs: list[list[int]], batch_size: int = 32) -> tuple[float, int]:
+    """(total NLL in nats, number of scored tokens) of the judge's id sequences (``score_per_sample``
+    summed)."""
+    nll, count = score_per_sample(judge, seqs, batch_size)
+    return float(nll.sum()), int(count.sum())
 
 
 def gen_ppl_text(judge: TextJudge, texts: Sequence[str], batch_size: int = 32) -> dict:
-    """The field's generative perplexity of decoded samples (see the module docstring)."""
-    seqs = retokenise(texts, judge)
-    nll, n = score(judge, seqs, batch_size)
-    return {"gen_ppl": math.exp(nll / n) if n else float("nan"), "gen_nll": nll / n if n else float("nan"),
-            "judge_tokens": n}
+    """The field's generative perplexity of decoded samples (see the module docstring), with each
+    sample's NLL sum and scored-token count: gen-NLL is their ratio of sums, and samples drawn with
+    the same noise pair up across models (trainer/evaluation/paired.py ``ratio``)."""
+    nll, count = score_per_sample(judge, retokenise(texts, judge), batch_size)
+    total, n = float(nll.sum()), int(count.sum())
+    return {"gen_ppl": math.exp(total / n) if n else float("nan"), "gen_nll": total / n if n else float("nan"),
+            "judge_tokens": n, "gen_nll_sum_per_sample": [round(float(v), 6) for v in nll],
+            "judge_tokens_per_sample": [int(v) for v in count]}
 
 
 def features(judge: TextJudge, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
@@ -230,8 +244,9 @@ def prefix_tokens(cfg: RunConfig) -> int:
 
 
 def conditioned_samples(model: nn.Module, cfg: RunConfig, rows: torch.Tensor, steps: int, prefix: int,
-                        seed: int, device: torch.device) -> torch.Tensor:
-    """Continuations of held-out ``rows``: their first ``prefix`` tokens clamped, the rest sampled."""
+                        seed: int, device: torch.device, temperature: float = 1.0) -> torch.Tensor:
+    """Continuations of held-out ``rows``: their first ``prefix`` tokens clamped, the rest sampled
+    (at ``temperature``, as the unconditional samples of the same evaluation row)."""
     mask_id = cfg.model.vocab_size
     denoise = sampling.make_denoiser(model, mask_id, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
     gen = torch.Generator().manual_seed(seed)
@@ -240,7 +255,8 @@ def conditioned_samples(model: nn.Module, cfg: RunConfig, rows: torch.Tensor, st
         out.append(sampling.sample_diffusion(
             denoise, chunk.shape[0], cfg.data.seq_len, steps, mask_id, noise_eps=cfg.diffusion.noise_eps,
             sampling_eps=cfg.diffusion.sampling_eps, generator=gen, device=device,
-            cache=cfg.sampling.cache and not cfg.model.time_conditioning, prefix=chunk[:, :prefix]).cpu())
+            cache=cfg.sampling.cache and not cfg.model.time_conditioning, prefix=chunk[:, :prefix],
+            temperature=temperature).cpu())
     return torch.cat(out)
 
 
@@ -305,17 +321,33 @@ class TextEvaluation:
         if self.judge is not None and n_mauve >= 2:
             q_feats = features(self.judge, self.decode(held_out[:, p:]), cfg.eval.batch_size)
         for row in rows:
-            samples = row["_samples"]
-            row["entropy"] = unigram_entropy(samples)
+            samples = row["_samples"]  # its entropy (per sample) is the sweep's (sweep.quality_row)
             row.update(gen_ppl=None, gen_nll=None, judge_tokens=None, mauve=None)
             if self.judge is None:
                 continue
             row.update(gen_ppl_text(self.judge, self.decode(samples), cfg.eval.batch_size))
             if q_feats is not None:
-                cont = conditioned_samples(model, cfg, held_out, row["steps"], p, cfg.eval.seed + 1, self.device)
+                cont = conditioned_samples(model, cfg, held_out, row["steps"], p, cfg.eval.seed + 1, self.device,
+                                           temperature=float(row.get("temperature") or 1.0))
                 p_feats = features(self.judge, self.decode(cont[:, p:]), cfg.eval.batch_size)
                 row["mauve"] = mauve_score(p_feats, q_feats)
                 row["mauve_samples"] = int(n_mauve)
         bound = elbo_bound(model, cfg, self.valid[:max(cfg.eval.elbo_rows, 1)], self.device, seed=cfg.eval.seed)
         return {"judge": self.judge.name if self.judge else None, "tokenizer": self.tokenizer.name,
-                "prefix_tokens": p, **bound}
+                "prefix_tokens": p, "reference": self.reference(), **bound}
+
+    def reference(self) -> dict:
+        """Held-out text as a model row ("data"): its sample entropy (the target of the report's
+        matched-diversity reads, as the true source's is for synthetic data) and, with a judge, its
+        gen-PPL (what a perfect sampler would score). Rows of the validation split, as many as the
+        evaluation draws samples."""
+        rows = self.valid[:self.cfg.eval.num_samples]
+        ent = sequence_entropies(rows)
+        out = {"model": "data", "round": None, "steps": None, "temperature": None, "samples": int(rows.shape[0]),
+               "entropy": float(ent.mean()),
+               "entropy_se": float(ent.std(ddof=1) / math.sqrt(ent.size)) if ent.size > 1 else None,
+               "gen_ppl": None, "gen_nll": None}
+        if self.judge is not None:
+            scored = gen_ppl_text(self.judge, self.decode(rows), self.cfg.eval.batch_size)
+            out.update(gen_ppl=scored["gen_ppl"], gen_nll=scored["gen_nll"], judge_tokens=scored["judge_tokens"])
+        return out
