@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, default=3, help="distillation runs per codec (training noise)")
     s.add_argument("--codecs", nargs="+", default=["dense", "topk", "topk_is", "sampled"],
                    help="codecs to distil with (dense reverse KL is always the reference)")
+    s.add_argument("--temperatures", type=float, nargs="*", default=[],
+                   help="also sweep each student over these temperatures (and 1) and compare the codes' NLL at "
+                        "the data's entropy (matched diversity)")
 
     s = add("tokenize", "text preparation: tokenise+pack MB/s per core and its scaling with workers", 3)
     s.add_argument("--tokenizer", default="bpe", help="bpe (a 4k byte-level BPE trained on the corpus), byte, "

@@ -73,6 +73,11 @@ def test_train(target_set):
 
 def test_storage():
     r = _bench("storage", "engine.global_batch_size=4", "distill.global_batch_size=4", "eval.batch_size=8",
-               "--teacher-steps", "2", "--distill-steps", "1", "--eval-samples", "8", "--seeds", "1", "--k", "4")
+               "--teacher-steps", "2", "--distill-steps", "1", "--eval-samples", "8", "--seeds", "2", "--k", "4",
+               "--temperatures", "0.7")
     _has_ratios(r, {"topk4_rkl_quality_cost", "sampled4_fkl_quality_cost"})
+    # Matched diversity: every student's NLL at the data's entropy, and the codes' cost there per seed.
+    assert 2 < r["data_entropy"] < math.log(64)
+    topk = r["quality"]["topk4/rkl"]
+    assert len(topk["cost_at_data_entropy_per_seed"]) == 2 and math.isfinite(topk["nll_at_data_entropy"])
     assert r["bytes_per_position"]["topk4@V50257"] == 4 * (2 + 2) + 4  # uint16 id + fp16 log-prob, + log tail

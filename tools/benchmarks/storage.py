@@ -106,6 +106,11 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     kept_cos = {n: divergence_kept(probe.to(device), tden, heldout, cfg, c, kk, kind, device)
                 for n, (c, kk, kind) in zip(names, candidates)}
+    data_entropy = math.nan
+    if args.temperatures:
+        from trainer.evaluation.sweep import reference_row
+
+        data_entropy = reference_row(src, 4096, L, cfg.eval.seed, args.eval_samples)["entropy"]
     student_t0 = time.perf_counter()
     for i in range(args.seeds):
         # Seed i: its own data rows and sample indices (so t, masks and teacher draws), the same for
@@ -117,8 +122,14 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
             q = markov_quality(src, x)
             per_seed[n].append({"nll": q["nll"], "entropy": q["entropy"], "bigram_kl": q.get("bigram_kl", math.nan),
                                 "per_seq": src.nll_per_token(x.numpy())})
-            print(f"  [storage] seed {i} {n}: NLL {q['nll']:.4f} +- {q['nll_se']:.4f}, entropy {q['entropy']:.4f} "
-                  f"({time.perf_counter() - student_t0:.0f} s)", file=sys.stderr, flush=True)
+            at_h = ""
+            if args.temperatures:  # quality at matched diversity: the data's entropy, off a sweep
+                v, extra = nll_at_data_entropy(student, cfg, src, student_steps, args.eval_samples, args.seed + 3,
+                                               device, sorted({1.0, *args.temperatures}), data_entropy)
+                per_seed[n][-1].update(nll_at_h=v, extrapolated=extra)
+                at_h = f", NLL at H_data {v:.4f}{'*' if extra else ''}"
+            print(f"  [storage] seed {i} {n}: NLL {q['nll']:.4f} +- {q['nll_se']:.4f}, entropy {q['entropy']:.4f}"
+                  f"{at_h} ({time.perf_counter() - student_t0:.0f} s)", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - student_t0
     tq = {n: markov_quality(src, draw(teacher, cfg, n, args.eval_samples, args.seed + 3, device))
           for n in (student_steps, 2 * student_steps)}
@@ -139,7 +150,16 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
         bound = cost + _t975(len(costs)) * cost_se
         mean = lambda key, rs=runs: float(np.mean([r[key] for r in rs]))  # noqa: E731
         ent_change = (mean("entropy") - mean("entropy", refs)) / mean("entropy", refs)
-        results[n] = {"codec": codec, "k": kk, "divergence": kind, "nll": mean("nll"), "nll_per_seed":
+        at_h: dict[str, Any] = {}
+        if args.temperatures:
+            # The cost at matched diversity: per seed, the NLL at the data's entropy against the dense
+            # student's there. A code that only sharpens the student gains nothing here.
+            hc = [(a["nll_at_h"] - b["nll_at_h"]) / b["nll_at_h"] for a, b in zip(runs, refs)]
+            hc_se = float(np.std(hc, ddof=1) / math.sqrt(len(hc))) if len(hc) > 1 and n != ref else 0.0
+            at_h = {"nll_at_data_entropy": mean("nll_at_h"), "cost_at_data_entropy": float(np.mean(hc)),
+                    "cost_at_data_entropy_se": hc_se, "cost_at_data_entropy_per_seed": hc,
+                    "extrapolated": any(r["extrapolated"] for r in runs)}
+        results[n] = {"codec": codec, "k": kk, "divergence": kind, **at_h, "nll": mean("nll"), "nll_per_seed":
                       [r["nll"] for r in runs], "entropy": mean("entropy"), "entropy_change": ent_change,
                       "bigram_kl": mean("bigram_kl"), "divergence_kept": kept_cos[n][0],
                       "grad_cosine": kept_cos[n][1], "quality_cost": cost, "quality_cost_se": cost_se,
@@ -151,7 +171,10 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
         rows.append([n, results[n]["bytes_per_position"], kept_cos[n][0], kept_cos[n][1], mean("nll"),
                      f"{100 * cost:+.2f}% +- {100 * cost_se:.2f}" if n != ref else "-",
                      " ".join(f"{100 * c:+.1f}" for c in costs) if n != ref else "-",
-                     f"{100 * ent_change:+.2f}%" if n != ref else "-", mean("bigram_kl")])
+                     f"{100 * ent_change:+.2f}%" if n != ref else "-", mean("bigram_kl"),
+                     (f"{100 * at_h['cost_at_data_entropy']:+.2f}% +- {100 * at_h['cost_at_data_entropy_se']:.2f}"
+                      + ("*" if at_h["extrapolated"] else "") if n != ref else f"{at_h['nll_at_data_entropy']:.4f}")
+                     if at_h else "-"])
     print(f"\nprobe student for 'divergence kept' and 'grad cosine': {probe_origin}")
     print(f"quality: {args.seeds} seed(s) x one SDTT round per codec (teacher {2 * student_steps} -> student "
           f"{student_steps} steps, {args.distill_steps} steps x batch {cfg.distill.global_batch_size}, lr "
@@ -161,7 +184,12 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
           f"lower NLL). divergence kept = coded loss / dense loss, grad cosine = cos(grad coded, grad dense), "
           f"both for the probe student on a held-out batch. bytes/pos at V=50257. ({elapsed:.0f} s)")
     print(table(["targets/divergence", "bytes/pos", "divergence kept", "grad cosine", "student NLL",
-                 "NLL cost vs dense", "per seed, %", "entropy vs dense", "bigram KL"], rows))
+                 "NLL cost vs dense", "per seed, %", "entropy vs dense", "bigram KL",
+                 "cost at data entropy"], rows))
+    if args.temperatures:
+        print(f"cost at data entropy: each student's NLL at the data's entropy ({data_entropy:.4f}), read off its "
+              f"sweep over temperatures {sorted({1.0, *args.temperatures})} at {student_steps} steps, against the "
+              "dense student's (mean +- se over seeds; the dense row shows its NLL there; * = extrapolated)")
     print(f"teacher before the round: NLL {tq[student_steps]['nll']:.4f} at {student_steps} steps, "
           f"{tq[2 * student_steps]['nll']:.4f} at {2 * student_steps} steps (source floor "
           f"{src.sequence_entropy_per_token(L):.4f}); entropy {tq[student_steps]['entropy']:.4f}, bigram KL "
@@ -183,7 +211,7 @@ def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
         print(f"goal ({goal}): MISSED on this run")
     out = common_result("storage", args, cfg, device)
     out.update(teacher=teacher_origin, probe_student=probe_origin, bytes_per_position=sizes, tail_mass=tail,
-               distinct_ids=distinct,
+               distinct_ids=distinct, temperatures=args.temperatures, data_entropy=data_entropy,
                quality=results, teacher_nll={str(k): v["nll"] for k, v in tq.items()}, ratios=ratios,
                distill_steps=args.distill_steps, eval_samples=args.eval_samples, seeds=args.seeds,
                goal={"bytes_per_position": 40, "quality_cost": 0.01, "entropy_loss": 0.01},
@@ -294,10 +322,27 @@ def distill_short(teacher: DiT, tden: Callable, cfg: RunConfig, src: Any, codec:
     return student.eval()
 
 
-def draw(model: DiT, cfg: RunConfig, steps: int, n: int, seed: int, device: torch.device) -> Tensor:
+def draw(model: DiT, cfg: RunConfig, steps: int, n: int, seed: int, device: torch.device,
+         temperature: float = 1.0) -> Tensor:
     from trainer.evaluation.sweep import draw_samples
 
-    x, _ = draw_samples(model, cfg, steps, n, seed, device)
+    x, _ = draw_samples(model, cfg, steps, n, seed, device, temperature=temperature)
     return x
+
+
+def nll_at_data_entropy(model: DiT, cfg: RunConfig, src: Any, steps: int, n: int, seed: int, device: torch.device,
+                        temperatures: Sequence[float], target: float) -> tuple[float, bool]:
+    """The model's NLL at entropy ``target`` (the data's), read off its temperature sweep at ``steps``
+    as the report does (trainer/evaluation/paired.py): (value, extrapolated)."""
+    from trainer.evaluation import paired
+    from trainer.evaluation.quality import sequence_entropies
+
+    rows = []
+    for tau in temperatures:
+        x = draw(model, cfg, steps, n, seed, device, temperature=tau)
+        rows.append({"temperature": tau, "nll_per_sample": src.nll_per_token(x.numpy()),
+                     "entropy_per_sample": sequence_entropies(x)})
+    at = paired.nll_at_entropy(paired.frontier(rows), target)
+    return (at.est.value, at.extrapolated) if at is not None else (math.nan, True)
 
 
