@@ -155,8 +155,10 @@ class TargetsConfig:
 
     num_samples: int = 4096
     teacher_steps: int = 2  # m ancestral teacher steps per student step
-    codec: str = "topk"  # topk | topk_is (top-K + importance-sampled tail ids) | sampled | dense
-    k: int = 16
+    # topk_is (top-K + K importance-sampled tail ids) is the default: at equal bytes it beat topk at
+    # the data's entropy (docs/benchmarks.md); topk's bucket is blind to how the student spreads its tail.
+    codec: str = "topk_is"  # topk_is | topk (top-K + one tail bucket) | sampled | dense
+    k: int = 8  # topk_is at K = 8 stores 8K + 4 = 68 bytes per position at GPT-2's vocabulary (topk's at K = 16)
     samples_per_shard: int = 256
     shard_max_bytes: int = 256 * 1024 * 1024
     batch_size: int = 32

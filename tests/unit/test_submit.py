@@ -83,7 +83,7 @@ def test_small_on_8_nodes_prints_resources_and_budget_and_names_the_missing_toke
     assert "--time=00:30:00" in sbatch_of(out, "report")
     assert "--kill-on-invalid-dep=yes" in sbatch_of(out, "distill_2")
     assert "GPU-hours reserved: 3,872.0 per attempt" in out  # 15 x 64 x 4 h + 8 evals x 1 x 4 h
-    assert re.search(r"target storage: 55\.\d GB per round, 389\.\d GB for 7 rounds", out), out
+    assert re.search(r"target storage: 58\.\d GB per round, 406\.\d GB for 7 rounds", out), out
 
 
 def test_stage_overrides_time_nodes_gpus_partition() -> None:
@@ -247,9 +247,9 @@ def test_budget_matches_a_hand_computation() -> None:
     assert model_state_bytes(n, 2, 8, True) == pytest.approx(7.75 * n)
     # activations, micro-batch 32 / 8 = 4: 34 x 4 x 64 x d 128 x 2 layers + logits 4 x 64 x 65 x 10 bytes
     assert b["teacher"].activation_bytes == 34 * 4 * 64 * 128 * 2 + 4 * 64 * 65 * 10 == 2_394_624
-    # targets: topk K=8, V=64 (uint16 ids): 8 x (2 + 2) + 4 = 36 B per masked position; a sample =
-    # 4 x 64 (xt) + 32 masked x 36 + 128 (meta json) + 5 members x (512 + 128 + 256) = 6016 B
-    assert b["targets_1"].target_bytes == 2048 * 6016 == 12_320_768
+    # targets: topk_is K=8, V=64 (uint16 ids): 8 x (2 + 2) + 8 x (2 + 2) + 4 = 68 B per masked position;
+    # a sample = 4 x 64 (xt) + 32 masked x 68 + 128 (meta json) + 7 members x (512 + 128 + 256) = 8832 B
+    assert b["targets_1"].target_bytes == 2048 * 8832 == 18_087_936
 
 
 def test_targets_keep_false_budget_holds_one_round() -> None:
