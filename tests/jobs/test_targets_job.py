@@ -77,7 +77,7 @@ def test_clean_run_writes_a_complete_described_set(clean_run):
     assert m["data_digest"] == read_json(clean_run / "data" / "data.json")["digest"]
     # tiny: start_steps 64 -> the round-1 student samples 32 steps, the teacher steps (1 - eps) / 64
     assert m["student_steps"] == 32 and m["dt"] == pytest.approx((1 - 1e-5) / 64)
-    assert (m["codec"], m["k"], m["seq_len"], m["vocab_size"], m["tokenizer"]) == ("topk", 8, 64, 64, "synthetic")
+    assert (m["codec"], m["k"], m["seq_len"], m["vocab_size"], m["tokenizer"]) == ("topk_is", 8, 64, 64, "synthetic")
     assert m["totals"]["samples"] == 40 and len(m["shards"]) == 5
     samples = _samples(out)
     assert sorted(samples) == list(range(40))
