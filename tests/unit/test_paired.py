@@ -166,3 +166,18 @@ def test_the_control_continues_the_teachers_stream_with_its_own_noise():
     assert offset == 200  # 100 steps x 32 examples = 200 steps at 16: the next unseen example
     assert control.stage(cfg, True)[2] == 20 and seed != 3
     assert seed == control.control_noise_seed(3) != control.control_noise_seed(4)
+
+
+def test_gap_closed_is_left_out_when_the_teachers_gap_is_noise():
+    """(T_N - X_N) / (T_N - T_most) with a denominator within 2 SE of 0 would turn sampling noise into
+    shares of hundreds of percent: the comparison gives None instead (the report shows '-')."""
+    rng = np.random.default_rng(3)
+    n = 200
+    ent = 3.4 + 0.01 * rng.normal(size=n)
+    rows = [_row("teacher", 0, 64, 2.0 + rng.normal(size=n), ent),
+            _row("teacher", 0, 8, 2.01 + rng.normal(size=n), ent),
+            _row("student", 1, 8, 1.9 + rng.normal(size=n), ent)]
+    c = compare.compare_round(rows, 1, 8, target_entropy=None, control_round=None)
+    assert c["student_minus_teacher"] is not None and c["gap_closed_student"] is None
+    rows[1] = _row("teacher", 0, 8, 3.0 + rng.normal(size=n), ent)  # a real gap of 1 nat
+    assert compare.compare_round(rows, 1, 8, target_entropy=None, control_round=None)["gap_closed_student"] is not None

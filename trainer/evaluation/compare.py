@@ -46,6 +46,10 @@ def _diff(a: Est | None, b: Est | None) -> dict | None:
     return (a - b).as_dict() if a is not None and b is not None else None
 
 
+def _resolved(e: Est, z: float = 2.0) -> bool:
+    return bool(abs(e.value) >= z * e.se) if e.se == e.se else False
+
+
 def at_entropy(idx: dict, model: str, rnd: int, steps: int, target: float | None) -> paired.AtEntropy | None:
     """The model's NLL at entropy ``target`` from its temperature sweep at ``steps`` (None: no sweep)."""
     if target is None:
@@ -69,7 +73,9 @@ def compare_round(rows: Sequence[dict], rnd: int, steps: int, target_entropy: fl
                  "teacher_2n_nll": _d(t_2n),
                  "student_minus_teacher": _diff(s_n, t_n), "student_minus_control": _diff(s_n, c_n),
                  "control_minus_teacher": _diff(c_n, t_n), "student_minus_teacher_2n": _diff(s_n, t_2n)}
-    gap_ok = t_n is not None and t_most is not None and most != steps
+    # A share of the teacher's gap is only defined when that gap is measurably non-zero (2 paired SE):
+    # a near-zero denominator turns sampling noise into shares of hundreds of percent.
+    gap_ok = t_n is not None and t_most is not None and most != steps and _resolved(t_n - t_most)
     out["gap_closed_student"] = (paired.gap_closed(t_n, s_n, t_most).as_dict()
                                  if gap_ok and s_n is not None else None)
     out["gap_closed_control"] = (paired.gap_closed(t_n, c_n, t_most).as_dict()

@@ -216,7 +216,8 @@ def markdown(report: dict) -> str:
             if judged else "NLL in nats/token")
     lines += ["", f"{unit} (negative differences: the first model is better). Gap closed = "
               f"(T_N − X_N) / (T_N − T_{most}): the share of the teacher's cost of sampling in N instead of "
-              f"{most} steps that model X removes at N steps (0% = the teacher's, 100% = the teacher at {most}).",
+              f"{most} steps that model X removes at N steps (0% = the teacher's, 100% = the teacher at {most}; "
+              "'-' where the teacher's own gap is within 2 SE of 0).",
               ""]
     if report.get("data_entropy") is not None:
         lines += [f"## Quality at matched diversity: NLL at the data's entropy ({report['data_entropy']:.4f})", "",
