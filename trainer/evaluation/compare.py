@@ -14,6 +14,7 @@ token (log gen-PPL, ``paired.sample_nll``): the same comparisons in either unit.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from trainer.evaluation import paired
@@ -47,7 +48,8 @@ def _diff(a: Est | None, b: Est | None) -> dict | None:
 
 
 def _resolved(e: Est, z: float = 2.0) -> bool:
-    return bool(abs(e.value) >= z * e.se) if e.se == e.se else False
+    """The estimate is at least ``z`` standard errors from 0 (False when its SE is undefined)."""
+    return math.isfinite(e.se) and abs(e.value) >= z * e.se
 
 
 def at_entropy(idx: dict, model: str, rnd: int, steps: int, target: float | None) -> paired.AtEntropy | None:

@@ -334,7 +334,7 @@ class TextEvaluation:
                 row["mauve_samples"] = int(n_mauve)
         bound = elbo_bound(model, cfg, self.valid[:max(cfg.eval.elbo_rows, 1)], self.device, seed=cfg.eval.seed)
         return {"judge": self.judge.name if self.judge else None, "tokenizer": self.tokenizer.name,
-                "prefix_tokens": p, "reference": self.reference(), **bound}
+                "prefix_tokens": p, **bound}
 
     def reference(self) -> dict:
         """Held-out text as a model row ("data"): its sample entropy (the target of the report's

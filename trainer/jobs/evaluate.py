@@ -80,6 +80,8 @@ def main(argv=None) -> None:
     rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True,
                           sweep=sweep_plan(cfg, r, args.control))
     text_result = text.measure(model, rows) if text else {}
+    if text and r == 0 and not args.control:  # held-out text, scored once: the report reads the teacher's
+        text_result["reference"] = text.reference()
     samples_txt = []
     for row in rows:
         x = row.pop("_samples")
