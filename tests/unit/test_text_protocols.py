@@ -181,28 +181,39 @@ def test_sdtt_mauve_end_to_end(tmp_path, judge):
     continuations per prompt, MAUVE over seeds reported as mean and population std."""
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta"]
-    docs = [" ".join(rng.choice(words, 8)) for _ in range(12)]
+    docs = [" ".join(rng.choice(words, 8)) for _ in range(45)]
     prompts = _jsonl(tmp_path / "prompts.jsonl", docs)
     cfg = load_config(None, ["data.seq_len=16", "model.max_seq_len=16", "model.vocab_size=257",
                              "data.synthetic.vocab_size=257", "model.d_model=32", "model.n_layers=1",
                              "model.cond_dim=16", "eval.batch_size=8", "eval.mauve_protocol=sdtt",
-                             f"eval.mauve_prompts={prompts}", "eval.mauve_samples=10", "eval.mauve_prompt_tokens=6",
+                             f"eval.mauve_prompts={prompts}", "eval.mauve_samples=40", "eval.mauve_prompt_tokens=6",
                              "eval.mauve_gen_tokens=6", "eval.mauve_min_doc_tokens=12", "eval.mauve_continuations=3",
                              "eval.mauve_seeds=2", "eval.elbo_rows=4"])
     model = _random(DiT(cfg.model), scale=0.02)
-    docs_ids = MP.load_prompts(prompts, ByteTokenizer(), 10, 12, 12)
+    docs_ids = MP.load_prompts(prompts, ByteTokenizer(), 40, 12, 12)
     cont = T.conditioned_samples(model, cfg, docs_ids, 4, 6, 3, torch.device("cpu"), length=12)
-    assert cont.shape == (10, 12) and torch.equal(cont[:, :6], docs_ids[:, :6])
+    assert cont.shape == (40, 12) and torch.equal(cont[:, :6], docs_ids[:, :6])
     valid = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     ev = T.TextEvaluation(cfg, ByteTokenizer(), judge, valid, torch.device("cpu"))
     rows = [{"steps": 4, "temperature": 1.0, "_samples": valid[:2]}]
     out = ev.measure(model, rows)
     row = rows[0]
     assert out["mauve_protocol"] == "sdtt" and out["prefix_tokens"] == 6
-    assert row["mauve_protocol"] == "sdtt" and row["mauve_samples"] == 30
+    assert row["mauve_protocol"] == "sdtt" and row["mauve_samples"] == 120
     assert len(row["mauve_per_seed"]) == 2 and 0 < row["mauve"] <= 1
     assert row["mauve"] == pytest.approx(np.mean(row["mauve_per_seed"]))
     assert row["mauve_std"] == pytest.approx(np.std(row["mauve_per_seed"]))
+    # The compared sequences are the whole 12 tokens, prompt included, on both sides (SDTT
+    # run_eval.py:52-53): the 40 documents' first 12 tokens against the 3 x 40 continuations. (40
+    # prompts give MAUVE 4 buckets; with 2 its value hardly depends on the features.)
+    conts = torch.cat([T.conditioned_samples(model, cfg, docs_ids, 4, 6, cfg.eval.seed + 1 + k, torch.device("cpu"),
+                                             length=12) for k in range(3)])
+    again = MP.mauve_over_seeds(T.features_ids(judge, docs_ids.tolist()), T.features_ids(judge, conts.tolist()), 2, 5.0)
+    assert again["mauve_per_seed"] == pytest.approx(row["mauve_per_seed"], rel=1e-6)
+    assert row["mauve_per_seed"][0] != row["mauve_per_seed"][1]  # the seeds change MAUVE's quantisation
+    cut = MP.mauve_over_seeds(T.features_ids(judge, docs_ids[:, 6:].tolist()),
+                              T.features_ids(judge, conts[:, 6:].tolist()), 2, 5.0)
+    assert cut["mauve_per_seed"] != pytest.approx(row["mauve_per_seed"], rel=1e-3)  # without the prompt: another number
 
 
 def test_mauve_over_seeds_separates_sources(judge):

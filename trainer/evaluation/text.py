@@ -364,11 +364,11 @@ class TextEvaluation:
             else None
         return gen_ppl_text(self.judge, self.decode(samples), self.cfg.eval.batch_size, protocol, ids)
 
-    def _features(self, rows: torch.Tensor) -> np.ndarray:
-        """MAUVE features of rows of the model's ids: read as they are by a feature model of the same
-        vocabulary (SDTT), else decoded and retokenised."""
+    def _features(self, rows: torch.Tensor, as_ids: bool = False) -> np.ndarray:
+        """MAUVE features of rows of the model's ids: decoded and retokenised (the default protocol),
+        or with ``as_ids`` read as they are by a feature model of the same vocabulary (SDTT's)."""
         fm = self.feature_model
-        if same_vocabulary(self.tokenizer, fm.tokenizer):
+        if as_ids and same_vocabulary(self.tokenizer, fm.tokenizer):
             return features_ids(fm, rows.tolist(), self.cfg.eval.batch_size)
         return features(fm, self.decode(rows), self.cfg.eval.batch_size)
 
@@ -398,13 +398,13 @@ class TextEvaluation:
         total = ev.mauve_prompt_tokens + ev.mauve_gen_tokens
         docs = mauve_protocol.load_prompts(ev.mauve_prompts, self.tokenizer, ev.mauve_samples,
                                            ev.mauve_min_doc_tokens, total)
-        p_feats = self._features(docs)
+        p_feats = self._features(docs, as_ids=True)
         for row in rows:
             cont = torch.cat([conditioned_samples(model, self.cfg, docs, row["steps"], ev.mauve_prompt_tokens,
                                                   ev.seed + 1 + k, self.device, length=total,
                                                   temperature=float(row.get("temperature") or 1.0))
                               for k in range(ev.mauve_continuations)])
-            row.update(mauve_protocol.mauve_over_seeds(p_feats, self._features(cont), ev.mauve_seeds,
+            row.update(mauve_protocol.mauve_over_seeds(p_feats, self._features(cont, as_ids=True), ev.mauve_seeds,
                                                        ev.mauve_scaling),
                        mauve_samples=int(cont.shape[0]), mauve_protocol="sdtt")
 
