@@ -635,8 +635,10 @@ def _used(cfg: RunConfig, key: str) -> bool:
         return cfg.teacher.source == "import"
     if key == "eval.ar_path":
         return cfg.eval.judge == "ar"
-    if key in ("eval.mauve_prompts", "eval.mauve_features"):
+    if key == "eval.mauve_prompts":
         return cfg.eval.mauve_protocol == "sdtt" and cfg.eval.mauve_samples > 0
+    if key == "eval.mauve_features":
+        return cfg.eval.mauve_samples > 0
     if key == "data.tokenizer":
         return cfg.data.source != "synthetic"
     return True

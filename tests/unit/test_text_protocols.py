@@ -268,3 +268,40 @@ def test_lambada_accuracy_and_bound_by_hand(tmp_path):
         want = (1 - eps) * float(-logp[torch.tensor(target[:-1])].sum())
         assert got == pytest.approx(want, rel=0.08), (target, got, want)
     assert out["lambada_ppl"] == pytest.approx(math.exp(np.mean(out["lambada_nll_per_example"])), rel=1e-5)
+
+
+def test_protocol_files_are_resolved_at_submit_time(tmp_path):
+    """eval.lambada / eval.mauve_prompts are paths: made absolute against the submitting directory
+    and refused there, one line naming the key, when the run would read a missing file."""
+    from trainer.config import resolve_paths
+
+    (tmp_path / "lambada_test.jsonl").write_text('{"text": "a b"}\n')
+    cfg = load_config(None, ["eval.lambada=lambada_test.jsonl", "eval.mauve_protocol=sdtt",
+                             "eval.mauve_prompts=webtext.test.jsonl"])
+    out, problems = resolve_paths(cfg, tmp_path)
+    assert out.eval.lambada == str(tmp_path / "lambada_test.jsonl")
+    assert problems == [f"bad config key 'eval.mauve_prompts': 'webtext.test.jsonl' does not exist "
+                        f"(as {tmp_path / 'webtext.test.jsonl'})"]
+    heldout = load_config(None, ["eval.mauve_prompts=webtext.test.jsonl"])  # not read by the default protocol
+    assert resolve_paths(heldout, tmp_path)[1] == []
+
+
+def test_report_names_the_protocols_and_carries_lambada(tmp_path):
+    """The text section says which protocol scored gen-PPL and MAUVE; LAMBADA reaches the bound table
+    and the hparams summary."""
+    from trainer.evaluation import text_report
+
+    d = tmp_path / "teacher" / "eval"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({
+        "model": "teacher", "round": 0, "round_steps": 8, "judge": "gpt2-large", "tokenizer": "gpt2",
+        "gen_protocol": "mdlm", "mauve_protocol": "sdtt", "mauve_features": "gpt2-large", "prefix_tokens": 50,
+        "elbo_nll": 3.0, "elbo_nll_se": 0.1, "elbo_ppl": 20.0, "elbo_rows": 48, "lambada_acc": 0.4,
+        "lambada_ppl": 50.0,
+        "rows": [{"steps": 8, "gen_ppl": 50.0, "entropy": 5.6, "gen_entropy": 5.4, "mauve": 0.9, "mauve_std": 0.01,
+                  "judge_tokens": 100, "samples": 16}]}))
+    md = text_report.markdown_section(tmp_path, rounds=0)
+    assert "protocol `mdlm`" in md and "MDLM's and Duo's tokens" in md and "SDTT's protocol: 50-token prompts" in md
+    assert "lambada_acc" in md and "0.4000" in md and "gen_entropy" in md and "mauve_std" in md
+    final = text_report.final_metrics(tmp_path, rounds=0)
+    assert final["final/teacher/lambada_acc"] == 0.4 and final["final/teacher/gen_entropy"] == 5.4
