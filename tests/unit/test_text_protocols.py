@@ -305,3 +305,26 @@ def test_report_names_the_protocols_and_carries_lambada(tmp_path):
     assert "lambada_acc" in md and "0.4000" in md and "gen_entropy" in md and "mauve_std" in md
     final = text_report.final_metrics(tmp_path, rounds=0)
     assert final["final/teacher/lambada_acc"] == 0.4 and final["final/teacher/gen_entropy"] == 5.4
+
+
+def test_same_vocabulary_compares_what_ids_mean(tmp_path):
+    """Two folders holding the same BPE (one with a tokenizer_config.json, one without) share a
+    vocabulary; a BPE trained on other text does not, nor does the byte tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from trainer.data.tokenizers import HFTokenizer
+
+    def bpe(folder, corpus, config: bool):
+        folder.mkdir()
+        tok = ByteLevelBPETokenizer()
+        tok.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+        tok.save(str(folder / "tokenizer.json"))
+        if config:
+            (folder / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+        return HFTokenizer(folder)
+
+    text = ["the quick brown fox jumps over the lazy dog"] * 20
+    a, b = bpe(tmp_path / "a", text, True), bpe(tmp_path / "b", text, False)
+    other = bpe(tmp_path / "c", ["pack my box with five dozen liquor jugs, sphinx of black quartz"] * 20, True)
+    assert a.name != b.name and T.same_vocabulary(a, b)
+    assert not T.same_vocabulary(a, other) and not T.same_vocabulary(a, ByteTokenizer())

@@ -173,10 +173,15 @@ def retokenise(texts: Sequence[str], judge: TextJudge, cut_eos: bool = True) -> 
 
 
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
-    """Whether two tokenizers map text to the same ids: the same files (the content hash that ends a
-    ``HFTokenizer`` name; a byte tokenizer's name is its whole name), size and EOS."""
-    return (a.vocab_size == b.vocab_size and a.eos_id == b.eos_id
-            and a.name.rsplit("-", 1)[-1] == b.name.rsplit("-", 1)[-1])
+    """Whether an id means the same token to both tokenizers, so one's ids can be scored by a judge
+    of the other as they are: the same size and EOS, and the same files (the content hash that ends
+    a ``HFTokenizer`` name; a byte tokenizer's name is its whole name) or else every id decoding to
+    the same text (e.g. GPT-2's tokenizer saved in two folders with different config files)."""
+    if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id:
+        return False
+    if a.name.rsplit("-", 1)[-1] == b.name.rsplit("-", 1)[-1]:
+        return True
+    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
 
 
 def judge_sequences(judge: TextJudge, texts: Sequence[str], protocol: str,
@@ -334,6 +339,12 @@ class TextEvaluation:
         self.cfg, self.tokenizer, self.judge, self.device = cfg, tokenizer, judge, device
         self.valid = valid
         self.feature_model = feature_model or judge  # MAUVE's features: eval.mauve_features, else the judge
+        self._shared: dict[int, bool] = {}  # same_vocabulary per judge tokenizer, computed once
+
+    def _shares_vocabulary(self, other: Tokenizer) -> bool:
+        if id(other) not in self._shared:
+            self._shared[id(other)] = same_vocabulary(self.tokenizer, other)
+        return self._shared[id(other)]
 
     @classmethod
     def build(cls, cfg: RunConfig, run_dir: Path, device: torch.device) -> TextEvaluation:
@@ -360,15 +371,14 @@ class TextEvaluation:
         """``gen_ppl_text`` of the model's samples under ``eval.gen_ppl``; under ``sdtt`` a judge of
         the same vocabulary scores the sample ids as they are (SDTT's route)."""
         protocol = self.cfg.eval.gen_ppl
-        ids = samples.tolist() if protocol == "sdtt" and same_vocabulary(self.tokenizer, self.judge.tokenizer) \
-            else None
+        ids = samples.tolist() if protocol == "sdtt" and self._shares_vocabulary(self.judge.tokenizer) else None
         return gen_ppl_text(self.judge, self.decode(samples), self.cfg.eval.batch_size, protocol, ids)
 
     def _features(self, rows: torch.Tensor, as_ids: bool = False) -> np.ndarray:
         """MAUVE features of rows of the model's ids: decoded and retokenised (the default protocol),
         or with ``as_ids`` read as they are by a feature model of the same vocabulary (SDTT's)."""
         fm = self.feature_model
-        if as_ids and same_vocabulary(self.tokenizer, fm.tokenizer):
+        if as_ids and self._shares_vocabulary(fm.tokenizer):
             return features_ids(fm, rows.tolist(), self.cfg.eval.batch_size)
         return features(fm, self.decode(rows), self.cfg.eval.batch_size)
 
