@@ -328,3 +328,13 @@ def test_same_vocabulary_compares_what_ids_mean(tmp_path):
     other = bpe(tmp_path / "c", ["pack my box with five dozen liquor jugs, sphinx of black quartz"] * 20, True)
     assert a.name != b.name and T.same_vocabulary(a, b)
     assert not T.same_vocabulary(a, other) and not T.same_vocabulary(a, ByteTokenizer())
+
+
+def test_lambada_longer_than_the_context_is_one_clear_line(tmp_path):
+    cfg = load_config(None, ["data.seq_len=16", "model.max_seq_len=16", "model.vocab_size=257",
+                             "data.synthetic.vocab_size=257", "model.d_model=32", "model.n_layers=1",
+                             "model.cond_dim=16", f"eval.lambada={tmp_path / 'lambada_test.jsonl'}"])
+    _jsonl(tmp_path / "lambada_test.jsonl", ["a short one", "this passage is far too long for sixteen tokens"])
+    ev = T.TextEvaluation(cfg, ByteTokenizer(), None, torch.zeros(2, 16, dtype=torch.long), torch.device("cpu"))
+    with pytest.raises(JudgeError, match=r"eval.lambada: example 2 of .*lambada_test.jsonl is 49 tokens"):
+        ev.lambada(DiT(cfg.model))

@@ -426,6 +426,12 @@ class TextEvaluation:
         if not cfg.eval.lambada:
             return {}
         examples = lambada.load_examples(cfg.eval.lambada, self.tokenizer, getattr(self.tokenizer, "bos_id", None))
+        longest = max(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+        size = len(examples[longest][0]) + len(examples[longest][1])
+        if size > cfg.model.max_seq_len:
+            raise JudgeError(f"eval.lambada: example {longest + 1} of {cfg.eval.lambada} is {size} tokens with "
+                             f"[BOS] and [EOS], longer than the model's context "
+                             f"model.max_seq_len={cfg.model.max_seq_len}")
         return lambada.evaluate(model, examples, cfg.model.vocab_size, cfg.diffusion.noise_eps,
                                 cfg.diffusion.sampling_eps, cfg.model.time_conditioning, self.device,
                                 cfg.eval.lambada_t_samples, seed=cfg.eval.seed)
