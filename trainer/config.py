@@ -223,6 +223,32 @@ class EvalConfig:
     mauve_samples: int = 256
     prefix_tokens: int = 0
     elbo_rows: int = 512
+    # Which judge tokens gen-PPL scores (trainer/evaluation/protocols.py): mdlm (MDLM's and Duo's
+    # mask: every non-EOS token and the first EOS, positions 1..T-1 of the whole retokenised sample),
+    # sdtt (every position 1..T-1; the sample's own ids when the judge shares its vocabulary) or
+    # first_doc (up to the first EOS, this project's rule before issue 18).
+    gen_ppl: str = "mdlm"
+    # MAUVE's protocol: "heldout" (the cheap default above: continuations of held-out rows after
+    # prefix_tokens, one per row, compared without the prefix) or "sdtt" (SDTT's: prompts from the
+    # local jsonl mauve_prompts (a 'text' field, e.g. GPT-2's webtext.test.jsonl), documents of at
+    # least mauve_min_doc_tokens tokens, the first mauve_samples of them, mauve_prompt_tokens
+    # clamped + mauve_gen_tokens sampled, mauve_continuations per prompt, prefix included in the
+    # compared text, MAUVE with seeds 1..mauve_seeds and scaling mauve_scaling, reported as mean and
+    # std over seeds; features from the local causal LM at mauve_features, "" = the judge).
+    mauve_protocol: str = "heldout"
+    mauve_prompts: str = ""
+    mauve_prompt_tokens: int = 50
+    mauve_gen_tokens: int = 50
+    mauve_min_doc_tokens: int = 1024
+    mauve_continuations: int = 5
+    mauve_seeds: int = 5
+    mauve_scaling: float = 5.0
+    mauve_features: str = ""
+    # LAMBADA zero-shot as SDTT computes it (trainer/evaluation/lambada.py): a local jsonl with a
+    # 'text' field (openai's lambada_test.jsonl); "" = off. lambada_t_samples: noise levels per
+    # example of its likelihood bound (SDTT: 32).
+    lambada: str = ""
+    lambada_t_samples: int = 32
 
 
 @dataclass
@@ -490,6 +516,21 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
            f"must be in [0, data.seq_len={d.seq_len}) (0 = a quarter of the row)")
     _check(ev.elbo_rows >= 1, source, "eval.elbo_rows", "must be positive")
+    _choice(ev.gen_ppl, ("mdlm", "sdtt", "first_doc"), source, "eval.gen_ppl")
+    _choice(ev.mauve_protocol, ("heldout", "sdtt"), source, "eval.mauve_protocol")
+    if ev.mauve_protocol == "sdtt" and ev.mauve_samples > 0:
+        _check(bool(ev.mauve_prompts), source, "eval.mauve_prompts",
+               "eval.mauve_protocol=sdtt needs a local jsonl of prompts (a 'text' field per line, e.g. "
+               "GPT-2's webtext.test.jsonl)")
+        for key in ("mauve_prompt_tokens", "mauve_gen_tokens", "mauve_continuations", "mauve_seeds"):
+            _check(getattr(ev, key) >= 1, source, f"eval.{key}", "must be positive")
+        _check(ev.mauve_prompt_tokens + ev.mauve_gen_tokens <= m.max_seq_len, source, "eval.mauve_gen_tokens",
+               f"prompt + generated tokens ({ev.mauve_prompt_tokens} + {ev.mauve_gen_tokens}) exceed the "
+               f"model's context model.max_seq_len={m.max_seq_len}")
+        _check(ev.mauve_min_doc_tokens >= ev.mauve_prompt_tokens + ev.mauve_gen_tokens, source,
+               "eval.mauve_min_doc_tokens", "must be at least mauve_prompt_tokens + mauve_gen_tokens")
+        _check(ev.mauve_scaling > 0, source, "eval.mauve_scaling", "must be positive")
+    _check(ev.lambada_t_samples >= 1, source, "eval.lambada_t_samples", "must be positive")
     _check(ev.judge != "ar" or bool(ev.ar_path) or cfg.teacher.train_ar, source, "eval.judge",
            "eval.judge=ar needs the AR model: set teacher.train_ar=true (the pipeline trains it into "
            "<run>/ar) or eval.ar_path to an AR export")
@@ -571,6 +612,9 @@ PATH_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "teacher.import_path": ("path", ("",)),
     "eval.judge": ("name", ("", "ar")),
     "eval.ar_path": ("path", ("",)),
+    "eval.mauve_prompts": ("path", ("",)),
+    "eval.mauve_features": ("path", ("",)),
+    "eval.lambada": ("path", ("",)),
 }
 
 
@@ -591,6 +635,10 @@ def _used(cfg: RunConfig, key: str) -> bool:
         return cfg.teacher.source == "import"
     if key == "eval.ar_path":
         return cfg.eval.judge == "ar"
+    if key == "eval.mauve_prompts":
+        return cfg.eval.mauve_protocol == "sdtt" and cfg.eval.mauve_samples > 0
+    if key == "eval.mauve_features":
+        return cfg.eval.mauve_samples > 0
     if key == "data.tokenizer":
         return cfg.data.source != "synthetic"
     return True

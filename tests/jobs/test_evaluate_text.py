@@ -33,9 +33,13 @@ def test_text_evaluation(tmp_path):
     corpus.mkdir()
     for i in range(40):
         (corpus / f"{i}.txt").write_text(f"Document {i}: the quick brown fox jumps over the lazy dog. " * 3)
+    lambada = tmp_path / "lambada_test.jsonl"
+    lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the quick brown fox", "over the lazy dog",
+                                                                          "Document 3: the")))
     run = tmp_path / "run"
     cfg = load_config(None, [*OVERRIDES, f"data.paths=[{corpus}/*.txt]", "eval.judge=ar",
-                             f"eval.ar_path={tmp_path / 'ar' / 'export'}"])
+                             f"eval.ar_path={tmp_path / 'ar' / 'export'}", f"eval.lambada={lambada}",
+                             "eval.lambada_t_samples=4"])
     save_config(cfg, run / "config.yaml")
     prepare_data(cfg.data, run / "data")
     _random_export(run / "teacher" / "export", cfg, causal=False, seed=0)
@@ -45,9 +49,12 @@ def test_text_evaluation(tmp_path):
     assert m["judge"] == "ar" and m["tokenizer"] == "byte" and m["prefix_tokens"] == 8
     assert 0 < m["elbo_nll"] < 2 * math.log(257) and m["elbo_rows"] == 48
     assert [r["steps"] for r in m["rows"]] == [4, 8]
+    assert m["gen_protocol"] == "mdlm" and m["mauve_protocol"] == "heldout"  # the defaults
+    assert m["lambada_examples"] == 3 and 0 <= m["lambada_acc"] <= 1 and m["lambada_ppl"] > 1
     for row in m["rows"]:
         assert row["gen_ppl"] > 1 and row["judge_tokens"] > 0 and 0 <= row["mauve"] <= 1
-        assert row["entropy"] > 0 and row["mauve_samples"] == 40
+        assert row["entropy"] > 0 and row["gen_entropy"] > 0 and row["mauve_samples"] == 40
+        assert row["samples"] == 16 and row["gen_protocol"] == "mdlm"  # eval.num_samples
     samples = (run / "teacher" / "eval" / "samples.txt").read_text()
     assert "# teacher round 0, 4 steps" in samples and not any(
         line.split() and all(w.isdigit() for w in line.split()) for line in samples.splitlines())

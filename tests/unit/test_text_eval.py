@@ -42,9 +42,9 @@ def _direct_nll(judge: T.OwnARTextJudge, ids: list[int]) -> float:
     return float(-logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
 
 
-def test_gen_ppl_scores_up_to_the_first_eos(judge):
+def test_first_doc_gen_ppl_scores_up_to_the_first_eos(judge):
     texts = ["hello world<|endoftext|>ignored tail", "ab", "<|endoftext|>a much longer sample than the others"]
-    got = T.gen_ppl_text(judge, texts, batch_size=2)  # padding inside batches
+    got = T.gen_ppl_text(judge, texts, batch_size=2, protocol="first_doc")  # padding inside batches
     tok = ByteTokenizer()
     seqs = [[*tok.encode("hello world"), EOS], tok.encode(texts[1]), tok.encode(texts[2])]
     # The third starts with the row's BOS: read as context, not scored.
@@ -54,7 +54,8 @@ def test_gen_ppl_scores_up_to_the_first_eos(judge):
     assert got["judge_tokens"] == n
     assert got["gen_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)  # float32 forwards, batched or not
     # What follows the first EOS changes nothing.
-    other = T.gen_ppl_text(judge, ["hello world<|endoftext|>something else entirely", *texts[1:]])
+    other = T.gen_ppl_text(judge, ["hello world<|endoftext|>something else entirely", *texts[1:]],
+                           protocol="first_doc")
     assert other["gen_ppl"] == pytest.approx(got["gen_ppl"], rel=1e-5)
 
 
@@ -115,7 +116,7 @@ def test_hf_judge_skips_the_first_token(tmp_path):
     texts = ["the lazy fox<|endoftext|>tail", "pack my box"]
     seqs = T.retokenise(texts, judge)
     assert seqs[0][-1] == judge.tokenizer.eos_id and judge.tokenizer.eos_id not in seqs[1]
-    got = T.gen_ppl_text(judge, texts)
+    got = T.gen_ppl_text(judge, texts, protocol="first_doc")
     assert got["judge_tokens"] == sum(len(s) - 1 for s in seqs)
     nll = 0.0
     for s in seqs:
@@ -170,12 +171,12 @@ def test_report_text_section_and_hparams(tmp_path):
 
 def test_per_sample_scores_add_up_to_gen_ppl(judge):
     texts = ["hello world<|endoftext|>tail", "ab", "<|endoftext|>a longer sample"]
-    got = T.gen_ppl_text(judge, texts, batch_size=2)
+    got = T.gen_ppl_text(judge, texts, batch_size=2, protocol="first_doc")
     sums, counts = np.array(got["gen_nll_sum_per_sample"]), np.array(got["judge_tokens_per_sample"])
     assert counts.tolist() == [12, 2, len("a longer sample")]  # BOS context unscored, tail after EOS dropped
     assert got["judge_tokens"] == counts.sum()
     assert got["gen_nll"] == pytest.approx(sums.sum() / counts.sum(), rel=1e-7)  # sums kept to 6 decimals
-    alone = T.gen_ppl_text(judge, texts[1:2])  # a sample's score does not depend on its batch
+    alone = T.gen_ppl_text(judge, texts[1:2], protocol="first_doc")  # a sample's score does not depend on its batch
     assert alone["gen_nll_sum_per_sample"][0] == pytest.approx(sums[1], rel=1e-5)
 
 

@@ -189,8 +189,8 @@ def markdown(report: dict) -> str:
                   f"matched-diversity reads below), bigram KL {_num(ref.get('bigram_kl'), 4)} "
                   "(its floor at the evaluation's sample count).", ""]
     elif ref:
-        scored = (f"judge NLL {ref['gen_nll']:.4f} (gen-PPL {ref['gen_ppl']:.1f}), " if ref.get("gen_nll") is not None
-                  else "")
+        scored = (f"judge NLL {ref['gen_nll']:.4f} (gen-PPL {ref['gen_ppl']:.1f}, protocol "
+                  f"`{ref.get('gen_protocol') or 'first_doc'}`), " if ref.get("gen_nll") is not None else "")
         lines += [f"Reference row, {ref['samples']} held-out text rows: {scored}sample entropy "
                   f"**{ref['entropy']:.4f}** (the data's entropy, the target of the matched-diversity reads below).",
                   ""]

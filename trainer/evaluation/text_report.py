@@ -1,9 +1,9 @@
 """The text part of the pipeline's report, and the run's TensorBoard hparams summary.
 
 Reads the evaluations' metrics.json (written by trainer.jobs.evaluate; text runs carry the fields of
-trainer/evaluation/text.py) and gives: a markdown section (retokenised gen-PPL, entropy and MAUVE per
-model and step count, the likelihood bound per model), and the final metrics an hparams summary shows
-(each model at its own step count).
+trainer/evaluation/text.py) and gives: a markdown section (gen-PPL under its named protocol, both
+entropies and MAUVE per model and step count, the likelihood bound and LAMBADA per model), and the
+final metrics an hparams summary shows (each model at its own step count).
 """
 from __future__ import annotations
 
@@ -14,7 +14,23 @@ from pathlib import Path
 from trainer.config import RunConfig
 from trainer.evaluation.sweep import format_table
 
-TEXT_KEYS = ("model", "round", "steps", "temperature", "gen_ppl", "entropy", "mauve", "judge_tokens", "samples")
+TEXT_KEYS = ("model", "round", "steps", "temperature", "gen_ppl", "entropy", "gen_entropy", "mauve", "mauve_std",
+             "judge_tokens", "samples")
+
+# What each gen-PPL protocol scores (trainer/evaluation/protocols.py), for the report's reader.
+GEN_PPL_WORDS = {
+    "mdlm": "MDLM's and Duo's tokens (every non-EOS token of the whole retokenised sample and its first EOS, "
+            "positions 1..T-1), per token over all samples",
+    "sdtt": "SDTT's tokens (every position 1..T-1 of the sample), each sample's mean NLL then the mean",
+    "first_doc": "the retokenised sample up to and including its first EOS (this project's rule before "
+                 "issue 18; not the field's)",
+}
+MAUVE_WORDS = {
+    "heldout": "continuations of the first {p} tokens of held-out rows against the held-out continuations "
+               "(prefix removed), one MAUVE seed",
+    "sdtt": "SDTT's protocol: {p}-token prompts from eval.mauve_prompts, continuations per prompt, the prompt "
+            "included, mean and std over MAUVE seeds",
+}
 
 
 def _evals(run_dir: Path, rounds: int, control: bool) -> list[dict]:
@@ -30,22 +46,27 @@ def markdown_section(run_dir: Path, rounds: int, control: bool = False) -> str:
     evals = [ev for ev in _evals(run_dir, rounds, control) if "elbo_nll" in ev]
     if not evals:
         return ""
-    judge = evals[0].get("judge") or "none (eval.judge unset: no gen-PPL, no MAUVE)"
+    first = evals[0]
+    judge = first.get("judge") or "none (eval.judge unset: no gen-PPL, no MAUVE)"
+    protocol = first.get("gen_protocol") or "first_doc"  # evaluations written before the key scored first_doc
+    mauve = MAUVE_WORDS[first.get("mauve_protocol") or "heldout"].format(p=first.get("prefix_tokens"))
     rows = [{k: row.get(k) for k in TEXT_KEYS} for ev in evals for row in ev["rows"]]
     own = [{k: row.get(k) for k in TEXT_KEYS} for ev in evals for row in ev["rows"]
            if row["steps"] == ev["round_steps"]]
     bound = [{"model": ev["model"], "round": ev["round"], "elbo_nll": ev["elbo_nll"], "elbo_nll_se": ev["elbo_nll_se"],
-              "elbo_ppl": ev["elbo_ppl"], "rows": ev["elbo_rows"]} for ev in evals]
+              "elbo_ppl": ev["elbo_ppl"], "rows": ev["elbo_rows"], "lambada_acc": ev.get("lambada_acc"),
+              "lambada_ppl": ev.get("lambada_ppl")} for ev in evals]
     return "\n".join([
         "## Text, in the field's protocol", "",
-        f"Judge: {judge}; tokenizer {evals[0].get('tokenizer')}. gen-PPL: samples decoded, retokenised with the "
-        "judge's tokenizer, scored up to their first EOS; entropy: of each sample's token histogram (nats); "
-        f"MAUVE: continuations of the first {evals[0].get('prefix_tokens')} tokens of held-out rows against "
-        "the held-out continuations, judge features (trainer/evaluation/text.py).", "",
+        f"Judge: {judge}; tokenizer {first.get('tokenizer')}. gen-PPL (protocol `{protocol}`): samples decoded "
+        f"and scored by the judge on {GEN_PPL_WORDS[protocol]}; entropy: of each whole sample's token histogram "
+        "(nats, the field's); gen_entropy: the same over the tokens gen-PPL scored; "
+        f"MAUVE (features: {first.get('mauve_features') or judge}): {mauve} (trainer/evaluation/text.py).", "",
         "### Each model at its own step count", "", "```",
         format_table(own, TEXT_KEYS), "```", "",
-        "### Likelihood bound on held-out rows (MDLM's ELBO, nats/token)", "", "```",
-        format_table(bound, ("model", "round", "elbo_nll", "elbo_nll_se", "elbo_ppl", "rows")), "```", "",
+        "### Likelihood bound on held-out rows (MDLM's ELBO, nats/token); LAMBADA as SDTT computes it", "",
+        "```", format_table(bound, ("model", "round", "elbo_nll", "elbo_nll_se", "elbo_ppl", "rows", "lambada_acc",
+                                    "lambada_ppl")), "```", "",
         "### Every step count", "", "```", format_table(rows, TEXT_KEYS), "```", ""])
 
 
@@ -58,11 +79,12 @@ def final_metrics(run_dir: Path, rounds: int, control: bool = False) -> dict[str
         for row in ev["rows"]:
             if row["steps"] != ev["round_steps"]:
                 continue
-            for key in ("nll", "gen_ppl", "entropy", "mauve", "bigram_kl"):
+            for key in ("nll", "gen_ppl", "entropy", "gen_entropy", "mauve", "bigram_kl"):
                 if row.get(key) is not None:
                     out[f"final/{name}/{key}"] = float(row[key])
-        if ev.get("elbo_nll") is not None:
-            out[f"final/{name}/elbo_nll"] = float(ev["elbo_nll"])
+        for key in ("elbo_nll", "lambada_acc", "lambada_ppl"):
+            if ev.get(key) is not None:
+                out[f"final/{name}/{key}"] = float(ev[key])
     return out
 
 
