@@ -67,22 +67,50 @@ def test_rows_do_not_depend_on_the_number_of_workers(tmp_path):
     assert digests[0] == digests[1]
 
 
-def test_wrapped_rows_are_mdlms(tmp_path):
+def mdlm_wrapped_rows(token_docs: list[list[int]], seq_len: int, bos: int, eos: int) -> list[list[int]]:
+    """MDLM's wrapped rows, stated from its code (kuleshov-group/mdlm dataloader.py; SDTT's
+    legacy_dataloader.py is the same file): each document's ids + [EOS] (:427-428, no BOS);
+    ``datasets.map(batched=True)`` hands ``_group_texts`` 1000 documents at a time (:469-482, the
+    default batch_size); each group is concatenated, cut to a multiple of L - 2 (the remainder
+    dropped) and every chunk becomes [BOS] chunk [EOS] (:277-300)."""
+    rows = []
+    for g in range(0, len(token_docs), 1000):
+        stream = [t for doc in token_docs[g:g + 1000] for t in doc + [eos]]
+        usable = len(stream) // (seq_len - 2) * (seq_len - 2)
+        rows += [[bos] + stream[i:i + seq_len - 2] + [eos] for i in range(0, usable, seq_len - 2)]
+    return rows
+
+
+def test_wrapped_rows_are_mdlms_token_for_token(tmp_path):
+    """Documents of known lengths, across two of MDLM's 1000-document groups in training and one
+    more in the held-out part: our rows equal MDLM's grouping, row by row, with 1 or 2 workers."""
+    lengths = [(7 * i) % 23 + 1 for i in range(2600)]
+    docs = [chr(ord("a") + i % 26) * n for i, n in enumerate(lengths)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tok = ByteTokenizer()
-    cfg = DataConfig(source="text", paths=[str(_write_all_formats(tmp_path / "c") / "c.jsonl")], seq_len=12,
-                     num_train_sequences=0, num_valid_sequences=2, wrap=True, workers=1)
-    out = prepare_data(cfg, tmp_path / "d")
-    rows = np.concatenate([load_split(out, "train"), load_split(out, "valid")])
-    assert (rows[:, 0] == tok.eos_id).all() and (rows[:, -1] == tok.eos_id).all()  # byte BOS = EOS
-    stream = np.concatenate([[tok.eos_id, *tok.encode(d), tok.eos_id] for d in DOCS])
-    n = stream.size // 10
-    expected = stream[:n * 10].reshape(n, 10)
-    assert sorted(map(tuple, rows[:, 1:-1].tolist())) == sorted(map(tuple, expected.tolist()))
-    info = load_data_info(out)
-    assert info["wrap"] is True and info["bos_id"] == tok.eos_id
+    ids = [tok.encode(d) for d in docs]
+    assert [len(x) for x in ids] == lengths
+    L, held = 16, 600
+    train_rows = mdlm_wrapped_rows(ids[:-held], L, bos=tok.eos_id, eos=tok.eos_id)  # byte BOS = EOS, as GPT-2
+    valid_rows = mdlm_wrapped_rows(ids[-held:], L, bos=tok.eos_id, eos=tok.eos_id)
+    # The group boundary matters: one stream over the training documents would give other rows.
+    one_stream = mdlm_wrapped_rows([[t for d in ids[:-held] for t in d + [256]][:-1]], L, 256, 256)
+    assert one_stream[:10] == train_rows[:10] and one_stream != train_rows
+    digests = set()
+    for workers in (1, 2):
+        cfg = DataConfig(source="text", paths=[str(tmp_path / "c.jsonl")], seq_len=L, wrap=True, workers=workers,
+                         num_train_sequences=0, valid_docs=held, num_valid_sequences=len(valid_rows))
+        out = prepare_data(cfg, tmp_path / f"w{workers}")
+        assert load_split(out, "train").tolist() == train_rows
+        assert load_split(out, "valid").tolist() == valid_rows  # every held-out row, in order
+        info = load_data_info(out)
+        assert info["wrap"] is True and info["bos_id"] == tok.eos_id and info["num_docs"] == len(docs)
+        assert (info["train_docs"], info["valid_docs"]) == (len(docs) - held, held)
+        digests.add(info["digest"])
+    assert len(digests) == 1
     # The wrap is an input: the same folder refuses unwrapped data.
     with pytest.raises(DataError, match="changed: wrap"):
-        prepare_data(DataConfig(**{**cfg.__dict__, "wrap": False}), tmp_path / "d")
+        prepare_data(DataConfig(**{**cfg.__dict__, "wrap": False}), tmp_path / "w2")
 
 
 def test_packer_and_dtype():
@@ -93,7 +121,11 @@ def test_packer_and_dtype():
     assert p.carry.tolist() == [5]
     with pytest.raises(ValueError, match="seq_len=2"):
         Packer(2, 0, 0, wrap=True)
-    assert encode_docs(ByteTokenizer(), ["a", "b"], wrap=True).tolist() == [256, 97, 256, 256, 98, 256]
+    assert encode_docs(ByteTokenizer(), ["a", "b"]).tolist() == [97, 256, 98, 256]  # no BOS per document
+    g = Packer(5, eos=9, bos=8, wrap=True)
+    assert g.add(np.array([1, 2, 3, 4], dtype=np.int32)).tolist() == [[8, 1, 2, 3, 9]]
+    g.end_group()  # the group's partial chunk [4] is dropped, as MDLM drops each group's remainder
+    assert g.add(np.array([5, 6, 7], dtype=np.int32)).tolist() == [[8, 5, 6, 7, 9]]
 
 
 def test_capped_packing_stops_reading(tmp_path):
@@ -130,6 +162,7 @@ def test_wrapping_uses_the_tokenizers_bos(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "bos_token": "<s>"}')
     tok = HFTokenizer(tmp_path)
     assert (tok.eos_id, tok.bos_id, bos_id(tok)) == (0, 1, 1)
-    assert encode_docs(tok, ["ab"], wrap=True).tolist()[::len(tok.encode("ab")) + 1] == [1, 0]
+    rows = list(pack_stream(["ab"] * 8, str(tmp_path), tok, seq_len=len(tok.encode("ab")) + 3, wrap=True))
+    assert rows and all(r[0] == 1 and r[-1] == 0 for r in np.concatenate(rows))  # [<s>] ... [<|endoftext|>]
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     assert bos_id(HFTokenizer(tmp_path)) == 0  # no BOS named: EOS, as GPT-2
