@@ -166,3 +166,101 @@ def test_wrapping_uses_the_tokenizers_bos(tmp_path):
     assert rows and all(r[0] == 1 and r[-1] == 0 for r in np.concatenate(rows))  # [<s>] ... [<|endoftext|>]
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     assert bos_id(HFTokenizer(tmp_path)) == 0  # no BOS named: EOS, as GPT-2
+
+
+def _doc(i: int, rng: np.random.Generator) -> str:
+    """A document whose words all name it (w<i>x<j>), so a row's text tells which documents it holds."""
+    return " ".join(f"w{i}x{j}" for j in range(int(rng.integers(3, 40)))) + ("." if i % 3 else ".\n")
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_held_out_documents_never_reach_training_rows(tmp_path, wrap):
+    """data.valid_docs / data.test_docs on a real BPE tokenizer: no training row holds any text of
+    the last documents; validation rows come only from the valid part, test rows from the test part."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tools.train_tokenizer import train_on_documents
+    from trainer.data.tokenizers import load_tokenizer
+
+    rng = np.random.default_rng(0)
+    docs = [_doc(i, rng) for i in range(400)]
+    (tmp_path / "corpus").mkdir()
+    for k in range(2):  # two files: the holdout is the last documents of the whole corpus, in glob order
+        pq.write_table(pa.table({"text": docs[k * 200:(k + 1) * 200]}), tmp_path / "corpus" / f"part-{k}.parquet")
+    tok_dir = train_on_documents(docs, tmp_path / "tok", 400)
+    tok = load_tokenizer(str(tok_dir))
+    cfg = DataConfig(source="text", paths=[str(tmp_path / "corpus" / "*.parquet")], tokenizer=str(tok_dir),
+                     seq_len=24, wrap=wrap, num_train_sequences=0, num_valid_sequences=20, valid_docs=60,
+                     test_docs=25, workers=1, seed=3)
+    out = prepare_data(cfg, tmp_path / "d")
+
+    def doc_ids(split: str) -> set[int]:
+        """The documents whose words appear in some row of the split (each row decoded on its own:
+        a w<i>x match inside one row is a whole word of document i)."""
+        return {int(m) for row in load_split(out, split) for m in re.findall(r"w(\d+)x", tok.decode(row.tolist()))}
+
+    train, valid, test = doc_ids("train"), doc_ids("valid"), doc_ids("test")
+    assert train <= set(range(315)) and len(train) > 300  # no held-out document's text in a training row
+    assert valid and valid <= set(range(315, 375))
+    assert test <= set(range(375, 400)) and len(test) > 20
+    info = load_data_info(out)
+    assert (info["num_docs"], info["train_docs"], info["valid_docs"], info["test_docs"]) == (400, 315, 60, 25)
+    assert info["num_valid"] == 20 and load_split(out, "test").shape[0] == info["num_test"] > 0
+    # More validation rows than the held-out documents give, or nothing left to train on: one line.
+    with pytest.raises(DataError, match=r"data\.valid_docs: the 60 held-out documents .* fewer than "
+                                        r"data\.num_valid_sequences=100000"):
+        prepare_data(DataConfig(**{**cfg.__dict__, "num_valid_sequences": 100000}), tmp_path / "e")
+    with pytest.raises(DataError, match=r"data\.valid_docs: .* 400 documents, not more than the 400 held out"):
+        prepare_data(DataConfig(**{**cfg.__dict__, "valid_docs": 375}), tmp_path / "f")
+
+
+def test_documents_are_counted_and_a_short_corpus_is_refused(tmp_path, capsys):
+    """data.expect_docs: prepare counts documents first (metadata for parquet/arrow/save_to_disk,
+    one read for jsonl), refuses a corpus below it in one line naming the likely partial conversion,
+    writes nothing; the count is recorded in data.json."""
+    from trainer.data.corpus import count_documents
+    from trainer.jobs import prepare as prepare_job
+    from trainer.jobs.common import entry
+
+    root = _write_all_formats(tmp_path / "c")
+    (root / "blank-lines.jsonl").write_text(json.dumps({"text": "a"}) + "\n\n  \n" + json.dumps({"text": "b"}) + "\n")
+    for name in ("c.jsonl", "c.parquet", "file.arrow", "saved", "dict", "saved/*.arrow", "*.txt", "blank-lines.jsonl"):
+        cfg = DataConfig(source="text", paths=[str(root / name)])
+        assert count_documents(cfg) == len(list(iter_text_documents(expand_paths(cfg.paths), "text"))), name
+    assert count_documents(DataConfig(source="text", paths=[str(root / "c.parquet"), str(root / "one.txt")])) == 51
+
+    cfg = DataConfig(source="text", paths=[str(root / "c.parquet")], seq_len=8, num_train_sequences=0,
+                     num_valid_sequences=4, expect_docs=len(DOCS) + 1)
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg, tmp_path / "short")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("data.expect_docs: ")
+    assert f"holds {len(DOCS)} documents, fewer than the {len(DOCS) + 1} expected" in msg and "partial" in msg
+    assert not (tmp_path / "short" / "data.json").exists() and not list((tmp_path / "short").glob("*.npy"))
+    # Through the job: exit 2 and that one line.
+    capsys.readouterr()  # (datasets' save_to_disk progress above)
+    run = tmp_path / "run"
+    argv = ["--run-dir", str(run), "data.source=text", f"data.paths=[{root / 'c.parquet'}]", "data.seq_len=8",
+            "model.max_seq_len=8", "data.num_train_sequences=0", "data.num_valid_sequences=4", "model.vocab_size=257"]
+    with pytest.raises(SystemExit) as exit_:
+        entry(lambda: prepare_job.main(argv + ["data.expect_docs=8013769"]))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "8,013,769 expected" in err[0] and "partial" in err[0]
+    # Enough documents: prepared, with the count recorded.
+    info = load_data_info(prepare_data(DataConfig(**{**cfg.__dict__, "expect_docs": len(DOCS)}), tmp_path / "ok"))
+    assert info["num_docs"] == len(DOCS) and info["holdout"].startswith("none")
+
+
+def test_holdout_keys_are_validated():
+    from trainer.config import ConfigError, load_config
+
+    for overrides, key in ((["data.valid_docs=-1"], "data.valid_docs"),
+                           (["data.valid_docs=10"], "data.valid_docs"),  # tiny.yaml's source is synthetic
+                           (["data.source=text", "data.paths=[x]", "data.test_docs=5"], "data.test_docs"),
+                           (["data.source=text", "data.paths=[x]", "data.expect_docs=-3"], "data.expect_docs")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config("configs/tiny.yaml", overrides)
