@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from trainer.config import DataConfig, SyntheticConfig
+from trainer.data.packing import pack_stream
 from trainer.data.prepared import (
     DataError,
     MarkovSource,
@@ -23,7 +24,6 @@ from trainer.data.prepared import (
     prepare_data,
     split_indices,
 )
-from trainer.data.packing import pack_stream
 from trainer.data.synthetic import _period
 from trainer.data.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer
 from trainer.jobs import prepare as prepare_job
