@@ -255,12 +255,20 @@ def test_documents_are_counted_and_a_short_corpus_is_refused(tmp_path, capsys):
     assert info["num_docs"] == len(DOCS) and info["holdout"].startswith("none")
 
 
-def test_holdout_keys_are_validated():
+def test_holdout_keys_are_validated(tmp_path):
     from trainer.config import ConfigError, load_config
 
     for overrides, key in ((["data.valid_docs=-1"], "data.valid_docs"),
-                           (["data.valid_docs=10"], "data.valid_docs"),  # tiny.yaml's source is synthetic
                            (["data.source=text", "data.paths=[x]", "data.test_docs=5"], "data.test_docs"),
                            (["data.source=text", "data.paths=[x]", "data.expect_docs=-3"], "data.expect_docs")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config("configs/tiny.yaml", overrides)
+    # An OWT config switched to the synthetic source (tools/gpu_check.py does): the corpus keys are
+    # ignored, as data.paths is, and the synthetic rows are the same as without them.
+    cfg = load_config("configs/small.yaml", ["data.source=synthetic", "data.synthetic.vocab_size=50257",
+                                             "data.seq_len=16", "data.num_train_sequences=64",
+                                             "data.num_valid_sequences=8"])
+    assert (cfg.data.valid_docs, cfg.data.expect_docs) == (100000, 8013769)
+    plain = DataConfig(**{**cfg.data.__dict__, "valid_docs": 0, "expect_docs": 0})
+    assert load_data_info(prepare_data(cfg.data, tmp_path / "a"))["digest"] == \
+        load_data_info(prepare_data(plain, tmp_path / "b"))["digest"]
