@@ -73,11 +73,19 @@ class DataConfig:
     hf_split: str = "train"
     hf_revision: str = ""  # a hub branch/tag/commit, e.g. refs/convert/parquet (the hub's parquet conversion)
     num_train_sequences: int = 20000  # synthetic: how many to draw; text: cap (0 = all)
+    # valid.npy's rows: with valid_docs, a seeded sample of the held-out documents' rows; without,
+    # random packed rows of the whole corpus (which share documents with training rows).
     num_valid_sequences: int = 512
+    # Document-level holdout (text and hf sources; trainer/data/prepared.py): the last test_docs
+    # documents form test.npy, the valid_docs before them valid.npy, training sees only the rest.
+    # MDLM on OpenWebText: valid_docs=100000 (train[-100000:]); SDTT's new loader: 75000 + 25000.
+    valid_docs: int = 0  # 0 = no holdout: validation rows are random packed rows (see above)
+    test_docs: int = 0
+    expect_docs: int = 0  # refuse a corpus with fewer documents (e.g. a partial download); 0 = no check
     seed: int = 0  # split / ordering seed
     cache_dir: str = ""  # where prepared token data lives; "" = <run>/data
-    # MDLM's row wrapping: every document [BOS] doc [EOS], every row [BOS] ... [EOS] (mdlm-owt's
-    # training data); off: documents joined by EOS and cut anywhere (trainer/data/packing.py).
+    # Every document is followed by EOS. wrap: MDLM's rows, [BOS] + L-2 tokens of that stream + [EOS]
+    # (mdlm-owt's training data); off: the stream cut into rows of L anywhere (trainer/data/packing.py).
     wrap: bool = False
     workers: int = 0  # tokeniser processes when preparing text; 0 = auto (CPUs available, one per 32 MB of files)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -419,6 +427,12 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(d.seq_len <= m.max_seq_len, source, "data.seq_len",
            f"{d.seq_len} is longer than the model's context model.max_seq_len={m.max_seq_len}")
     _check(d.num_valid_sequences > 0, source, "data.num_valid_sequences", "must be positive")
+    # (The synthetic source ignores these, as it ignores data.paths: small.yaml's OWT keys stay harmless
+    # under data.source=synthetic, which draws its validation rows independently of the training rows.)
+    for key in ("valid_docs", "test_docs", "expect_docs"):
+        _check(getattr(d, key) >= 0, source, f"data.{key}", "must be >= 0 (0 = off)")
+    _check(d.test_docs == 0 or d.valid_docs > 0, source, "data.test_docs",
+           "needs data.valid_docs > 0 (a test split beside random validation rows would overlap training)")
     if d.source == "synthetic":
         s = d.synthetic
         _check(s.vocab_size >= 2, source, "data.synthetic.vocab_size", "must be at least 2")

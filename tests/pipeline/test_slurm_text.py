@@ -1,5 +1,6 @@
 """The text chain on the real local SLURM cluster (issue 13): a corpus written here, a byte-level BPE
-tokenizer (a few thousand tokens) trained here with ``tokenizers``, MDLM's wrapped rows, the AR judge
+tokenizer (a few thousand tokens) trained here with ``tokenizers``, MDLM's wrapped rows, its last
+150 documents held out for validation, the AR judge
 trained by the chain's own AR stage, a few steps per stage; the report shows retokenised gen-PPL,
 entropy and MAUVE for the teacher and every student."""
 from __future__ import annotations
@@ -50,6 +51,7 @@ def text_run(slurm_cluster: LocalSlurm, tmp_path_factory: pytest.TempPathFactory
     overrides = [
         "data.source=text", f"data.paths=[{corpus}]", f"data.tokenizer={tok_dir}", "data.wrap=true",
         "data.seq_len=32", "data.num_train_sequences=0", "data.num_valid_sequences=64", "data.workers=1",
+        "data.valid_docs=150", "data.expect_docs=1500",
         f"model.vocab_size={vocab}", "model.max_seq_len=32", "model.d_model=64", "model.cond_dim=32",
         "train.steps=40", "train.eval_every=20", "train.ckpt_every=20", "optim.warmup_steps=5",
         "train.eval_batches=1", "teacher.train_ar=true", "eval.judge=ar",
@@ -70,6 +72,7 @@ def test_the_text_chain_reports_the_fields_measures(text_run: Path) -> None:
     assert all("job_id" in e for e in st.values())  # every stage, the AR one included, a SLURM job
     data = json.loads((run / "data" / "data.json").read_text())
     assert data["wrap"] is True and data["dtype"] == "uint16" and data["num_train"] > 100
+    assert (data["num_docs"], data["train_docs"], data["valid_docs"]) == (1500, 1350, 150)  # held out
 
     report = json.loads((run / "report.json").read_text())
     for r, model in ((0, "teacher"), (1, "student"), (2, "student")):

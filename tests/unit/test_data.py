@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from trainer.config import DataConfig, SyntheticConfig
+from trainer.data.packing import pack_stream
 from trainer.data.prepared import (
     DataError,
     MarkovSource,
@@ -20,7 +21,6 @@ from trainer.data.prepared import (
     iter_text_documents,
     load_data_info,
     load_split,
-    pack_documents,
     prepare_data,
     split_indices,
 )
@@ -122,11 +122,11 @@ def test_byte_tokenizer_round_trip():
 
 def test_packing_appends_eos_and_drops_the_remainder():
     tok = ByteTokenizer()
-    rows = np.concatenate(list(pack_documents(["ab", "cde"], tok, seq_len=3)))
+    rows = np.concatenate(list(pack_stream(["ab", "cde"], "byte", tok, seq_len=3)))
     a, b, c, d, e = (ord(ch) for ch in "abcde")
     np.testing.assert_array_equal(rows, [[a, b, 256], [c, d, e]])  # the final EOS is the remainder
     assert rows.dtype == np.int32
-    capped = np.concatenate(list(pack_documents(["abcdefgh"] * 10, tok, seq_len=2, max_rows=3)))
+    capped = np.concatenate(list(pack_stream(["abcdefgh"] * 10, "byte", tok, seq_len=2, max_rows=3)))
     assert capped.shape == (3, 2)
 
 
@@ -222,7 +222,7 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(DataError, match=r"data\.json not found"):
         load_split(tmp_path, "train")
     out = prepare_data(_synthetic_cfg(), tmp_path / "d")
-    with pytest.raises(DataError, match="unknown split"):
+    with pytest.raises(DataError, match="no split 'test'"):
         load_split(out, "test")
     (out / "valid.npy").write_bytes((out / "valid.npy").read_bytes()[:200])
     with pytest.raises(DataError, match=r"valid\.npy"):

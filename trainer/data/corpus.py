@@ -10,6 +10,7 @@
   opened with ``datasets.load_from_disk`` (memory-mapped, no copy).
 ``data.source=hf`` names a hub dataset (``data.hf_name``); it is read through ``datasets.load_dataset``
 from the local cache or the hub, and fails with a message that says which, when offline.
+``count_documents`` counts them before any is tokenised (metadata where the format has it).
 
 Documents are yielded in a fixed order (the globs' order, each glob's matches sorted), so prepared
 data is a function of the inputs.
@@ -149,7 +150,7 @@ def _datasets():
     return datasets
 
 
-def _saved_dataset(path: Path, text_field: str, split: str) -> Iterator[str]:
+def _open_saved(path: Path, split: str):
     datasets = _datasets()
     try:
         ds = datasets.load_from_disk(str(path))
@@ -160,7 +161,11 @@ def _saved_dataset(path: Path, text_field: str, split: str) -> Iterator[str]:
             raise DataError(f"{path}: a DatasetDict without split '{split}' (data.hf_split); splits: "
                             f"{', '.join(ds)}")
         ds = ds[split]
-    yield from _iter_dataset(ds, text_field, str(path))
+    return ds
+
+
+def _saved_dataset(path: Path, text_field: str, split: str) -> Iterator[str]:
+    yield from _iter_dataset(_open_saved(path, split), text_field, str(path))
 
 
 def _iter_dataset(ds, text_field: str, where: str) -> Iterator[str]:
@@ -169,8 +174,8 @@ def _iter_dataset(ds, text_field: str, where: str) -> Iterator[str]:
         yield from _strings(batch[text_field], text_field, where)
 
 
-def iter_hf_documents(cfg: DataConfig) -> Iterator[str]:
-    """Documents of a Hugging Face dataset (``data.hf_name``), from the local cache or the hub."""
+def _load_hf(cfg: DataConfig):
+    """(the ``data.hf_name`` dataset, from the local cache or the hub; a description of it)."""
     datasets = _datasets()
     what = (f"'{cfg.hf_name}' (config '{cfg.hf_config or 'default'}', split '{cfg.hf_split}'"
             + (f", revision '{cfg.hf_revision}')" if cfg.hf_revision else ")"))
@@ -186,11 +191,62 @@ def iter_hf_documents(cfg: DataConfig) -> Iterator[str]:
     if cfg.text_field not in ds.column_names:
         raise DataError(f"data.text_field: dataset {what} has no column '{cfg.text_field}' "
                         f"(columns: {', '.join(ds.column_names)})")
+    return ds, what
+
+
+def iter_hf_documents(cfg: DataConfig) -> Iterator[str]:
+    """Documents of a Hugging Face dataset (``data.hf_name``), from the local cache or the hub."""
+    ds, what = _load_hf(cfg)
     for batch in ds.iter(batch_size=_BATCH_ROWS):
         for text in batch[cfg.text_field]:
             if not isinstance(text, str):
                 raise DataError(f"data.text_field: dataset {what} has a non-string '{cfg.text_field}'")
             yield text
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting documents (before tokenising: a holdout of the last documents needs the total, and a
+# corpus that is too small should fail in seconds, not after hours of tokenising)
+# --------------------------------------------------------------------------------------------------
+def count_documents(cfg: DataConfig) -> int:
+    """How many documents ``documents(cfg)`` yields, from metadata where the format has it
+    (parquet, arrow, save_to_disk, hub datasets); a jsonl file is read once, line by line."""
+    if cfg.source == "hf":
+        return len(_load_hf(cfg)[0])
+    return sum(_count_one(p, cfg.text_field, cfg.hf_split) for p in expand_paths(cfg.paths))
+
+
+def _count_one(path: Path, text_field: str, split: str) -> int:
+    if path.is_dir():
+        return len(_open_saved(path, split))
+    if path.suffix == ".jsonl":
+        try:
+            with path.open(encoding="utf-8") as f:
+                return sum(1 for line in f if line.strip())  # the lines _jsonl yields
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text: {e}") from None
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file: {e}") from None
+    if path.suffix == ".arrow":
+        import pyarrow as pa
+
+        source = pa.memory_map(str(path), "r")
+        try:
+            try:
+                reader = pa.ipc.open_file(source)
+                return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return sum(b.num_rows for b in pa.ipc.open_stream(source))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not an Arrow IPC file or stream: {e}") from None
+    return 1  # a plain-text file is one document
 
 
 def documents(cfg: DataConfig) -> tuple[Iterator[str], str]:

@@ -2,15 +2,20 @@
 
 Documents are read in the calling process and sent in batches to ``workers`` tokeniser processes;
 results come back in submission order (so the rows do not depend on the number of workers) with at
-most ``2 x workers`` batches in flight, and a ``Packer`` cuts the token stream into rows as it
-arrives. Memory is a few batches of text plus one row of carry, whatever the corpus size.
+most ``2 x workers`` batches in flight, and a ``Packer`` per part of the corpus (``Part``: the
+training documents, the held-out ones) cuts its token stream into rows as it arrives. Memory is a
+few batches of text plus one row of carry per part, whatever the corpus size.
 
-Two layouts (``data.wrap``):
-- unwrapped (default): every document is followed by EOS; the stream is cut into rows of L tokens;
-- wrapped (MDLM's ``wrap``, how mdlm-owt was trained): every document is ``[BOS] doc [EOS]``; the
-  stream is cut into chunks of L - 2 tokens and each row is ``[BOS] chunk [EOS]``. For GPT-2,
-  BOS = EOS = ``<|endoftext|>`` (50256), as in MDLM.
-The final partial row is dropped in both.
+Every document is followed by EOS in both layouts (``data.wrap``):
+- unwrapped (default): the stream of a part is cut into rows of L tokens;
+- wrapped (MDLM's ``wrap``, how mdlm-owt was trained): the stream is cut into chunks of L - 2 tokens
+  and each row is ``[BOS] chunk [EOS]``. For GPT-2, BOS = EOS = ``<|endoftext|>`` (50256), so a row
+  reads ``<eot> ...doc a<eot>doc b... <eot>``. MDLM groups the documents as ``datasets.map(batched=True)``
+  hands them over, ``WRAP_GROUP_DOCS`` at a time, and drops each group's last partial chunk
+  (mdlm ``dataloader.py`` ``_group_texts``); so do we, counting groups from the first document of
+  each part. (MDLM's map also restarts its groups at each of its ``num_proc`` contiguous shards, a
+  machine-dependent detail not reproduced: it moves at most one partial chunk per shard.)
+The final partial row of a part is dropped in both.
 """
 from __future__ import annotations
 
@@ -18,13 +23,15 @@ import collections
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
 
 BATCH_DOCS = 256  # documents per task sent to a worker
+WRAP_GROUP_DOCS = 1000  # MDLM's grouping unit: datasets.map's default batch_size
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -38,12 +45,10 @@ def bos_id(tokenizer: Tokenizer) -> int:
     return tokenizer.eos_id if bos is None else int(bos)
 
 
-def encode_docs(tokenizer: Tokenizer, docs: Sequence[str], wrap: bool) -> np.ndarray:
-    """The token stream of ``docs`` (int32): each doc then EOS, or [BOS] doc [EOS] when wrapped."""
-    pieces: list[list[int]] = []
-    head = [bos_id(tokenizer)] if wrap else []
-    for ids in tokenizer.encode_batch(list(docs)):
-        pieces.append(head + ids + [tokenizer.eos_id])
+def encode_docs(tokenizer: Tokenizer, docs: Sequence[str]) -> np.ndarray:
+    """The token stream of ``docs`` (int32): each document then EOS (both layouts; MDLM appends EOS
+    only, the row's BOS comes when the stream is cut)."""
+    pieces = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(list(docs))]
     if not pieces:
         return np.empty(0, dtype=np.int32)
     return np.fromiter((i for p in pieces for i in p), dtype=np.int32, count=sum(map(len, pieces)))
@@ -73,6 +78,20 @@ class Packer:
         rows[:, 1:-1] = body
         return rows
 
+    def end_group(self) -> None:
+        """Drop the partial chunk: the next tokens start a new row (MDLM's per-group remainder)."""
+        self.carry = np.empty(0, dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of consecutive documents packed on its own: ``docs`` of them (-1: all that remain),
+    at most ``max_rows`` rows (0: no cap; the rest of its documents are then read and skipped)."""
+
+    name: str
+    docs: int = -1
+    max_rows: int = 0
+
 
 # --------------------------------------------------------------------------------------------------
 # Parallel tokenisation
@@ -80,75 +99,116 @@ class Packer:
 _worker: dict = {}
 
 
-def _init_worker(spec: str, wrap: bool) -> None:
+def _init_worker(spec: str) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: the pool is the parallelism
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(tok=load_tokenizer(spec), wrap=wrap)
+    _worker.update(tok=load_tokenizer(spec))
 
 
 def _encode_task(docs: list[str]) -> tuple[np.ndarray, int]:
-    return encode_docs(_worker["tok"], docs, _worker["wrap"]), sum(len(d.encode("utf-8")) for d in docs)
+    return encode_docs(_worker["tok"], docs), sum(len(d.encode("utf-8")) for d in docs)
 
 
-def _batched(docs: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for d in docs:
-        batch.append(d)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def encode_stream(docs: Iterable[str], tokenizer_spec: str, wrap: bool, workers: int,
-                  batch_docs: int = BATCH_DOCS) -> Iterator[tuple[np.ndarray, int]]:
-    """(token stream piece, UTF-8 bytes of text it came from) per batch of documents, in order.
+def encode_stream(batches: Iterable[tuple[object, list[str]]], tokenizer_spec: str,
+                  workers: int) -> Iterator[tuple[object, np.ndarray, int]]:
+    """(tag, token stream piece, UTF-8 bytes of text it came from) per tagged batch, in order.
 
     ``workers`` <= 1 tokenises in this process (the Rust tokenizers may still use threads); more
     starts that many processes (spawned: no fork of a process that holds torch or threads).
     """
-    batches = _batched(docs, batch_docs)
     if workers <= 1:
         tok = load_tokenizer(tokenizer_spec)
-        for b in batches:
-            yield encode_docs(tok, b, wrap), sum(len(d.encode("utf-8")) for d in b)
+        for tag, b in batches:
+            yield tag, encode_docs(tok, b), sum(len(d.encode("utf-8")) for d in b)
         return
     pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                  initargs=(tokenizer_spec, wrap))
-    inflight: collections.deque[cf.Future] = collections.deque()
+                                  initargs=(tokenizer_spec,))
+    inflight: collections.deque[tuple[object, cf.Future]] = collections.deque()
     try:
-        for b in batches:
-            inflight.append(pool.submit(_encode_task, b))
+        for tag, b in batches:
+            inflight.append((tag, pool.submit(_encode_task, b)))
             if len(inflight) >= 2 * workers:
-                yield inflight.popleft().result()
+                tag0, fut = inflight.popleft()
+                yield (tag0, *fut.result())
         while inflight:
-            yield inflight.popleft().result()
+            tag0, fut = inflight.popleft()
+            yield (tag0, *fut.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _batches(docs: Iterator[str], parts: Sequence[Part], group_docs: int, full: Callable[[int], bool],
+             counted: list[int]) -> Iterator[tuple[tuple[int, bool], list[str]]]:
+    """((part index, ends a group), documents) batches of at most BATCH_DOCS that never straddle a
+    part or a group of ``group_docs`` (0: no groups) counted from the part's first document.
+    Documents of a part that is ``full`` are read (to reach the next part) but not sent; once the
+    last part is full, reading stops. ``counted[k]`` is how many documents part k read."""
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        batch: list[str] = []
+        i = 0
+        while part.docs < 0 or i < part.docs:
+            if last and full(k):
+                return
+            doc = next(docs, None)
+            if doc is None:
+                break
+            i += 1
+            counted[k] = i
+            if full(k):
+                continue
+            batch.append(doc)
+            group_end = bool(group_docs) and i % group_docs == 0
+            if group_end or len(batch) == BATCH_DOCS:
+                yield (k, group_end), batch
+                batch = []
+        if batch:
+            yield (k, True), batch
+
+
+def pack_parts(docs: Iterable[str], parts: Sequence[Part], tokenizer_spec: str, tokenizer: Tokenizer, seq_len: int,
+               *, wrap: bool = False, workers: int = 1, dtype: np.dtype | type = np.int32, progress: bool = False,
+               stats: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(part index, block of rows [k, seq_len] of ``dtype``), parts in order. ``stats`` receives
+    ``bytes`` (text tokenised), ``tokens`` (stream length), ``rows`` and ``docs`` (documents read),
+    the last two per part."""
+    from tqdm.auto import tqdm
+
+    packers = [Packer(seq_len, tokenizer.eos_id, bos_id(tokenizer), wrap, dtype) for _ in parts]
+    st = stats if stats is not None else {}
+    st.update(bytes=0, tokens=0, rows=[0] * len(parts), docs=[0] * len(parts))
+    caps = [p.max_rows for p in parts]
+
+    def full(k: int) -> bool:
+        return bool(caps[k]) and st["rows"][k] >= caps[k]
+
+    batches = _batches(iter(docs), parts, WRAP_GROUP_DOCS if wrap else 0, full, st["docs"])
+    with tqdm(desc="tokenise+pack", unit="B", unit_scale=True, disable=not progress, mininterval=2) as bar:
+        for (k, group_end), piece, nbytes in encode_stream(batches, tokenizer_spec, workers):
+            rows = packers[k].add(piece)
+            if wrap and group_end:
+                packers[k].end_group()
+            st["bytes"] += nbytes
+            st["tokens"] += int(piece.size)
+            bar.update(nbytes)
+            if caps[k]:
+                rows = rows[:max(caps[k] - st["rows"][k], 0)]
+            if rows.size:
+                st["rows"][k] += rows.shape[0]
+                bar.set_postfix(rows=sum(st["rows"]), refresh=False)
+                yield k, rows
 
 
 def pack_stream(docs: Iterable[str], tokenizer_spec: str, tokenizer: Tokenizer, seq_len: int, *, wrap: bool = False,
                 workers: int = 1, max_rows: int = 0, dtype: np.dtype | type = np.int32,
                 progress: bool = False, stats: dict | None = None) -> Iterator[np.ndarray]:
-    """Blocks of rows [k, seq_len] of ``dtype``; stops after ``max_rows`` rows when > 0. ``stats``
-    receives ``bytes`` (text read), ``tokens`` (stream length) and ``rows``."""
-    from tqdm.auto import tqdm
-
-    packer = Packer(seq_len, tokenizer.eos_id, bos_id(tokenizer), wrap, dtype)
-    st = stats if stats is not None else {}
-    st.update(bytes=0, tokens=0, rows=0)
-    with tqdm(desc="tokenise+pack", unit="B", unit_scale=True, disable=not progress, mininterval=2) as bar:
-        for piece, nbytes in encode_stream(docs, tokenizer_spec, wrap, workers):
-            rows = packer.add(piece)
-            st["bytes"] += nbytes
-            st["tokens"] += int(piece.size)
-            bar.update(nbytes)
-            if max_rows:
-                rows = rows[:max_rows - st["rows"]]
-            if rows.size:
-                st["rows"] += rows.shape[0]
-                bar.set_postfix(rows=st["rows"], refresh=False)
-                yield rows
-            if max_rows and st["rows"] >= max_rows:
-                return
+    """All documents as one part: blocks of rows [k, seq_len] of ``dtype``; stops reading after
+    ``max_rows`` rows when > 0. ``stats`` as ``pack_parts``'s, with single numbers."""
+    st: dict = {}
+    try:
+        for _, rows in pack_parts(docs, [Part("all", -1, max_rows)], tokenizer_spec, tokenizer, seq_len,
+                                  wrap=wrap, workers=workers, dtype=dtype, progress=progress, stats=st):
+            yield rows
+    finally:
+        if stats is not None and st:
+            stats.update(st, rows=st["rows"][0], docs=st["docs"][0])

@@ -9,18 +9,23 @@ Three sources (``DataConfig.source``):
 - ``hf``: a Hugging Face dataset by name (optional ``datasets`` package, cache or hub).
 
 Text is tokenised in ``data.workers`` processes and packed into rows of ``seq_len``, each document
-followed by EOS, or MDLM's ``[BOS] ... [EOS]`` rows with ``data.wrap`` (trainer/data/packing.py).
-``prepare_data`` writes ``train.npy``/``valid.npy`` ([N, L], uint16 when the vocabulary fits in
-16 bits, else int32; memory-mapped by every reader) and then ``data.json`` (what made
-them and a sha256 digest); every file appears by an atomic rename and data.json comes last, so a
-reader that finds data.json finds complete arrays. ``batches`` turns the train array into the
+followed by EOS, cut anywhere or into MDLM's ``[BOS] ... [EOS]`` rows with ``data.wrap``
+(trainer/data/packing.py). Documents are counted first (``data.expect_docs`` refuses a corpus that
+is too small before anything is tokenised). With ``data.valid_docs`` the last documents are held out
+and packed on their own, as MDLM and SDTT split OpenWebText: training rows never contain a held-out
+document's text; ``valid.npy`` is a seeded sample of ``num_valid_sequences`` of their rows and
+``test.npy`` (``data.test_docs``, the very last documents) all of its own. Without a holdout,
+validation rows are random packed rows of the whole corpus.
+``prepare_data`` writes ``train.npy``/``valid.npy`` (and ``test.npy``) ([N, L], uint16 when the
+vocabulary fits in 16 bits, else int32; memory-mapped by every reader) and then ``data.json`` (what
+made them, the document counts and a sha256 digest); every file appears by an atomic rename and
+data.json comes last, so a reader that finds data.json finds complete arrays. ``batches`` turns the train array into the
 deterministic, resumable per-rank stream the training loops consume.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import time
@@ -32,45 +37,23 @@ import numpy as np
 import torch
 
 from trainer.config import DataConfig
-from trainer.data.corpus import documents, expand_paths, iter_hf_documents, iter_text_documents  # noqa: F401
+from trainer.data.corpus import count_documents, documents, expand_paths, iter_hf_documents, iter_text_documents  # noqa: F401
 from trainer.data.errors import DataError
-from trainer.data.packing import BATCH_DOCS, Packer, bos_id, encode_docs, pack_stream, token_dtype
+from trainer.data.packing import Part, bos_id, pack_parts, token_dtype
 from trainer.data.synthetic import DENSE_MAX_VOCAB, MarkovSource  # noqa: F401 (re-exported)
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
 from trainer.fileio import atomic_write_json
 
 # bump when the meaning of prepared files or of their inputs changes. 2: uint16 tokens when the vocabulary
-# fits, data.wrap, plain-text/parquet/arrow/save_to_disk inputs.
-FORMAT_VERSION = 2
-SPLITS = ("train", "valid")
+# fits, data.wrap, plain-text/parquet/arrow/save_to_disk inputs. 3: wrapped rows as MDLM's (no BOS per
+# document, groups of 1000 documents), document holdouts, test.npy.
+FORMAT_VERSION = 3
+SPLITS = ("train", "valid", "test")  # test only when data.test_docs > 0
 
 
 # --------------------------------------------------------------------------------------------------
-# Packing (serial; prepare_data uses trainer/data/packing.py's parallel stream)
+# Splits
 # --------------------------------------------------------------------------------------------------
-def pack_documents(docs: Iterable[str], tokenizer: Tokenizer, seq_len: int, max_rows: int = 0,
-                   wrap: bool = False) -> Iterator[np.ndarray]:
-    """Tokenise in this process and cut into int32 rows [k, seq_len] (trainer/data/packing.py's
-    layouts); the final partial row is dropped; stops after ``max_rows`` rows when > 0."""
-    packer = Packer(seq_len, tokenizer.eos_id, bos_id(tokenizer), wrap)
-    emitted = 0
-    batch: list[str] = []
-    for doc in itertools.chain(docs, [None]):
-        if doc is not None:
-            batch.append(doc)
-            if len(batch) < BATCH_DOCS:
-                continue
-        rows = packer.add(encode_docs(tokenizer, batch, wrap))
-        batch = []
-        if max_rows:
-            rows = rows[:max_rows - emitted]
-        if rows.size:
-            emitted += rows.shape[0]
-            yield rows
-        if max_rows and emitted >= max_rows:
-            return
-
-
 def split_indices(n: int, num_valid: int, num_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic split of ``n`` rows: ``num_valid`` random rows for validation, the rest (at most
     ``num_train`` when > 0) for training; both in increasing row order (sequential reads)."""
@@ -108,8 +91,10 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = False) -
     if (out / "data.json").exists():
         info = load_data_info(out)
         if info.get("inputs") == inputs:
-            for split in SPLITS:
+            for split in splits_of(info):
                 load_split(out, split)  # present and of the recorded shape, or a clear error
+            if "num_docs" in info:
+                check_expected_docs(cfg, int(info["num_docs"]), str(info.get("source", out)))
             return out
         changed = sorted(k for k in set(inputs) | set(info.get("inputs", {}))
                          if inputs.get(k) != info.get("inputs", {}).get(k))
@@ -133,7 +118,8 @@ def _digest_inputs(cfg: DataConfig, tokenizer: Tokenizer | None) -> dict[str, An
     if cfg.source == "synthetic":
         return dict(common, synthetic=dataclasses.asdict(cfg.synthetic))
     assert tokenizer is not None
-    common.update(tokenizer=tokenizer.name, text_field=cfg.text_field, wrap=cfg.wrap)
+    common.update(tokenizer=tokenizer.name, text_field=cfg.text_field, wrap=cfg.wrap, valid_docs=cfg.valid_docs,
+                  test_docs=cfg.test_docs)
     if cfg.source == "text":
         # Path and size, not content: hashing a large corpus on every job start would cost minutes.
         files = [[str(p.resolve()), _size(p)] for p in expand_paths(cfg.paths)]
@@ -165,7 +151,7 @@ def _prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
             yield source.sample(n, cfg.seq_len, streams[split])
 
     dtype = token_dtype(cfg.synthetic.vocab_size)
-    digest = _write_splits(out, cfg.seq_len, {s: (counts[s], blocks(s)) for s in SPLITS}, dtype)
+    digest = _write_splits(out, cfg.seq_len, {s: (counts[s], blocks(s)) for s in ("train", "valid")}, dtype)
     s = cfg.synthetic
     return dict(
         source=(f"synthetic Markov chain (vocab {s.vocab_size}, branching {s.branching}, "
@@ -177,44 +163,100 @@ def _prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
     )
 
 
+def check_expected_docs(cfg: DataConfig, found: int, description: str) -> None:
+    """``data.expect_docs``: refuse a corpus with fewer documents, naming the usual cause."""
+    if cfg.expect_docs and found < cfg.expect_docs:
+        raise DataError(f"data.expect_docs: {description} holds {found:,} documents, fewer than the "
+                        f"{cfg.expect_docs:,} expected: most likely a partial download or a partial parquet "
+                        f"conversion (the hub converts only the first 5 GB of a large dataset, into "
+                        f"'partial-train' files); fetch the complete dataset (docs/text.md)")
+
+
 def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path, progress: bool = False) -> dict[str, Any]:
     docs, description = documents(cfg)
-    max_rows = cfg.num_train_sequences + cfg.num_valid_sequences if cfg.num_train_sequences > 0 else 0
+    n_docs = count_documents(cfg)
+    check_expected_docs(cfg, n_docs, description)
+    held = cfg.valid_docs + cfg.test_docs
+    if held and n_docs <= held:
+        raise DataError(f"data.valid_docs: {description} holds {n_docs:,} documents, not more than the "
+                        f"{held:,} held out (data.valid_docs + data.test_docs); nothing would be left to train on")
+    if held:
+        parts = [Part("train", n_docs - held, cfg.num_train_sequences), Part("valid", cfg.valid_docs)]
+        if cfg.test_docs:
+            parts.append(Part("test", cfg.test_docs))
+    else:  # one stream, split by rows below
+        max_rows = cfg.num_train_sequences + cfg.num_valid_sequences if cfg.num_train_sequences > 0 else 0
+        parts = [Part("all", -1, max_rows)]
     dtype = token_dtype(tokenizer.vocab_size)
     workers = cfg.workers or auto_workers(cfg)
-    # Pack into a flat scratch file first: the corpus size is unknown until the end and may not fit
-    # in memory; the split then copies rows out of its memory map.
-    scratch = out / f".packed.{os.getpid()}.tmp"
+    # Pack into flat scratch files first (one per part): the row counts are unknown until the end and
+    # may not fit in memory; the splits then copy rows out of their memory maps.
+    scratch = [out / f".packed-{p.name}.{os.getpid()}.tmp" for p in parts]
     stats: dict = {}
     t0 = time.perf_counter()
     try:
-        with scratch.open("wb") as f:
-            for block in pack_stream(docs, cfg.tokenizer, tokenizer, cfg.seq_len, wrap=cfg.wrap, workers=workers,
-                                     max_rows=max_rows, dtype=dtype, progress=progress, stats=stats):
-                f.write(block.tobytes())
-        n_rows = stats["rows"]
+        files = [path.open("wb") for path in scratch]
+        try:
+            for k, block in pack_parts(docs, parts, cfg.tokenizer, tokenizer, cfg.seq_len, wrap=cfg.wrap,
+                                       workers=workers, dtype=dtype, progress=progress, stats=stats):
+                files[k].write(block.tobytes())
+        finally:
+            for f in files:
+                f.close()
         seconds = time.perf_counter() - t0
-        if n_rows == 0:
+        rows, read = stats["rows"], sum(stats["docs"])
+        if (held or not parts[0].max_rows) and read != n_docs:
+            raise DataError(f"data.paths: {description} yielded {read:,} documents while being packed but "
+                            f"{n_docs:,} when counted; did the files change?")
+        if rows[0] == 0:
             raise DataError(f"data.source={cfg.source}: {description} gives no complete sequence of "
-                            f"data.seq_len={cfg.seq_len} tokens")
-        packed = np.memmap(scratch, dtype=dtype, mode="r", shape=(n_rows, cfg.seq_len))
-        train_idx, valid_idx = split_indices(n_rows, cfg.num_valid_sequences, cfg.num_train_sequences,
-                                             cfg.seed)
+                            f"data.seq_len={cfg.seq_len} tokens" + (" for training" if held else ""))
+        packed = [np.memmap(path, dtype=dtype, mode="r", shape=(n, cfg.seq_len)) if n else None
+                  for path, n in zip(scratch, rows)]
+        if held:
+            split_rows = _holdout_rows(cfg, description, rows)
+            sources = {name: (packed[k], idx) for name, (k, idx) in split_rows.items()}
+        else:
+            train_idx, valid_idx = split_indices(rows[0], cfg.num_valid_sequences, cfg.num_train_sequences,
+                                                 cfg.seed)
+            sources = {"train": (packed[0], train_idx), "valid": (packed[0], valid_idx)}
 
-        def blocks(idx: np.ndarray) -> Iterator[np.ndarray]:
+        def blocks(arr: np.memmap, idx: np.ndarray) -> Iterator[np.ndarray]:
             for start in range(0, idx.size, _ROWS_PER_WRITE):
-                yield np.asarray(packed[idx[start:start + _ROWS_PER_WRITE]])  # noqa: F821 (deleted below, after use)
+                yield np.asarray(arr[idx[start:start + _ROWS_PER_WRITE]])
 
-        digest = _write_splits(out, cfg.seq_len, {"train": (train_idx.size, blocks(train_idx)),
-                                                  "valid": (valid_idx.size, blocks(valid_idx))}, dtype)
-        del packed  # the memmap must close before the scratch file is unlinked
+        digest = _write_splits(out, cfg.seq_len, {name: (idx.size, blocks(arr, idx))
+                                                  for name, (arr, idx) in sources.items()}, dtype)
+        counts = {f"num_{name}": int(idx.size) for name, (_, idx) in sources.items()}
+        del packed, sources  # the memmaps must close before the scratch files are unlinked
     finally:
-        scratch.unlink(missing_ok=True)
+        for path in scratch:
+            path.unlink(missing_ok=True)
+    doc_split = ({p.name + "_docs": (p.docs if p.docs >= 0 else n_docs) for p in parts} if held else {})
     return dict(source=description, tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,
                 eos_id=tokenizer.eos_id, bos_id=bos_id(tokenizer) if cfg.wrap else None, wrap=cfg.wrap,
-                dtype=dtype.name, num_train=int(train_idx.size), num_valid=int(valid_idx.size), num_packed=n_rows,
-                digest=digest, text_bytes=stats["bytes"], tokens=stats["tokens"], workers=workers,
+                dtype=dtype.name, **counts, num_packed=int(sum(rows)), num_docs=n_docs, docs_read=read,
+                holdout=("last documents" if held else "none: validation rows are random rows of the whole corpus"),
+                **doc_split, digest=digest, text_bytes=stats["bytes"], tokens=stats["tokens"], workers=workers,
                 pack_seconds=round(seconds, 4), mb_per_s=float(f"{stats['bytes'] / 1e6 / max(seconds, 1e-9):.4g}"))
+
+
+def _holdout_rows(cfg: DataConfig, description: str, rows: list[int]) -> dict[str, tuple[int, np.ndarray]]:
+    """Split name -> (part index, rows of that part's scratch): every training row (up to the cap,
+    already applied while packing), a seeded sample of ``num_valid_sequences`` held-out rows in
+    increasing order, every test row."""
+    if rows[1] < cfg.num_valid_sequences:
+        raise DataError(f"data.valid_docs: the {cfg.valid_docs:,} held-out documents of {description} pack into "
+                        f"{rows[1]} rows of data.seq_len={cfg.seq_len}, fewer than data.num_valid_sequences="
+                        f"{cfg.num_valid_sequences}; hold out more documents or ask for fewer rows")
+    valid = np.sort(np.random.default_rng(cfg.seed).permutation(rows[1])[:cfg.num_valid_sequences])
+    out = {"train": (0, np.arange(rows[0])), "valid": (1, valid)}
+    if cfg.test_docs:
+        if rows[2] == 0:
+            raise DataError(f"data.test_docs: the last {cfg.test_docs:,} documents of {description} give no "
+                            f"complete row of data.seq_len={cfg.seq_len}; hold out more")
+        out["test"] = (2, np.arange(rows[2]))
+    return out
 
 
 AUTO_MB_PER_WORKER = 32  # below this much text per process, spawning one costs more than it saves
@@ -289,12 +331,18 @@ def load_data_info(out_dir: str | Path) -> dict[str, Any]:
     return info
 
 
+def splits_of(info: dict[str, Any]) -> tuple[str, ...]:
+    """The splits a data.json lists: train and valid, and test when it has test rows."""
+    return tuple(s for s in SPLITS if s != "test" or info.get("num_test"))
+
+
 def load_split(out_dir: str | Path, split: str) -> np.ndarray:
     """A prepared split as a read-only memory map ([N, L] of data.json's dtype: uint16 when the
     vocabulary fits, else int32), checked against data.json. Readers convert rows to int64."""
-    if split not in SPLITS:
-        raise DataError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
     info = load_data_info(out_dir)
+    if split not in splits_of(info):
+        raise DataError(f"{Path(out_dir) / 'data.json'}: no split '{split}' (this data has "
+                        f"{', '.join(splits_of(info))}; test needs data.test_docs)")
     path = Path(out_dir) / f"{split}.npy"
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -1,7 +1,7 @@
 """Prepare token data once for a run: ``python -m trainer.jobs.prepare --run-dir DIR [--config FILE]
 [key=value ...]``.
 
-Writes ``train.npy``/``valid.npy``/``data.json`` under ``data.cache_dir`` (default ``DIR/data``) and
+Writes ``train.npy``/``valid.npy`` (and ``test.npy``)/``data.json`` under ``data.cache_dir`` (default ``DIR/data``) and
 prints a summary. Running it again with the same inputs does nothing; with different inputs for the
 same folder it refuses (trainer/data/prepared.py says why).
 """
@@ -32,9 +32,15 @@ def summary(out: Path, info: dict) -> str:
     lines = [f"data: {out}",
              f"  source     {info['source']}",
              f"  tokenizer  {info['tokenizer']} (vocab {info['vocab_size']})",
-             f"  sequences  train {info['num_train']}, valid {info['num_valid']}, length {info['seq_len']}",
+             f"  sequences  train {info['num_train']}, valid {info['num_valid']}"
+             + (f", test {info['num_test']}" if info.get("num_test") else "") + f", length {info['seq_len']}",
              f"  stored     {info.get('dtype', 'int32')}" + (", rows [BOS] ... [EOS]" if info.get("wrap") else ""),
              f"  digest     {info['digest']}"]
+    if "num_docs" in info:
+        held = (f"train {info['train_docs']:,}, valid {info['valid_docs']:,}"
+                + (f", test {info['test_docs']:,}" if "test_docs" in info else "") + " (the last ones held out)"
+                if "train_docs" in info else "validation rows drawn from the whole corpus (no holdout)")
+        lines.append(f"  documents  {info['num_docs']:,}: {held}")
     if "mb_per_s" in info:
         lines.append(f"  packed     {info['text_bytes'] / 1e6:.1f} MB of text into {info['tokens']} tokens in "
                      f"{info['pack_seconds']:.1f} s: {info['mb_per_s']:.2f} MB/s with {info['workers']} worker(s)")
