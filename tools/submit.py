@@ -12,8 +12,9 @@ Paths: every path in the config or its overrides (data.tokenizer, data.paths, da
 teacher.import_path, eval.judge, eval.ar_path), --config and --run-dir are read against the directory
 you run this from, and the run's config.yaml stores them absolute: jobs run elsewhere (SLURM: in the
 run's code snapshot). A path the run reads that does not exist is an error here, naming the key,
-never inside a queued job. eval.judge may also be a Hugging Face hub name (e.g. gpt2-large, loaded
-from the local HF cache): a value that exists, or starts with / ./ ../ ~, is a path; others are names.
+never inside a queued job. eval.judge may also be a Hugging Face hub name (e.g. gpt2-large): a value
+that exists, or starts with / ./ ../ ~, is a path; others are names, resolved here to their snapshot in
+the local HF cache (no network) or refused with the `hf download` command that fetches them.
 
 --time and slurm.stages.<kind>.time follow sbatch's grammar: 30 = 30:00 = 30 minutes, 4:00:00,
 1-12 (36 hours), 2-00:00:00.

@@ -157,7 +157,31 @@ def test_executor_gets_the_setup_environment_and_kill_on_invalid_dep(tmp_path: P
 # --------------------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------------------
-def test_paths_resolve_against_the_submitting_directory(tmp_path: Path) -> None:
+def cached_hub_repo(cache: Path, name: str, files=("config.json",), revision: str = "0" * 40) -> Path:
+    """A repository in the Hugging Face cache's own layout (models--org--name/refs/main ->
+    snapshots/<commit>/...), as `hf download` leaves it; returns the snapshot folder."""
+    repo = cache / ("models--" + name.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snap = repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in files:
+        (snap / f).write_text("{}")
+    return snap
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_paths_resolve_against_the_submitting_directory(tmp_path: Path, hf_cache: Path) -> None:
+    snapshot = cached_hub_repo(hf_cache, "gpt2-large")
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("hello\n")
     (tmp_path / "mdlm").mkdir()
@@ -170,7 +194,7 @@ def test_paths_resolve_against_the_submitting_directory(tmp_path: Path) -> None:
     assert out.data.paths == [str(tmp_path / "corpus" / "*.txt")]
     assert out.data.tokenizer == str(tmp_path / "tok") and out.data.cache_dir == str(tmp_path / "cache")
     assert out.teacher.import_path == str(tmp_path / "mdlm")
-    assert out.eval.judge == "gpt2-large"  # not a path here: a hub name, kept
+    assert out.eval.judge == str(snapshot)  # not a path here: a hub name, resolved in the local cache
     (tmp_path / "gpt2-large").mkdir()
     assert resolve_paths(cfg, tmp_path)[0].eval.judge == str(tmp_path / "gpt2-large")  # exists: a path
     # Unused paths are not required; a path-like judge that is missing is an error.
@@ -178,6 +202,27 @@ def test_paths_resolve_against_the_submitting_directory(tmp_path: Path) -> None:
                                 tmp_path)
     assert problems == [f"bad config key 'eval.judge': './judges/none' does not exist (as "
                         f"{tmp_path / 'judges' / 'none'})"]
+
+
+def test_a_hub_judge_not_cached_is_refused_with_the_command_that_fetches_it(tmp_path: Path, hf_cache: Path) -> None:
+    cfg = load_config(TINY, ["eval.judge=openai-community/gpt2-large"])
+    _, problems = resolve_paths(cfg, tmp_path)
+    assert problems == ["bad config key 'eval.judge': 'openai-community/gpt2-large' is not in the local Hugging "
+                        "Face cache; fetch it with: hf download openai-community/gpt2-large --include "
+                        "'*.safetensors' --include '*.json' --include '*.txt'"]
+    cached_hub_repo(hf_cache, "openai-community/gpt2-large", files=("merges.txt",))  # interrupted download
+    _, problems = resolve_paths(cfg, tmp_path)
+    assert len(problems) == 1 and "without its config.json (a partial download)" in problems[0]
+    # The tool, as a user runs it (its own process, the cache from HF_HUB_CACHE): one line, rc 2, nothing made.
+    proc = submit("--config", str(TINY), "--local", "--run-dir", str(tmp_path / "run"), "eval.judge=gpt2-large",
+                  extra_env={"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "'gpt2-large' is not in the local Hugging Face cache; fetch it with: hf download gpt2-large" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    cached_hub_repo(hf_cache, "gpt2-large")
+    proc = submit("--config", str(TINY), "--nodes", "1", "--gpus-per-node", "0", "--dry-run", "eval.judge=gpt2-large",
+                  extra_env={"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_missing_path_fails_at_submit_naming_the_key(tmp_path: Path) -> None:
