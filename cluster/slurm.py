@@ -590,6 +590,8 @@ def executor_parameters(res: StageResources, cfg: RunConfig, code_dir: Path, dep
         "cpus_per_task": res.cpus_per_task, "mem": res.mem,
         "time": res.time_min, "signal_delay_s": cfg.slurm.signal_lead_s,
         "setup": setup_lines(cfg, code_dir, env or {}),
+        # srun options of the job step (containers: pyxis --container-image, ...), after submitit's own.
+        **({"srun_args": list(cfg.slurm.srun_args)} if cfg.slurm.srun_args else {}),
         # Held until the whole chain is recorded (submit_chain releases it).
         "additional_parameters": {"requeue": res.requeue, "hold": True,
                                   **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node > 0 else {}),

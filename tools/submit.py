@@ -26,6 +26,7 @@ stages that are done and resumes the rest; a config that differs from the folder
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster import pipeline  # noqa: E402
-from cluster.budget import TargetSize, budget, render  # noqa: E402
+from cluster.budget import JudgeSize, TargetSize, budget, render  # noqa: E402
 from cluster.resources import ClusterSpec, job_environment, stage_resources, validate_fit  # noqa: E402
 from trainer.config import (  # noqa: E402
     ConfigError,
@@ -160,6 +161,37 @@ def target_size(cfg: RunConfig) -> TargetSize:
     return TargetSize(expected, shards.max_sample_bytes(cfg.targets.codec, cfg.targets.k, V, L))
 
 
+def judge_size(cfg: RunConfig, n_params: int) -> JudgeSize | None:
+    """The evaluation judge's size for the budget: the run's AR model (eval.judge=ar, the diffusion
+    model's shape), or a Hugging Face folder's config.json (GPT-2's n_embd/n_layer or the generic
+    hidden_size/num_hidden_layers) with its parameters counted from the safetensors headers (shapes
+    only, no weights read; 12 L d^2 + V d without them). None without a judge or a config.json."""
+    import json
+
+    judge = cfg.eval.judge
+    if not judge:
+        return None
+    if judge == "ar":
+        m = cfg.model
+        return JudgeSize("ar", n_params, m.vocab_size, m.d_model, m.n_layers)
+    conf = Path(judge) / "config.json"
+    try:
+        c = json.loads(conf.read_text())
+        d = int(c.get("n_embd", c.get("hidden_size")))
+        layers = int(c.get("n_layer", c.get("num_hidden_layers")))
+        vocab = int(c["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    params = 0
+    for f in sorted(Path(judge).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, t in header.items():
+            if key != "__metadata__":
+                params += math.prod(t["shape"])
+    return JudgeSize(Path(judge).name, params or 12 * layers * d * d + vocab * d, vocab, d, layers)
+
+
 def local_gpus() -> int:
     try:
         import torch
@@ -190,6 +222,8 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
         print(f"job environment: {key}={value}")
     for line in cfg.slurm.setup:
         print(f"job setup: {line}")
+    if cfg.slurm.srun_args:
+        print(f"job step: srun ... {' '.join(cfg.slurm.srun_args)}")
     for st in stages:
         res = stage_resources(st, cfg, spec, run_dir.name)
         state = "" if st.name in todo else "  (done: skipped)"
@@ -199,7 +233,8 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
               f"time {res.time_min // 60}h{res.time_min % 60:02d}m{state}")
         print(f"  python -m {st.module} --run-dir {run_dir} {' '.join(st.args)}".rstrip())
         print(f"  #SBATCH {' '.join(res.sbatch_lines())}")
-    for line in render(budget(stages, cfg, spec, n, target_size(cfg), run_dir.name), cfg):
+    judge = judge_size(cfg, n)
+    for line in render(budget(stages, cfg, spec, n, target_size(cfg), run_dir.name, judge), cfg, judge):
         print(line)
 
 

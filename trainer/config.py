@@ -273,6 +273,10 @@ class SlurmConfig:
     # allowed, e.g. "NCCL_*") whose values are copied from the submitting shell at submit time.
     env: dict[str, str] = field(default_factory=dict)
     env_from_shell: list[str] = field(default_factory=list)
+    # Extra srun options of every job step, e.g. a container (pyxis/enroot):
+    # ["--container-image=/images/sdtt.sqsh", "--container-mounts=/data:/data"]. slurm.setup lines run
+    # on the batch host before srun, outside the container; these reach the tasks themselves.
+    srun_args: list[str] = field(default_factory=list)
     # Per kind of stage: time limits, node/GPU counts, CPU-only stages (see StageSlurmConfig).
     stages: dict[str, StageSlurmConfig] = field(default_factory=_default_stage_slurm)
 
@@ -502,6 +506,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 < sl.signal_lead_s < sl.time_min * 60, source, "slurm.signal_lead_s",
            "must be positive and shorter than the time limit")
     _check(sl.max_requeues >= 0, source, "slurm.max_requeues", "must be >= 0")
+    for i, arg in enumerate(sl.srun_args):
+        _check(arg.startswith("-") and "\n" not in arg, source, f"slurm.srun_args[{i}]",
+               f"{arg!r} is not an srun option (one option per entry, e.g. --container-image=IMAGE)")
     for i, line in enumerate(sl.setup):
         _check("\n" not in line, source, f"slurm.setup[{i}]", "one shell line per entry (no newline)")
     for opt in sl.additional:

@@ -154,6 +154,33 @@ def test_executor_gets_the_setup_environment_and_kill_on_invalid_dep(tmp_path: P
     assert params["job_name"] == "r-teacher"
 
 
+def test_srun_args_reach_the_job_step_of_the_script_submitit_writes(tmp_path: Path) -> None:
+    """slurm.srun_args (a pyxis container here) in the sbatch script submitit 1.5 writes: on the srun
+    line that starts the tasks, after the setup lines, which run outside the container."""
+    import submitit
+
+    from cluster.slurm import executor_parameters
+
+    image = ["--container-image=/images/sdtt.sqsh", "--container-mounts=/data:/data,/runs:/runs"]
+    override = "slurm.srun_args=[" + ",".join(f"'{a}'" for a in image) + "]"
+    cfg = load_config(TINY, ["slurm.setup=[module load nccl]", override])
+    st = pipeline.build_chain(cfg)[1]
+    res = stage_resources(st, cfg, ClusterSpec(nodes=1, gpus_per_node=2), "r")
+    ex = submitit.SlurmExecutor(folder=tmp_path / "logs")
+    ex.update_parameters(**executor_parameters(res, cfg, tmp_path, [], {}))
+    script = ex._make_submission_file_text("python -u -m submitit.core._submit x", "uid").splitlines()
+    srun = [line for line in script if line.startswith("srun ")]
+    assert len(srun) == 1 and srun[0].split()[-len(image) - 5:-5] == image, srun
+    assert script.index("module load nccl") < script.index(srun[0])
+    # without it the step is submitit's own
+    plain = executor_parameters(res, load_config(TINY), tmp_path, [], {})
+    assert "srun_args" not in plain
+    with pytest.raises(ConfigError, match=r"slurm.srun_args\[0\].*'container-image=x' is not an srun option"):
+        load_config(TINY, ["slurm.srun_args=[container-image=x]"])
+    proc = submit("--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--dry-run", override)
+    assert proc.returncode == 0 and f"job step: srun ... {' '.join(image)}" in proc.stdout, proc.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------------------
@@ -285,8 +312,11 @@ def test_budget_matches_a_hand_computation() -> None:
     assert b["teacher"].flop == 6 * n * 3_072_000
     # distill: steps_per_round 300 x distill.global_batch_size 32 x 64; targets: 2048 samples x 64 x m=2
     assert b["distill_1"].tokens == 614_400 and b["targets_1"].tokens == 262_144
-    # eval: num_samples 256 x 64 x (4 + 8 + 16 + 32 + 64) forward tokens
-    assert b["eval_0"].tokens == 256 * 64 * 124 == 2_031_616
+    # eval: num_samples 256 x 64 x forward steps: eval.steps (4 + 8 + 16 + 32 + 64) at temperature 1, and
+    # the teacher's sweep at every round's count (64 / 2, 64 / 4, 64 / 8) at the other temperatures 0.9, 1.1
+    assert b["eval_0"].tokens == 256 * 64 * (124 + 2 * (32 + 16 + 8)) == 3_866_624
+    # a student sweeps its own count only: round 2's 16
+    assert b["eval_2"].tokens == 256 * 64 * (124 + 2 * 16)
     # ZeRO-2, W = 8, bf16: 2N weights + 2N/8 grads + 12N/8 optimizer + 4N fp32 EMA = 7.75 N
     assert b["teacher"].state_bytes == pytest.approx(7.75 * n)
     assert model_state_bytes(n, 2, 8, True) == pytest.approx(7.75 * n)
