@@ -373,3 +373,46 @@ def test_targets_are_released_only_after_distill_is_recorded_done(tmp_path: Path
     assert [s.name for s in pipeline.pending(run, chain)][:3] == ["eval_0", "targets_1", "distill_1"]
     kept = load_config(TINY)
     assert all(not s.releases for s in pipeline.build_chain(kept))  # targets.keep defaults to true
+
+
+def test_mdlm_owt_dry_run_reserves_within_3x_of_compute_and_counts_the_judge(tmp_path: Path) -> None:
+    """configs/mdlm-owt.yaml on 8 nodes with stand-in inputs (a GPT-2-large config.json as the judge):
+    the reservation is sized per stage, and the eval memory line holds the judge, by hand: fp32 weights
+    (12 L d^2 + V d without weight files) + batch 32 x 1024 x V logits x 20 B + 37 hidden states."""
+    for d in ("tok", "mdlm", "owt", "gpt2-large"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "owt" / "a.parquet").write_bytes(b"")
+    (tmp_path / "gpt2-large" / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "n_embd": 1280, "n_layer": 36, "n_head": 20, "n_positions": 1024, "vocab_size": 50257}))
+    proc = submit("--config", str(REPO / "configs" / "mdlm-owt.yaml"), "--nodes", "8", "--dry-run",
+                  "--run-dir", str(tmp_path / "run"), f"data.paths=[{tmp_path}/owt/*.parquet]",
+                  f"data.tokenizer={tmp_path}/tok", f"teacher.import_path={tmp_path}/mdlm",
+                  f"eval.judge={tmp_path}/gpt2-large")
+    assert proc.returncode == 0, proc.stderr
+    reserved = float(re.search(r"GPU-hours reserved: ([\d,.]+)", proc.stdout).group(1).replace(",", ""))
+    compute = float(re.search(r"GPU-hours of compute: ([\d,.]+)", proc.stdout).group(1).replace(",", ""))
+    assert compute < reserved <= 3 * compute, (reserved, compute)
+    assert "[control]" in proc.stdout and "[eval_control]" in proc.stdout  # the fair control runs
+    n_j = 12 * 36 * 1280**2 + 50257 * 1280
+    judge = 4 * n_j + 32 * 1024 * 50257 * 20 + 32 * 1024 * 1280 * 4 * 37
+    line = re.search(r"eval memory per GPU: ([\d.]+) GB = sampler ([\d.]+) GB \+ judge gpt2-large, "
+                     r"(\d+)M parameters in fp32, ([\d.]+) GB at batch 32", proc.stdout)
+    assert line, proc.stdout
+    assert int(line.group(3)) == round(n_j / 1e6) and float(line.group(4)) == round(judge / 1e9, 1)
+    assert float(line.group(1)) == pytest.approx(float(line.group(2)) + judge / 1e9, abs=0.1)
+
+
+def test_judge_size_counts_parameters_from_the_safetensors_headers(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from cluster.budget import JudgeSize
+
+    tool = _tool()
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8, "num_hidden_layers": 2, "vocab_size": 11}))
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"c": torch.zeros(2, 2, 2)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    cfg = load_config(TINY, [f"eval.judge={tmp_path}"])
+    assert tool.judge_size(cfg, 999) == JudgeSize(tmp_path.name, 12 + 5 + 8, 11, 8, 2)
+    assert tool.judge_size(load_config(TINY, ["eval.judge=''"]), 999) is None
+    assert JudgeSize("j", 25, 11, 8, 2).bytes_for(batch=3, length=7) == 4 * 25 + 3 * 7 * 11 * 20 + 3 * 7 * 8 * 4 * 3
