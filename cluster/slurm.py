@@ -258,20 +258,7 @@ def downstream(stages: Sequence[Stage], name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _last_error_line(log: str, max_bytes: int = 65536) -> str:
-    """The child's last error message in the task's stderr log (its tail), for the failure reason."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, os.path.getsize(log) - max_bytes))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        text = line.strip()
-        if text and not line[0].isspace() and not text.startswith(("srun:", "slurmstepd", "submitit")) \
-                and re.search(r"error|exception", text, re.I):
-            return text[:300]
-    return ""
+_last_error_line = pipeline.last_error_line  # one home: cluster/pipeline.py (--local reads logs too)
 
 
 def _mark_cancelled(run_dir: Path, name: str, entry: Mapping[str, Any], why: str) -> None:

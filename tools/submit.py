@@ -90,6 +90,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, list[str]
     cfg = load_config(args.config, args.overrides)
     cfg, problems = resolve_paths(cfg, Path.cwd())
     run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
+    check_run_dir(run_dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
         stored = load_config(saved)
@@ -100,6 +101,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, list[str]
             raise ConfigError(f"{saved}: the run folder was made with another config (differs at "
                               f"{', '.join(diff[:8])}); use a new --run-dir or the folder's own config")
     return cfg, run_dir, problems
+
+
+def check_run_dir(run_dir: Path, flag: str = "--run-dir") -> None:
+    """A run folder must be a folder (or not exist yet): anything else is refused in one line."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"bad flag '{flag}': {run_dir} exists and is not a folder (a run folder is a directory; "
+                          "pick another path)")
 
 
 def _diff(a: RunConfig, b: RunConfig) -> list[str]:
@@ -278,6 +286,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.status is not None:
+            check_run_dir(args.status.resolve(), "--status")
             return status(args.status)
         cfg, run_dir, problems = resolve_config(args)
         if args.local:
