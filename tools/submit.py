@@ -197,7 +197,11 @@ def judge_size(cfg: RunConfig, n_params: int) -> JudgeSize | None:
         for key, t in header.items():
             if key != "__metadata__":
                 params += math.prod(t["shape"])
-    return JudgeSize(Path(judge).name, params or 12 * layers * d * d + vocab * d, vocab, d, layers)
+    path = Path(judge)
+    # a hub name resolved at submit time is HF_HUB_CACHE/models--org--name/snapshots/<commit>
+    name = (path.parent.parent.name.removeprefix("models--").replace("--", "/") if path.parent.name == "snapshots"
+            else path.name)
+    return JudgeSize(name, params or 12 * layers * d * d + vocab * d, vocab, d, layers)
 
 
 def local_gpus() -> int:

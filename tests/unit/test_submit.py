@@ -415,4 +415,7 @@ def test_judge_size_counts_parameters_from_the_safetensors_headers(tmp_path: Pat
     cfg = load_config(TINY, [f"eval.judge={tmp_path}"])
     assert tool.judge_size(cfg, 999) == JudgeSize(tmp_path.name, 12 + 5 + 8, 11, 8, 2)
     assert tool.judge_size(load_config(TINY, ["eval.judge=''"]), 999) is None
+    snap = cached_hub_repo(tmp_path / "hub", "openai-community/gpt2-large")  # a hub name resolved at submit
+    (snap / "config.json").write_text((tmp_path / "config.json").read_text())
+    assert tool.judge_size(load_config(TINY, [f"eval.judge={snap}"]), 999).name == "openai-community/gpt2-large"
     assert JudgeSize("j", 25, 11, 8, 2).bytes_for(batch=3, length=7) == 4 * 25 + 3 * 7 * 11 * 20 + 3 * 7 * 8 * 4 * 3
