@@ -3,7 +3,7 @@ sources (kuleshov-group/mdlm @c112c52, the hub repository kuleshov-group/mdlm-ow
 @9172b86), and a condensed re-statement of the hub's remote code to load an export through.
 
 Who reads what:
-- MDLM ``diffusion.py:105-107`` (``backbone: hf_dit``) and SDTT ``multi_round_sdtt.py:180-188`` load the
+- MDLM ``diffusion.py:105-107`` (``backbone: hf_dit``) and SDTT ``multi_round_sdtt.py:170-178`` load the
   teacher with ``AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)``: the ``auto_map``
   of config.json names ``configuration_mdlm.MDLMConfig`` and ``modeling_mdlm.MDLM``.
 - The hub's ``MDLMConfig.__init__`` reads eight fields (below, with the types of mdlm-owt's
@@ -13,8 +13,9 @@ Who reads what:
   ``[batch, length, vocab_size]``, otherwise a ``MaskedLMOutput``.
 - MDLM ``diffusion.py:316`` calls ``self.backbone(x, sigma)`` positionally and indexes the result as a
   tensor (``_subs_parameterization``: ``logits[:, :, self.mask_index] += self.neg_infinity``, with
-  ``mask_index = vocab_size - 1`` = the tokenizer's size); SDTT ``multi_round_sdtt.py:210-222`` does the
-  same with ``self.teacher[0](xt, cond)``. An output object there raises
+  ``mask_index`` = the tokenizer's size, the last row, ``diffusion.py:87, 261-263``); SDTT
+  ``multi_round_sdtt.py:220, 229, 236`` does the same with ``self.backbone(xt, cond)`` and
+  ``self.teacher[0](xt, cond)``. An output object there raises
   ``TypeError: tuple indices must be integers or slices, not tuple``.
 - The weights are ``model.safetensors`` under ``backbone.`` (MDLM's ``MDLM.backbone = DITBackbone``),
   the rotary table ``backbone.rotary_emb.inv_freq`` included (a persistent buffer there).

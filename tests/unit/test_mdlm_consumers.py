@@ -71,7 +71,7 @@ def test_export_runs_in_mdlm_and_sdtt_forward(tmp_path):
     xt[:, ::3] = mask_index
     sigma = torch.rand(3, generator=g)
     with torch.no_grad():
-        logits = model(xt, sigma)  # diffusion.py:316, multi_round_sdtt.py:214: positional, no kwargs
+        logits = model(xt, sigma)  # diffusion.py:316, multi_round_sdtt.py:220/229: positional, no kwargs
         assert isinstance(logits, torch.Tensor) and logits.shape == (3, CFG.max_seq_len, CFG.vocab_size + 1)
         torch.testing.assert_close(logits, ours(xt, sigma), atol=1e-5, rtol=1e-5)
         log_probs = _subs(logits.clone(), xt, mask_index)
