@@ -22,12 +22,13 @@ endif
 venv: $(STAMP)
 
 # torch first and pinned: 2.13.0 is the tested CPU build, and installing it before anything that
-# depends on torch keeps pip from pulling a multi-GB CUDA wheel.
-$(STAMP): pyproject.toml
+# depends on torch keeps pip from pulling a multi-GB CUDA wheel. Everything else at the versions of
+# the tested environment (constraints.txt; pyproject.toml holds the ranges).
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: $(STAMP)

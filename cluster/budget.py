@@ -16,8 +16,15 @@ Per stage and in total:
   peak activation estimate for one micro-batch b of length L: 34 b L d bytes per layer in bf16
   (Korthikanti et al. 2022, flash attention: no L^2 term; doubled in fp32) plus the logits,
   b L (V+1) x (bf16 copy + fp32 copy + fp32 log-softmax) = 10 bytes per logit in bf16. Frozen-model
-  stages hold 2 N (bf16) weights and the logits of one batch. Estimates: the allocator, NCCL buffers
-  and fragmentation come on top.
+  stages hold 2 N (bf16) weights and the logits of one batch. An evaluation also holds its judge
+  (``eval.judge``, a causal LM run in fp32 as trainer/evaluation/text.py runs it): 4 N_j bytes of
+  weights, and for one batch b of L tokens its fp32 logits, their fp64 copy and fp64 log-softmax
+  (b L V_j x 20 bytes) plus every layer's fp32 hidden state (b L d_j x 4 bytes x (layers + 1), it
+  asks for them all). Estimates: the allocator, NCCL buffers and fragmentation come on top.
+* an evaluation samples every (step count, temperature) of its plan: ``eval.steps`` at temperature
+  1, plus ``eval.temperatures`` at each round's count for the teacher and the control and at its own
+  count for a student (trainer/jobs/evaluate.py ``sweep_plan``); the judge reads every sample once
+  per row.
 * **target bytes** per round and for all rounds (offline mode), from the codec's bytes per masked
   position (half the positions are masked on average: t ~ U(0, 1)) plus the int32 noised sequence
   and the tar/npy headers. With ``targets.keep: false`` a round's shards are removed once its distill
@@ -48,6 +55,25 @@ class TargetSize:
 
 
 @dataclass(frozen=True)
+class JudgeSize:
+    """What the budget needs of the evaluation's judge (read from its config.json and weights by
+    tools/submit.py): parameters, vocabulary, width, layers."""
+
+    name: str
+    params: int
+    vocab_size: int
+    d_model: int
+    n_layers: int
+
+    def bytes_for(self, batch: int, length: int) -> float:
+        """Peak bytes on the GPU: fp32 weights + one batch's logits (fp32, fp64 copy, fp64
+        log-softmax) + every layer's fp32 hidden state (module doc)."""
+        logits = batch * length * self.vocab_size * (4 + 8 + 8)
+        hidden = batch * length * self.d_model * 4 * (self.n_layers + 1)
+        return float(4 * self.params + logits + hidden)
+
+
+@dataclass(frozen=True)
 class StageBudget:
     stage: str
     res: StageResources
@@ -57,6 +83,7 @@ class StageBudget:
     state_bytes: float  # per GPU: weights + gradients + optimizer + EMA (training) or weights (inference)
     activation_bytes: float  # per GPU: peak activations + logits, estimate
     target_bytes: float  # written by this stage (targets_R)
+    judge_bytes: float = 0.0  # per GPU, eval stages: the judge's weights + activations (in the two above)
 
     @property
     def memory_bytes(self) -> float:
@@ -112,8 +139,23 @@ def _micro(global_batch: int, micro: int, world: int) -> int:
     return micro or per_rank
 
 
-def stage_budget(st: Stage, cfg: RunConfig, res: StageResources, n: int, size: TargetSize) -> StageBudget:
+def eval_plan(cfg: RunConfig, stage: str) -> set[tuple[int, float]]:
+    """(step count, temperature) rows an evaluation stage samples: eval.steps at 1, plus the sweep
+    (trainer/jobs/evaluate.py sweep_plan: the teacher, eval_0, and the control at every round's
+    count; a student at its own)."""
+    plan = {(int(s), 1.0) for s in cfg.eval.steps}
+    which = stage.split("_", 1)[1] if "_" in stage else "0"
+    if which in ("0", "control"):
+        counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
+    else:
+        counts = [cfg.distill.start_steps // 2 ** int(which)]
+    return plan | {(n, float(t)) for n in counts for t in cfg.eval.temperatures}
+
+
+def stage_budget(st: Stage, cfg: RunConfig, res: StageResources, n: int, size: TargetSize,
+                 judge: JudgeSize | None = None) -> StageBudget:
     kind, L, W = stage_kind(st.name), cfg.data.seq_len, res.world_size
+    judge_bytes = 0.0
     bf16 = res.gpus_per_node > 0 and cfg.engine.precision != "fp32" or cfg.engine.precision == "bf16"
     zero = cfg.engine.zero_stage
     tokens = flop = state = act = targets = 0.0
@@ -138,16 +180,25 @@ def stage_budget(st: Stage, cfg: RunConfig, res: StageResources, n: int, size: T
         act = activation_bytes(cfg, cfg.targets.batch_size, bf16, train=False)
         targets = cfg.targets.num_samples * size.expected
     elif kind == "eval":
-        tokens = float(cfg.eval.num_samples) * L * sum(cfg.eval.steps)  # every step a full forward (no cache)
+        plan = eval_plan(cfg, st.name)
+        tokens = float(cfg.eval.num_samples) * L * sum(s for s, _ in plan)  # every step a full forward (no cache)
         flop = 2.0 * n * tokens
         state = (2 if bf16 else 4) * n
         act = activation_bytes(cfg, cfg.eval.batch_size, bf16, train=False)
-    return StageBudget(st.name, res, res.gpu_hours, tokens, flop, state, act, targets)
+        if judge is not None:  # every row's samples through the judge once
+            judged = float(cfg.eval.num_samples) * L * len(plan)
+            tokens += judged
+            flop += 2.0 * judge.params * judged
+            state += 4 * judge.params
+            judge_bytes = judge.bytes_for(cfg.eval.batch_size, L)
+            act += judge_bytes - 4 * judge.params
+    return StageBudget(st.name, res, res.gpu_hours, tokens, flop, state, act, targets, judge_bytes)
 
 
 def budget(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, n_params: int, size: TargetSize,
-           run_name: str = "sdtt") -> Budget:
-    rows = [stage_budget(st, cfg, stage_resources(st, cfg, spec, run_name), n_params, size) for st in stages]
+           run_name: str = "sdtt", judge: JudgeSize | None = None) -> Budget:
+    rows = [stage_budget(st, cfg, stage_resources(st, cfg, spec, run_name), n_params, size, judge)
+            for st in stages]
     per_round = cfg.targets.num_samples * size.expected if cfg.distill.mode == "offline" else 0.0
     rounds = cfg.distill.rounds
     return Budget(rows, n_params, per_round, per_round * rounds,
@@ -172,7 +223,7 @@ def _n(x: float) -> str:
     return f"{x:.0f}"
 
 
-def render(b: Budget, cfg: RunConfig) -> list[str]:
+def render(b: Budget, cfg: RunConfig, judge: JudgeSize | None = None) -> list[str]:
     """The budget table and totals, as printed by ``--dry-run``."""
     out = ["", "budget (one attempt of every stage; GPU-h reserved = nodes x GPUs x time limit):",
            f"  {'stage':<13} {'nodes x tasks':>13} {'GPUs':>5} {'time':>11} {'GPU-h':>9} {'tokens':>9} "
@@ -193,6 +244,18 @@ def render(b: Budget, cfg: RunConfig) -> list[str]:
             f"6 N per trained token, 2 N per inferred token, N = {b.params:,}",
             f"  memory per GPU, largest stage: {_b(max((s.memory_bytes for s in b.stages), default=0))} "
             f"(ZeRO-{cfg.engine.zero_stage}; estimate, allocator and NCCL buffers not included)"]
+    evals = [s for s in b.stages if stage_kind(s.stage) == "eval"]
+    if evals:
+        e = max(evals, key=lambda s: s.memory_bytes)
+        if judge is not None:
+            what = (f"judge {judge.name}, {judge.params / 1e6:,.0f}M parameters in fp32, "
+                    f"{_b(e.judge_bytes)} at batch {cfg.eval.batch_size}")
+        elif cfg.eval.judge:
+            what = f"judge {cfg.eval.judge} NOT counted: its size is unknown (no config.json there)"
+        else:
+            what = "no judge (eval.judge is empty)"
+        out.append(f"  eval memory per GPU: {_b(e.memory_bytes)} = sampler {_b(e.memory_bytes - e.judge_bytes)} "
+                   f"+ {what}")
     if b.target_bytes_per_round:
         keep = "targets.keep=true: every round kept" if cfg.targets.keep else \
             "targets.keep=false: a round's shards removed once its distill is done"
@@ -202,5 +265,5 @@ def render(b: Budget, cfg: RunConfig) -> list[str]:
     return out
 
 
-__all__ = ["Budget", "StageBudget", "TargetSize", "budget", "render", "model_state_bytes", "activation_bytes",
-           "gpu_hours_needed", "PEAK_BF16_FLOPS"]
+__all__ = ["Budget", "JudgeSize", "StageBudget", "TargetSize", "eval_plan", "budget", "render",
+           "model_state_bytes", "activation_bytes", "gpu_hours_needed", "PEAK_BF16_FLOPS"]

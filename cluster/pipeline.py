@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -224,6 +225,33 @@ def local_command(stage: Stage, run_dir: Path, nproc: int, overrides: list[str])
     return [*stage.command(run_dir), *overrides]
 
 
+# A job's own one-line error (trainer.jobs.common.entry: "error (rank r): ..."), preferred over the
+# launcher's lines after it (torchrun's ChildFailedError, srun's "error: ... task 0: Exited").
+JOB_ERROR = re.compile(r"^error( \(rank \d+\))?: ")
+
+
+def last_error_line(log: str | Path, start: int = 0, max_bytes: int = 65536) -> str:
+    """The failed job's error message in its log, read from byte ``start`` (this attempt's output)
+    over the last ``max_bytes``: the last ``error (rank r): ...`` line the job printed, else the last
+    unindented line mentioning an error or exception that is not the launcher's. "" when none."""
+    try:
+        with open(log, "rb") as f:
+            size = os.path.getsize(log)
+            f.seek(max(start, size - max_bytes, 0))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    own = [line.strip() for line in lines if JOB_ERROR.match(line)]
+    if own:
+        return own[-1][:300]
+    for line in reversed(lines):
+        text = line.strip()
+        if text and not line[0].isspace() and not text.startswith(("srun:", "slurmstepd", "submitit")) \
+                and re.search(r"error|exception", text, re.I):
+            return text[:300]
+    return ""
+
+
 def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: list[str] | None = None,
               log=print) -> None:
     """Run the pending stages in order; stop at the first failure, naming the stage and its log."""
@@ -241,12 +269,16 @@ def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: lis
         log(f"[{st.name}] {' '.join(cmd)}" + ("" if _tee() else f"\n    log: {logs / (st.name + '.log')}"))
         t0 = time.time()
         mark(run_dir, st, "running")
-        with open(logs / f"{st.name}.log", "ab") as out:
+        log_file = logs / f"{st.name}.log"
+        with open(log_file, "ab") as out:
+            start = out.tell()  # the log is appended to: read only this attempt's output
             rc = subprocess.call(cmd, env=env, stdout=out if not _tee() else None,
                                  stderr=subprocess.STDOUT if not _tee() else None)
         if rc != 0:
-            mark(run_dir, st, "failed", returncode=rc)
-            raise RuntimeError(f"stage '{st.name}' failed with exit code {rc}; see {logs / (st.name + '.log')}")
+            why = last_error_line(log_file, start) if not _tee() else ""
+            mark(run_dir, st, "failed", returncode=rc, **({"reason": why} if why else {}))
+            raise RuntimeError(f"stage '{st.name}' failed with exit code {rc}" + (f": {why}" if why else "")
+                               + f"; log: {log_file}")
         if not (run_dir / st.product).exists():
             mark(run_dir, st, "failed", returncode=rc)
             raise RuntimeError(f"stage '{st.name}' exited 0 but did not write {run_dir / st.product}")

@@ -258,20 +258,7 @@ def downstream(stages: Sequence[Stage], name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _last_error_line(log: str, max_bytes: int = 65536) -> str:
-    """The child's last error message in the task's stderr log (its tail), for the failure reason."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, os.path.getsize(log) - max_bytes))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        text = line.strip()
-        if text and not line[0].isspace() and not text.startswith(("srun:", "slurmstepd", "submitit")) \
-                and re.search(r"error|exception", text, re.I):
-            return text[:300]
-    return ""
+_last_error_line = pipeline.last_error_line  # one home: cluster/pipeline.py (--local reads logs too)
 
 
 def _mark_cancelled(run_dir: Path, name: str, entry: Mapping[str, Any], why: str) -> None:
@@ -590,6 +577,8 @@ def executor_parameters(res: StageResources, cfg: RunConfig, code_dir: Path, dep
         "cpus_per_task": res.cpus_per_task, "mem": res.mem,
         "time": res.time_min, "signal_delay_s": cfg.slurm.signal_lead_s,
         "setup": setup_lines(cfg, code_dir, env or {}),
+        # srun options of the job step (containers: pyxis --container-image, ...), after submitit's own.
+        **({"srun_args": list(cfg.slurm.srun_args)} if cfg.slurm.srun_args else {}),
         # Held until the whole chain is recorded (submit_chain releases it).
         "additional_parameters": {"requeue": res.requeue, "hold": True,
                                   **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node > 0 else {}),

@@ -12,8 +12,9 @@ Paths: every path in the config or its overrides (data.tokenizer, data.paths, da
 teacher.import_path, eval.judge, eval.ar_path), --config and --run-dir are read against the directory
 you run this from, and the run's config.yaml stores them absolute: jobs run elsewhere (SLURM: in the
 run's code snapshot). A path the run reads that does not exist is an error here, naming the key,
-never inside a queued job. eval.judge may also be a Hugging Face hub name (e.g. gpt2-large, loaded
-from the local HF cache): a value that exists, or starts with / ./ ../ ~, is a path; others are names.
+never inside a queued job. eval.judge may also be a Hugging Face hub name (e.g. gpt2-large): a value
+that exists, or starts with / ./ ../ ~, is a path; others are names, resolved here to their snapshot in
+the local HF cache (no network) or refused with the `hf download` command that fetches them.
 
 --time and slurm.stages.<kind>.time follow sbatch's grammar: 30 = 30:00 = 30 minutes, 4:00:00,
 1-12 (36 hours), 2-00:00:00.
@@ -25,6 +26,7 @@ stages that are done and resumes the rest; a config that differs from the folder
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -34,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster import pipeline  # noqa: E402
-from cluster.budget import TargetSize, budget, render  # noqa: E402
+from cluster.budget import JudgeSize, TargetSize, budget, render  # noqa: E402
 from cluster.resources import ClusterSpec, job_environment, stage_resources, validate_fit  # noqa: E402
 from trainer.config import (  # noqa: E402
     ConfigError,
@@ -88,6 +90,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, list[str]
     cfg = load_config(args.config, args.overrides)
     cfg, problems = resolve_paths(cfg, Path.cwd())
     run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
+    check_run_dir(run_dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
         stored = load_config(saved)
@@ -98,6 +101,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, list[str]
             raise ConfigError(f"{saved}: the run folder was made with another config (differs at "
                               f"{', '.join(diff[:8])}); use a new --run-dir or the folder's own config")
     return cfg, run_dir, problems
+
+
+def check_run_dir(run_dir: Path, flag: str = "--run-dir") -> None:
+    """A run folder must be a folder (or not exist yet): anything else is refused in one line."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"bad flag '{flag}': {run_dir} exists and is not a folder (a run folder is a directory; "
+                          "pick another path)")
 
 
 def _diff(a: RunConfig, b: RunConfig) -> list[str]:
@@ -159,6 +169,41 @@ def target_size(cfg: RunConfig) -> TargetSize:
     return TargetSize(expected, shards.max_sample_bytes(cfg.targets.codec, cfg.targets.k, V, L))
 
 
+def judge_size(cfg: RunConfig, n_params: int) -> JudgeSize | None:
+    """The evaluation judge's size for the budget: the run's AR model (eval.judge=ar, the diffusion
+    model's shape), or a Hugging Face folder's config.json (GPT-2's n_embd/n_layer or the generic
+    hidden_size/num_hidden_layers) with its parameters counted from the safetensors headers (shapes
+    only, no weights read; 12 L d^2 + V d without them). None without a judge or a config.json."""
+    import json
+
+    judge = cfg.eval.judge
+    if not judge:
+        return None
+    if judge == "ar":
+        m = cfg.model
+        return JudgeSize("ar", n_params, m.vocab_size, m.d_model, m.n_layers)
+    conf = Path(judge) / "config.json"
+    try:
+        c = json.loads(conf.read_text())
+        d = int(c.get("n_embd", c.get("hidden_size")))
+        layers = int(c.get("n_layer", c.get("num_hidden_layers")))
+        vocab = int(c["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    params = 0
+    for f in sorted(Path(judge).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, t in header.items():
+            if key != "__metadata__":
+                params += math.prod(t["shape"])
+    path = Path(judge)
+    # a hub name resolved at submit time is HF_HUB_CACHE/models--org--name/snapshots/<commit>
+    name = (path.parent.parent.name.removeprefix("models--").replace("--", "/") if path.parent.name == "snapshots"
+            else path.name)
+    return JudgeSize(name, params or 12 * layers * d * d + vocab * d, vocab, d, layers)
+
+
 def local_gpus() -> int:
     try:
         import torch
@@ -189,6 +234,8 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
         print(f"job environment: {key}={value}")
     for line in cfg.slurm.setup:
         print(f"job setup: {line}")
+    if cfg.slurm.srun_args:
+        print(f"job step: srun ... {' '.join(cfg.slurm.srun_args)}")
     for st in stages:
         res = stage_resources(st, cfg, spec, run_dir.name)
         state = "" if st.name in todo else "  (done: skipped)"
@@ -198,7 +245,8 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
               f"time {res.time_min // 60}h{res.time_min % 60:02d}m{state}")
         print(f"  python -m {st.module} --run-dir {run_dir} {' '.join(st.args)}".rstrip())
         print(f"  #SBATCH {' '.join(res.sbatch_lines())}")
-    for line in render(budget(stages, cfg, spec, n, target_size(cfg), run_dir.name), cfg):
+    judge = judge_size(cfg, n)
+    for line in render(budget(stages, cfg, spec, n, target_size(cfg), run_dir.name, judge), cfg, judge):
         print(line)
 
 
@@ -242,6 +290,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.status is not None:
+            check_run_dir(args.status.resolve(), "--status")
             return status(args.status)
         cfg, run_dir, problems = resolve_config(args)
         if args.local:

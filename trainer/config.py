@@ -216,7 +216,7 @@ class EvalConfig:
     num_samples: int = 256
     batch_size: int = 64
     weights: str = "ema"  # which exported weights are evaluated: ema | raw
-    judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path) or a local HF model dir
+    judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path), a local HF model dir or a cached hub name
     ar_path: str = ""  # the AR model's export dir; "" = <run>/ar/export (trainer.jobs.pretrain --ar)
     seed: int = 1
     # Sampling temperatures swept at the compared step counts (each round's count, for the teacher
@@ -307,6 +307,10 @@ class SlurmConfig:
     # allowed, e.g. "NCCL_*") whose values are copied from the submitting shell at submit time.
     env: dict[str, str] = field(default_factory=dict)
     env_from_shell: list[str] = field(default_factory=list)
+    # Extra srun options of every job step, e.g. a container (pyxis/enroot):
+    # ["--container-image=/images/sdtt.sqsh", "--container-mounts=/data:/data"]. slurm.setup lines run
+    # on the batch host before srun, outside the container; these reach the tasks themselves.
+    srun_args: list[str] = field(default_factory=list)
     # Per kind of stage: time limits, node/GPU counts, CPU-only stages (see StageSlurmConfig).
     stages: dict[str, StageSlurmConfig] = field(default_factory=_default_stage_slurm)
 
@@ -557,6 +561,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 < sl.signal_lead_s < sl.time_min * 60, source, "slurm.signal_lead_s",
            "must be positive and shorter than the time limit")
     _check(sl.max_requeues >= 0, source, "slurm.max_requeues", "must be >= 0")
+    for i, arg in enumerate(sl.srun_args):
+        _check(arg.startswith("-") and "\n" not in arg, source, f"slurm.srun_args[{i}]",
+               f"{arg!r} is not an srun option (one option per entry, e.g. --container-image=IMAGE)")
     for i, line in enumerate(sl.setup):
         _check("\n" not in line, source, f"slurm.setup[{i}]", "one shell line per entry (no newline)")
     for opt in sl.additional:
@@ -618,7 +625,9 @@ def format_slurm_time(minutes: int) -> str:
 #   glob     data.paths: globs made absolute; each must match at least one file
 #   name     path or Hugging Face hub name (eval.judge): a value that exists, or that looks like a
 #            path (absolute, or starting with ./ ../ ~), is a path and must exist; anything else
-#            (e.g. gpt2-large, org/model) is kept as a name, loaded from the local HF cache.
+#            (e.g. gpt2-large, org/model) is a hub name, looked up in the local HF cache now (no
+#            network) and replaced by its snapshot folder; a name not cached is refused with the
+#            `hf download` command that fetches it (a compute node may have no network at all).
 PATH_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "data.tokenizer": ("path", ("byte",)),
     "data.paths": ("glob", ()),
@@ -658,6 +667,35 @@ def _used(cfg: RunConfig, key: str) -> bool:
     return True
 
 
+# What a judge needs of a hub repository: its weights, config and tokenizer, not every framework's.
+HUB_JUDGE_FILES = ("*.safetensors", "*.json", "*.txt")
+
+
+def hub_download_command(name: str) -> str:
+    includes = " ".join(f"--include '{p}'" for p in HUB_JUDGE_FILES)
+    return f"hf download {name} {includes}"
+
+
+def hub_snapshot(name: str) -> tuple[str, str]:
+    """(the local snapshot folder of hub repository ``name``, "") from the Hugging Face cache
+    (HF_HOME / HF_HUB_CACHE), without network; or ("", why not, with the command that fetches it)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        return "", f"'{name}' is a Hugging Face hub name, but huggingface_hub is not installed (pip install -e '.[hf]')"
+    fetch = f"fetch it with: {hub_download_command(name)}"
+    try:
+        folder = Path(snapshot_download(name, local_files_only=True))
+    except HFValidationError:
+        return "", f"'{name}' is neither an existing path nor a valid hub repository name"
+    except (LocalEntryNotFoundError, OSError):
+        return "", f"'{name}' is not in the local Hugging Face cache; {fetch}"
+    if not (folder / "config.json").is_file():
+        return "", f"'{name}' is cached at {folder} without its config.json (a partial download); {fetch}"
+    return str(folder), ""
+
+
 def resolve_paths(cfg: RunConfig, base: str | Path) -> tuple[RunConfig, list[str]]:
     """A copy of ``cfg`` with every path of :data:`PATH_KEYS` absolute against ``base``, and the
     problems found (``"bad config key 'data.tokenizer': tokenizers/gpt2 -> /abs/tokenizers/gpt2
@@ -688,7 +726,13 @@ def resolve_paths(cfg: RunConfig, base: str | Path) -> tuple[RunConfig, list[str
                 setattr(holder, name, candidate)
                 if not Path(candidate).exists() and _used(out, key):
                     problems.append(f"bad config key '{key}': '{value}' does not exist (as {candidate})")
-            continue  # a hub name: kept as written
+            elif _used(out, key):  # a hub name: its cached snapshot, or the command that fetches it
+                snapshot, problem = hub_snapshot(value)
+                if snapshot:
+                    setattr(holder, name, snapshot)
+                else:
+                    problems.append(f"bad config key '{key}': {problem}")
+            continue
         resolved_value = _abs(value, base)
         setattr(holder, name, resolved_value)
         if kind == "path" and _used(out, key) and not Path(resolved_value).exists():

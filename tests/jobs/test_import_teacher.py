@@ -29,3 +29,17 @@ def test_shape_mismatch_is_refused_naming_the_key(tmp_path):
                    f"teacher.import_path={src}", nproc=1, config=None, check=False)
     assert proc.returncode == 2 and "vocab_embed.embedding" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "teacher" / "export").exists()
+
+
+def test_an_sdtt_published_student_becomes_the_teacher(tmp_path):
+    """SDTT's MultiRoundSDTT dump of a student distilled from the hub's mdlm-owt (backbone.backbone.* keys,
+    its Hydra config.json; tests/unit/test_mdlm_import.py states the layout) through the real job."""
+    from tests.unit.test_mdlm_import import sdtt_hydra_config
+
+    sd = mdlm_state_dict(seed=7)
+    src = write_checkpoint(tmp_path / "sdtt-kld-7", sd, prefix="backbone.backbone.", config=sdtt_hydra_config())
+    run = tmp_path / "run"
+    run_job("trainer.jobs.import_teacher", run, *SHAPE, "teacher.source=import", f"teacher.import_path={src}",
+            nproc=1, config=None)
+    state, _ = load_exported(run / "teacher" / "export", "raw")
+    assert all(torch.equal(state[k], sd[k]) for k in state) and set(state) == set(sd) - {"rotary_emb.inv_freq"}

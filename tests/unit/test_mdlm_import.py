@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tests.helpers import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, write_checkpoint
 from trainer.model.mdlm_import import MDLMImportError, import_mdlm, infer_model_config, load_mdlm_state_dict
@@ -157,3 +158,47 @@ def test_pickle_checkpoints_are_refused(tmp_path, monkeypatch):
     ckpt.write_bytes(b"not looked at")
     with pytest.raises(MDLMImportError, match="last.ckpt: refusing a pickle checkpoint"):
         load_mdlm_state_dict(ckpt)
+
+
+def sdtt_hydra_config(start_from_hf=True, model_type="ddit-orig", time_conditioning=False):
+    """The parts of SDTT's Hydra config that MultiRoundSDTT.push_to_hub saves as config.json
+    (configs/config.yaml, model/dit-orig-small.yaml, parameterization/multi-round-sdtt.yaml), at the
+    test's small shape."""
+    return {"mode": "train", "time_conditioning": time_conditioning, "T": 0,
+            "model": {"name": "small", "type": model_type, "hidden_size": D, "cond_dim": COND, "length": LENGTH,
+                      "n_blocks": LAYERS, "n_heads": HEADS, "scale_by_sigma": True, "dropout": 0.1,
+                      "tie_word_embeddings": False},
+            "parameterization": {"name": "multi-round-sdtt", "checkpoint_path": "kuleshov-group/mdlm-owt",
+                                 "start_from_hf": start_from_hf, "distill_mode": "kl-bwd", "num_distill_steps": 2},
+            "tokenizer": {"name": "gpt2"}, "training": {"ema": 0.9999, "sampling_eps": 1e-5}}
+
+
+@pytest.mark.parametrize("prefix,start_from_hf", [("backbone.backbone.", True), ("backbone.", False),
+                                                   ("backbone._orig_mod.", False)])
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_sdtt_published_student_imports(tmp_path, prefix, start_from_hf, time_conditioning):
+    """SDTT's MultiRoundSDTT dumps: the module's only weights are its backbone, which is the hub's MDLM
+    (keys backbone.backbone.*, rotary table included) for students started from mdlm-owt, or SDTT's copy
+    of MDLM's DiT (backbone.*) for its own teachers; config.json is the Hydra config."""
+    sd = mdlm_state_dict(seed=4)
+    path = write_checkpoint(tmp_path / "sdtt", sd, prefix=prefix,
+                            config=sdtt_hydra_config(start_from_hf, time_conditioning=time_conditioning))
+    model, cfg = import_mdlm(path)
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.cond_dim) == (V1 - 1, D, LAYERS, HEADS, COND)
+    assert (cfg.max_seq_len, cfg.dropout, cfg.time_conditioning) == (LENGTH, 0.1, time_conditioning)
+    x, sigma = inputs()
+    torch.testing.assert_close(model.eval()(x, sigma).double(),
+                               reference_forward(sd, x, sigma, HEADS, time_conditioning), atol=1e-4, rtol=1e-4)
+
+
+def test_sdtt_layouts_that_are_not_mdlms_are_refused(tmp_path):
+    sd = mdlm_state_dict()
+    path = write_checkpoint(tmp_path / "ddit", sd, config=sdtt_hydra_config(start_from_hf=False, model_type="ddit"))
+    with pytest.raises(MDLMImportError, match=r"config.json: 'model.type' is 'ddit'"):
+        import_mdlm(path)
+    # a student whose keys mix the two prefixes is not one module's state dict
+    mixed = {"backbone.backbone." + k: v for k, v in sd.items()} | {"backbone.extra.weight": torch.zeros(2)}
+    (tmp_path / "mixed").mkdir()
+    save_file(mixed, str(tmp_path / "mixed" / "model.safetensors"))
+    with pytest.raises(MDLMImportError, match=r"unexpected key\(s\) 'backbone.extra.weight'"):
+        import_mdlm(tmp_path / "mixed")

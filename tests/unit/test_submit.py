@@ -154,10 +154,61 @@ def test_executor_gets_the_setup_environment_and_kill_on_invalid_dep(tmp_path: P
     assert params["job_name"] == "r-teacher"
 
 
+def test_srun_args_reach_the_job_step_of_the_script_submitit_writes(tmp_path: Path) -> None:
+    """slurm.srun_args (a pyxis container here) in the sbatch script submitit 1.5 writes: on the srun
+    line that starts the tasks, after the setup lines, which run outside the container."""
+    import submitit
+
+    from cluster.slurm import executor_parameters
+
+    image = ["--container-image=/images/sdtt.sqsh", "--container-mounts=/data:/data,/runs:/runs"]
+    override = "slurm.srun_args=[" + ",".join(f"'{a}'" for a in image) + "]"
+    cfg = load_config(TINY, ["slurm.setup=[module load nccl]", override])
+    st = pipeline.build_chain(cfg)[1]
+    res = stage_resources(st, cfg, ClusterSpec(nodes=1, gpus_per_node=2), "r")
+    ex = submitit.SlurmExecutor(folder=tmp_path / "logs")
+    ex.update_parameters(**executor_parameters(res, cfg, tmp_path, [], {}))
+    script = ex._make_submission_file_text("python -u -m submitit.core._submit x", "uid").splitlines()
+    srun = [line for line in script if line.startswith("srun ")]
+    assert len(srun) == 1 and srun[0].split()[-len(image) - 5:-5] == image, srun
+    assert script.index("module load nccl") < script.index(srun[0])
+    # without it the step is submitit's own
+    plain = executor_parameters(res, load_config(TINY), tmp_path, [], {})
+    assert "srun_args" not in plain
+    with pytest.raises(ConfigError, match=r"slurm.srun_args\[0\].*'container-image=x' is not an srun option"):
+        load_config(TINY, ["slurm.srun_args=[container-image=x]"])
+    proc = submit("--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--dry-run", override)
+    assert proc.returncode == 0 and f"job step: srun ... {' '.join(image)}" in proc.stdout, proc.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------------------
-def test_paths_resolve_against_the_submitting_directory(tmp_path: Path) -> None:
+def cached_hub_repo(cache: Path, name: str, files=("config.json",), revision: str = "0" * 40) -> Path:
+    """A repository in the Hugging Face cache's own layout (models--org--name/refs/main ->
+    snapshots/<commit>/...), as `hf download` leaves it; returns the snapshot folder."""
+    repo = cache / ("models--" + name.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snap = repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in files:
+        (snap / f).write_text("{}")
+    return snap
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_paths_resolve_against_the_submitting_directory(tmp_path: Path, hf_cache: Path) -> None:
+    snapshot = cached_hub_repo(hf_cache, "gpt2-large")
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("hello\n")
     (tmp_path / "mdlm").mkdir()
@@ -170,7 +221,7 @@ def test_paths_resolve_against_the_submitting_directory(tmp_path: Path) -> None:
     assert out.data.paths == [str(tmp_path / "corpus" / "*.txt")]
     assert out.data.tokenizer == str(tmp_path / "tok") and out.data.cache_dir == str(tmp_path / "cache")
     assert out.teacher.import_path == str(tmp_path / "mdlm")
-    assert out.eval.judge == "gpt2-large"  # not a path here: a hub name, kept
+    assert out.eval.judge == str(snapshot)  # not a path here: a hub name, resolved in the local cache
     (tmp_path / "gpt2-large").mkdir()
     assert resolve_paths(cfg, tmp_path)[0].eval.judge == str(tmp_path / "gpt2-large")  # exists: a path
     # Unused paths are not required; a path-like judge that is missing is an error.
@@ -178,6 +229,27 @@ def test_paths_resolve_against_the_submitting_directory(tmp_path: Path) -> None:
                                 tmp_path)
     assert problems == [f"bad config key 'eval.judge': './judges/none' does not exist (as "
                         f"{tmp_path / 'judges' / 'none'})"]
+
+
+def test_a_hub_judge_not_cached_is_refused_with_the_command_that_fetches_it(tmp_path: Path, hf_cache: Path) -> None:
+    cfg = load_config(TINY, ["eval.judge=openai-community/gpt2-large"])
+    _, problems = resolve_paths(cfg, tmp_path)
+    assert problems == ["bad config key 'eval.judge': 'openai-community/gpt2-large' is not in the local Hugging "
+                        "Face cache; fetch it with: hf download openai-community/gpt2-large --include "
+                        "'*.safetensors' --include '*.json' --include '*.txt'"]
+    cached_hub_repo(hf_cache, "openai-community/gpt2-large", files=("merges.txt",))  # interrupted download
+    _, problems = resolve_paths(cfg, tmp_path)
+    assert len(problems) == 1 and "without its config.json (a partial download)" in problems[0]
+    # The tool, as a user runs it (its own process, the cache from HF_HUB_CACHE): one line, rc 2, nothing made.
+    proc = submit("--config", str(TINY), "--local", "--run-dir", str(tmp_path / "run"), "eval.judge=gpt2-large",
+                  extra_env={"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "'gpt2-large' is not in the local Hugging Face cache; fetch it with: hf download gpt2-large" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    cached_hub_repo(hf_cache, "gpt2-large")
+    proc = submit("--config", str(TINY), "--nodes", "1", "--gpus-per-node", "0", "--dry-run", "eval.judge=gpt2-large",
+                  extra_env={"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_missing_path_fails_at_submit_naming_the_key(tmp_path: Path) -> None:
@@ -240,8 +312,11 @@ def test_budget_matches_a_hand_computation() -> None:
     assert b["teacher"].flop == 6 * n * 3_072_000
     # distill: steps_per_round 300 x distill.global_batch_size 32 x 64; targets: 2048 samples x 64 x m=2
     assert b["distill_1"].tokens == 614_400 and b["targets_1"].tokens == 262_144
-    # eval: num_samples 256 x 64 x (4 + 8 + 16 + 32 + 64) forward tokens
-    assert b["eval_0"].tokens == 256 * 64 * 124 == 2_031_616
+    # eval: num_samples 256 x 64 x forward steps: eval.steps (4 + 8 + 16 + 32 + 64) at temperature 1, and
+    # the teacher's sweep at every round's count (64 / 2, 64 / 4, 64 / 8) at the other temperatures 0.9, 1.1
+    assert b["eval_0"].tokens == 256 * 64 * (124 + 2 * (32 + 16 + 8)) == 3_866_624
+    # a student sweeps its own count only: round 2's 16
+    assert b["eval_2"].tokens == 256 * 64 * (124 + 2 * 16)
     # ZeRO-2, W = 8, bf16: 2N weights + 2N/8 grads + 12N/8 optimizer + 4N fp32 EMA = 7.75 N
     assert b["teacher"].state_bytes == pytest.approx(7.75 * n)
     assert model_state_bytes(n, 2, 8, True) == pytest.approx(7.75 * n)
@@ -298,3 +373,49 @@ def test_targets_are_released_only_after_distill_is_recorded_done(tmp_path: Path
     assert [s.name for s in pipeline.pending(run, chain)][:3] == ["eval_0", "targets_1", "distill_1"]
     kept = load_config(TINY)
     assert all(not s.releases for s in pipeline.build_chain(kept))  # targets.keep defaults to true
+
+
+def test_mdlm_owt_dry_run_reserves_within_3x_of_compute_and_counts_the_judge(tmp_path: Path) -> None:
+    """configs/mdlm-owt.yaml on 8 nodes with stand-in inputs (a GPT-2-large config.json as the judge):
+    the reservation is sized per stage, and the eval memory line holds the judge, by hand: fp32 weights
+    (12 L d^2 + V d without weight files) + batch 32 x 1024 x V logits x 20 B + 37 hidden states."""
+    for d in ("tok", "mdlm", "owt", "gpt2-large"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "owt" / "a.parquet").write_bytes(b"")
+    (tmp_path / "gpt2-large" / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "n_embd": 1280, "n_layer": 36, "n_head": 20, "n_positions": 1024, "vocab_size": 50257}))
+    proc = submit("--config", str(REPO / "configs" / "mdlm-owt.yaml"), "--nodes", "8", "--dry-run",
+                  "--run-dir", str(tmp_path / "run"), f"data.paths=[{tmp_path}/owt/*.parquet]",
+                  f"data.tokenizer={tmp_path}/tok", f"teacher.import_path={tmp_path}/mdlm",
+                  f"eval.judge={tmp_path}/gpt2-large")
+    assert proc.returncode == 0, proc.stderr
+    reserved = float(re.search(r"GPU-hours reserved: ([\d,.]+)", proc.stdout).group(1).replace(",", ""))
+    compute = float(re.search(r"GPU-hours of compute: ([\d,.]+)", proc.stdout).group(1).replace(",", ""))
+    assert compute < reserved <= 3 * compute, (reserved, compute)
+    assert "[control]" in proc.stdout and "[eval_control]" in proc.stdout  # the fair control runs
+    n_j = 12 * 36 * 1280**2 + 50257 * 1280
+    judge = 4 * n_j + 32 * 1024 * 50257 * 20 + 32 * 1024 * 1280 * 4 * 37
+    line = re.search(r"eval memory per GPU: ([\d.]+) GB = sampler ([\d.]+) GB \+ judge gpt2-large, "
+                     r"(\d+)M parameters in fp32, ([\d.]+) GB at batch 32", proc.stdout)
+    assert line, proc.stdout
+    assert int(line.group(3)) == round(n_j / 1e6) and float(line.group(4)) == round(judge / 1e9, 1)
+    assert float(line.group(1)) == pytest.approx(float(line.group(2)) + judge / 1e9, abs=0.1)
+
+
+def test_judge_size_counts_parameters_from_the_safetensors_headers(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from cluster.budget import JudgeSize
+
+    tool = _tool()
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8, "num_hidden_layers": 2, "vocab_size": 11}))
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"c": torch.zeros(2, 2, 2)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    cfg = load_config(TINY, [f"eval.judge={tmp_path}"])
+    assert tool.judge_size(cfg, 999) == JudgeSize(tmp_path.name, 12 + 5 + 8, 11, 8, 2)
+    assert tool.judge_size(load_config(TINY, ["eval.judge=''"]), 999) is None
+    snap = cached_hub_repo(tmp_path / "hub", "openai-community/gpt2-large")  # a hub name resolved at submit
+    (snap / "config.json").write_text((tmp_path / "config.json").read_text())
+    assert tool.judge_size(load_config(TINY, [f"eval.judge={snap}"]), 999).name == "openai-community/gpt2-large"
+    assert JudgeSize("j", 25, 11, 8, 2).bytes_for(batch=3, length=7) == 4 * 25 + 3 * 7 * 11 * 20 + 3 * 7 * 8 * 4 * 3

@@ -10,9 +10,12 @@ Only what MDLM's architecture can say is exported: an MLP ratio other than 4 or 
 than 10,000 has no field in MDLM's config and no equivalent in its code, so such a model is refused
 rather than written as a checkpoint that other tools would load wrongly.
 
-To load the folder with ``transformers.AutoModelForMaskedLM.from_pretrained(dir, trust_remote_code=True)``,
-copy MDLM's ``configuration_mdlm.py`` and ``modeling_mdlm.py`` (from the mdlm-owt repository) beside
-it; the ``auto_map`` in config.json names them. They are MDLM's code, not shipped here.
+To load the folder with ``transformers.AutoModelForMaskedLM.from_pretrained(dir, trust_remote_code=True)``
+(what MDLM's ``backbone=hf_dit`` and SDTT's teacher loading call), copy MDLM's ``configuration_mdlm.py``
+and ``modeling_mdlm.py`` (from the mdlm-owt repository) beside it; the ``auto_map`` in config.json names
+them. They are MDLM's code, not shipped here, and load under transformers < 5 (the hub's ``MDLM`` never
+calls ``post_init()``, which transformers 5's loader needs). tests/mdlm_hub.py states what that code
+reads; tests/unit/test_mdlm_consumers.py checks an export against it.
 """
 from __future__ import annotations
 
@@ -54,6 +57,9 @@ def hf_config(cfg: ModelConfig) -> dict:
         "n_heads": cfg.n_heads,
         "dropout": cfg.dropout,
         "time_conditioning": cfg.time_conditioning,
+        # MDLM's diffusion.py and SDTT's distiller index the forward's result as the logits tensor: the
+        # hub's MDLM.forward returns it only when return_dict is false (else a MaskedLMOutput).
+        "return_dict": False,
         "torch_dtype": "float32",
     }
 

@@ -1,10 +1,18 @@
-"""Import a teacher published in MDLM's layout (e.g. kuleshov-group/mdlm-owt, downloaded locally).
+"""Import a teacher published in MDLM's layout (e.g. kuleshov-group/mdlm-owt, downloaded locally), or
+one of SDTT's published students (jdeschena/sdtt revisions), as a teacher or a baseline.
 
 The HF checkpoint is ``model.safetensors`` (MDLM's dit.py module under a ``backbone.`` prefix) plus
 ``config.json`` (vocab_size incl. MASK, hidden_dim, cond_dim, n_blocks, n_heads, model_length,
 dropout, time_conditioning). A raw dit.py state dict without the prefix is accepted too. Our DiT uses
 MDLM's parameter names, so the mapping is a prefix strip; ``rotary_emb.inv_freq`` (a derived buffer,
 non-persistent in our model) is checked against the config and dropped.
+
+SDTT publishes its models as ``MultiRoundSDTT`` dumps (``PyTorchModelHubMixin``: ``model.safetensors``
+of the whole module, ``config.json`` = its Hydra config). The module's only weights are its
+``backbone``: for students started from the hub's mdlm-owt (``parameterization.start_from_hf``) that is
+the hub's ``MDLM``, whose own ``backbone`` is MDLM's DiT, hence ``backbone.backbone.*`` keys; for
+SDTT's own teachers (``model.type: ddit-orig``, a copy of MDLM's dit.py) ``backbone.*``. The shape
+settings come from the Hydra config (``model.hidden_size``, ``model.n_heads``, ``model.length``, ...).
 
 Only safetensors are read: unpickling a .bin/.pt/.ckpt file can execute arbitrary code.
 """
@@ -24,6 +32,8 @@ from trainer.errors import BadInput
 from trainer.model.dit import DiT
 
 PREFIX = "backbone."
+SDTT_HF_PREFIX = "backbone.backbone."  # MultiRoundSDTT.backbone (the hub's MDLM).backbone (MDLM's DiT)
+COMPILED_PREFIX = "_orig_mod."  # a torch.compile'd module's state dict
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 INV_FREQ_KEY = "rotary_emb.inv_freq"
@@ -56,15 +66,46 @@ def _weights_file(path: str | Path) -> Path:
     return path
 
 
+def strip_layout_prefix(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """MDLM's DiT key names from any published layout: SDTT's ``backbone.backbone.`` (students started
+    from the hub model) when its keys carry it, else MDLM's ``backbone.``; torch.compile's
+    ``_orig_mod.`` is dropped first. A key outside the layout keeps its name (and is refused later as
+    unexpected)."""
+    keys = {k.replace(COMPILED_PREFIX, ""): v for k, v in raw.items()}
+    prefix = SDTT_HF_PREFIX if any(k.startswith(SDTT_HF_PREFIX) for k in keys) else PREFIX
+    return {k.removeprefix(prefix): v for k, v in keys.items()}
+
+
 def load_mdlm_state_dict(path: str | Path) -> dict[str, Tensor]:
     """MDLM weights from a directory (its model.safetensors) or a .safetensors file, with the
-    ``backbone.`` prefix stripped where present. Never unpickles."""
+    layout's prefix stripped (:func:`strip_layout_prefix`). Never unpickles."""
     file = _weights_file(path)
     try:
         raw = load_file(file)
     except (SafetensorError, OSError) as e:
         raise MDLMImportError(f"{file}: cannot read safetensors: {e}") from None
-    return {k.removeprefix(PREFIX): v for k, v in raw.items()}
+    return strip_layout_prefix(raw)
+
+
+# SDTT's Hydra config (model.*, top-level time_conditioning) -> MDLM's config.json field names.
+SDTT_MODEL_FIELDS = {"hidden_size": "hidden_dim", "cond_dim": "cond_dim", "n_blocks": "n_blocks",
+                     "n_heads": "n_heads", "length": "model_length", "dropout": "dropout"}
+SDTT_MDLM_TYPE = "ddit-orig"  # SDTT's copy of MDLM's dit.py; its "ddit" is another architecture
+
+
+def from_sdtt_config(raw: Mapping, file: Path) -> dict:
+    """MDLM's config.json fields from SDTT's saved Hydra config (what ``MultiRoundSDTT.from_pretrained``
+    reads back with OmegaConf). A student started from the hub model is MDLM's DiT whatever
+    ``model.type`` says; otherwise only ``ddit-orig`` has MDLM's layout."""
+    model = raw["model"]
+    start_from_hf = bool((raw.get("parameterization") or {}).get("start_from_hf", False))
+    if not start_from_hf and model.get("type", SDTT_MDLM_TYPE) != SDTT_MDLM_TYPE:
+        raise MDLMImportError(f"{file}: 'model.type' is {model.get('type')!r}: only SDTT's "
+                              f"'{SDTT_MDLM_TYPE}' (MDLM's DiT) has the published MDLM layout")
+    out = {ours: model[theirs] for theirs, ours in SDTT_MODEL_FIELDS.items() if theirs in model}
+    if "time_conditioning" in raw:
+        out["time_conditioning"] = raw["time_conditioning"]
+    return out
 
 
 def _read_hf_config(path: str | Path) -> dict:
@@ -73,9 +114,12 @@ def _read_hf_config(path: str | Path) -> dict:
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text())
+        raw = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise MDLMImportError(f"{file}: not valid JSON: {e}") from None
+    if isinstance(raw.get("model"), dict):  # SDTT's Hydra config, not MDLM's flat MDLMConfig
+        return from_sdtt_config(raw, file)
+    return raw
 
 
 def _shape(state_dict: Mapping[str, Tensor], key: str, ndim: int) -> tuple[int, ...]:
