@@ -99,6 +99,25 @@ class SamplingConfig:
     batch_size: int = 64
     cache: bool = True  # reuse the denoiser output when no token changed (time-agnostic models)
     seed: int = 0
+    # Training-free samplers, for every model (trainer/method/diffusion.py); the defaults are MDLM's.
+    top_p: float = 1.0  # nucleus: keep the smallest set of likeliest tokens with mass >= top_p (1 = off)
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the likeliest's (0 = off)
+    order: str = "random"  # random (MDLM) | confidence: unmask the most confident, the schedule's count
+    grid: str = "linear"  # linear (MDLM) | cosine: MaskGIT's cosine schedule of the masked fraction
+
+
+PLAIN_SAMPLER = "plain"  # the name of the evaluation rows drawn with ``sampling.*`` (each model's own sampler)
+
+
+@dataclass
+class SamplerConfig:
+    """A named training-free sampler the evaluation sweeps beside the plain one (``eval.samplers``)."""
+
+    name: str = ""
+    top_p: float = 1.0
+    min_p: float = 0.0
+    order: str = "random"
+    grid: str = "linear"
 
 
 @dataclass
@@ -215,6 +234,10 @@ class EvalConfig:
     # and the control; its own count for a student), to read every model's quality at the data's own
     # entropy (trainer/evaluation/paired.py). 1.0 is always evaluated at every count in eval.steps.
     temperatures: list[float] = field(default_factory=lambda: [1.0])
+    # Training-free samplers of the teacher (round 0) swept like the plain one, at every round's step
+    # count and every temperature: each student is compared with the best of them at equal steps
+    # and at the data's entropy (trainer/evaluation/compare.py ``compare_samplers``). [] = none.
+    samplers: list[SamplerConfig] = field(default_factory=list)
     # True source samples drawn for the reference row (entropy, NLL floor, bigram-KL floor); 0 = none.
     reference_samples: int = 4096
     # Text sources (trainer/evaluation/text.py): MAUVE of this many prefix-conditioned samples
@@ -416,6 +439,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 < df.sampling_eps < 1, source, "diffusion.sampling_eps", "must be in (0, 1)")
     _check(cfg.sampling.steps >= 1, source, "sampling.steps", "must be at least 1")
     _check(cfg.sampling.batch_size >= 1, source, "sampling.batch_size", "must be at least 1")
+    _check_sampler(cfg.sampling, source, "sampling")
 
     o = cfg.optim
     _check(o.lr > 0, source, "optim.lr", "must be positive")
@@ -485,6 +509,14 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _choice(ev.weights, ("ema", "raw"), source, "eval.weights")
     _check(len(ev.temperatures) > 0 and all(float(x) > 0 for x in ev.temperatures), source, "eval.temperatures",
            "must be a non-empty list of positive sampling temperatures")
+    names = [sp.name for sp in ev.samplers]
+    for i, sp in enumerate(ev.samplers):
+        _check(bool(sp.name) and sp.name.replace("_", "").replace("-", "").replace(".", "").isalnum(), source,
+               f"eval.samplers[{i}].name", "must be a non-empty name of letters, digits, '-', '_' or '.'")
+        _check(sp.name not in names[:i], source, f"eval.samplers[{i}].name", f"'{sp.name}' is used twice")
+        _check(sp.name != PLAIN_SAMPLER, source, f"eval.samplers[{i}].name",
+               f"'{PLAIN_SAMPLER}' names the sampling.* sampler")
+        _check_sampler(sp, source, f"eval.samplers[{i}]")
     _check(ev.reference_samples >= 0, source, "eval.reference_samples", "must be >= 0 (0 = no reference row)")
     _check(ev.mauve_samples >= 0, source, "eval.mauve_samples", "must be >= 0 (0 = no MAUVE)")
     _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
@@ -632,6 +664,14 @@ def resolve_paths(cfg: RunConfig, base: str | Path) -> tuple[RunConfig, list[str
         if kind == "path" and _used(out, key) and not Path(resolved_value).exists():
             problems.append(f"bad config key '{key}': '{value}' does not exist (as {resolved_value})")
     return out, problems
+
+
+def _check_sampler(sp, source: str, key: str) -> None:
+    """The training-free sampler options of ``sampling`` or an ``eval.samplers`` entry."""
+    _check(0 < sp.top_p <= 1, source, f"{key}.top_p", "must be in (0, 1] (1 = no nucleus cut)")
+    _check(0 <= sp.min_p < 1, source, f"{key}.min_p", "must be in [0, 1) (0 = no min-p cut)")
+    _choice(sp.order, ("random", "confidence"), source, f"{key}.order")
+    _choice(sp.grid, ("linear", "cosine"), source, f"{key}.grid")
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainer.config import PLAIN_SAMPLER as PLAIN
 from trainer.evaluation import compare, paired
 from trainer.evaluation.sweep import format_table
 from trainer.layout import CONTROL, RunLayout
 
-ROW_KEYS = ("model", "round", "steps", "temperature", "nll", "nll_se", "nll_gap", "gen_ppl", "gen_nll", "entropy",
-            "entropy_se", "bigram_kl", "mauve", "samples", "nfe", "seconds")
+ROW_KEYS = ("model", "round", "steps", "temperature", "sampler", "nll", "nll_se", "nll_gap", "gen_ppl", "gen_nll",
+            "entropy", "entropy_se", "bigram_kl", "mauve", "samples", "nfe", "seconds")
 EXACT = "exact NLL of samples under the source (nats/token)"
 JUDGED = "judge NLL of samples (nats per judge token, = log gen-PPL)"
 
@@ -51,11 +52,14 @@ def collect(run_dir: Path, rounds: int, control: bool = False, ref: dict | None 
     ref = ref or evals[0].get("reference")  # text: held-out rows, measured by the teacher's evaluation
     target = ref["entropy"] if ref else None
     comparisons = compare.compare_all(full, round_steps, target, control_round)
+    samplers = [c for r, n in sorted(round_steps.items()) if r >= 1
+                for c in [compare.compare_samplers(full, r, n, target)] if c is not None]
     return {"entropy_rate": evals[0].get("entropy_rate"), "nll_floor": evals[0].get("nll_floor"),
             "data_entropy": target, "reference": ref,
             "measure": EXACT if any(r.get("nll_per_sample") is not None for r in full) else JUDGED,
             "round_steps": {str(k): v for k, v in round_steps.items()}, "control_round": control_round,
-            "rows": rows, "comparisons": comparisons, "summary": compare.summary(comparisons),
+            "rows": rows, "comparisons": comparisons, "samplers": samplers,
+            "summary": {**compare.summary(comparisons), **compare.sampler_summary(samplers)},
             "frontiers": frontiers(full)}
 
 
@@ -65,14 +69,15 @@ def frontiers(full_rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in full_rows:
         if paired.has_sample_nll(row):
-            groups.setdefault((row["model"], row["round"], row["steps"]), []).append(row)
+            groups.setdefault((row["model"], row["round"], row["steps"], row.get("sampler") or PLAIN), []).append(row)
     out = []
-    for (model, rnd, steps), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+    for (model, rnd, steps, sampler), rows in sorted(groups.items(),
+                                                     key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2], kv[0][3])):
         if len(rows) < 2:
             continue
         rows = sorted(rows, key=lambda r: r["entropy"])
         ests = [paired.sample_nll(r) for r in rows]
-        out.append({"model": model, "round": rnd, "steps": steps,
+        out.append({"model": model, "round": rnd, "steps": steps, "sampler": sampler,
                     "points": [{"temperature": r["temperature"], "entropy": r["entropy"], "nll": e.value,
                                 "nll_se": e.se, "bigram_kl": r.get("bigram_kl"), "mauve": r.get("mauve")}
                                for r, e in zip(rows, ests)]})
@@ -90,7 +95,7 @@ def plot(report: dict, path: Path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     curves: dict[str, list[dict]] = {}
     for row in report["rows"]:
-        if (row.get("temperature") or 1.0) != 1.0:
+        if (row.get("temperature") or 1.0) != 1.0 or (row.get("sampler") or PLAIN) != PLAIN:
             continue
         label = row["model"] if row["model"] != "student" else f"student round {row['round']}"
         curves.setdefault(label, []).append(row)
@@ -133,7 +138,8 @@ def plot_frontiers(report: dict, path: Path):
     if not comps or not report["frontiers"]:
         return None
     fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.8), squeeze=False)
-    fr = {(f["model"], f["round"], f["steps"]): f["points"] for f in report["frontiers"]}
+    fr = {(f["model"], f["round"], f["steps"]): f["points"] for f in report["frontiers"]
+          if (f.get("sampler") or PLAIN) == PLAIN}
     for ax, c in zip(axes[0], comps):
         n, r = c["steps"], c["round"]
         for label, key, style in ((f"teacher {n}", ("teacher", 0, n), "k--"),
@@ -230,6 +236,7 @@ def markdown(report: dict) -> str:
                          f"| {pm(c['student_nll_at_H'])} | {pm(c['student_minus_teacher_at_H'])} | "
                          f"{pm(c['student_minus_control_at_H'])} | {pm(c['control_minus_teacher_at_H'])} |")
         lines += ["", "![quality against entropy](frontier.png)", ""]
+    lines += _sampler_section(report)
     lines += ["## Diversity at temperature 1 (entropy; bigram KL, higher = less diverse)", "",
               "| round | N | teacher H | control H | student H | teacher bigram KL | control bigram KL "
               "| student bigram KL |", "|---|---|---|---|---|---|---|---|"]
@@ -238,6 +245,32 @@ def markdown(report: dict) -> str:
                      f"| {_num(c['student_entropy'])} | {_num(c['teacher_bigram_kl'])} | "
                      f"{_num(c['control_bigram_kl'])} | {_num(c['student_bigram_kl'])} |")
     return "\n".join(lines + _closing(report, ctrl))
+
+
+def _sampler_section(report: dict) -> list[str]:
+    """The student against its teacher's training-free samplers (``eval.samplers``) at equal steps."""
+    comps = report.get("samplers") or []
+    if not comps:
+        return []
+    lines = ["## Against the teacher's training-free samplers at the student's N", "",
+             "Each sampler of `eval.samplers` (and `plain`, the teacher's own) drawn by the teacher at N steps over "
+             "the same temperatures: its NLL at temperature 1 and at the data's entropy, and student − sampler "
+             "(paired over the shared noise; with confidence-ordered unmasking the positions unmasked depend on "
+             "the model, so those pairs are looser and their SE larger). Best = the lowest NLL, chosen on these "
+             "same samples (a selection that favours the samplers); at the data's entropy only interpolated "
+             "reads compete.", ""]
+    for c in comps:
+        lines += [f"### Round {c['round']}: N = {c['steps']} (best at temperature 1: `{c['best']}`; "
+                  f"at the data's entropy: `{c['best_at_H']}`)", "",
+                  "| sampler | NLL at T = 1 | entropy at T = 1 | student − sampler | NLL at data entropy "
+                  "| student − sampler at data entropy |", "|---|---|---|---|---|---|"]
+        for name, v in c["samplers"].items():
+            lines.append(f"| {name} | {pm(v['nll'])} | {_num(v['entropy'])} | {pm(v['student_minus'])} | "
+                         f"{pm(v['nll_at_H'])} | {pm(v['student_minus_at_H'])} |")
+        lines += ["", f"Student − best: {pm(c['student_minus_best'])} at temperature 1, "
+                  f"{pm(c['student_minus_best_at_H'])} at the data's entropy; best sampler − plain at the data's "
+                  f"entropy: {pm(c['best_minus_plain_at_H'])}.", ""]
+    return lines
 
 
 def _closing(report: dict, ctrl: bool) -> list[str]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.config import RunConfig
+from trainer.config import RunConfig, SamplerConfig
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
 from trainer.evaluation.quality import JudgeError, sequence_entropies
 from trainer.method import diffusion, sampling
@@ -244,9 +244,11 @@ def prefix_tokens(cfg: RunConfig) -> int:
 
 
 def conditioned_samples(model: nn.Module, cfg: RunConfig, rows: torch.Tensor, steps: int, prefix: int,
-                        seed: int, device: torch.device, temperature: float = 1.0) -> torch.Tensor:
+                        seed: int, device: torch.device, temperature: float = 1.0,
+                        sampler: SamplerConfig | None = None) -> torch.Tensor:
     """Continuations of held-out ``rows``: their first ``prefix`` tokens clamped, the rest sampled
-    (at ``temperature``, as the unconditional samples of the same evaluation row)."""
+    (at ``temperature`` and with ``sampler``, default ``sampling.*``, as the unconditional samples of
+    the same evaluation row)."""
     mask_id = cfg.model.vocab_size
     denoise = sampling.make_denoiser(model, mask_id, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
     gen = torch.Generator().manual_seed(seed)
@@ -256,7 +258,7 @@ def conditioned_samples(model: nn.Module, cfg: RunConfig, rows: torch.Tensor, st
             denoise, chunk.shape[0], cfg.data.seq_len, steps, mask_id, noise_eps=cfg.diffusion.noise_eps,
             sampling_eps=cfg.diffusion.sampling_eps, generator=gen, device=device,
             cache=cfg.sampling.cache and not cfg.model.time_conditioning, prefix=chunk[:, :prefix],
-            temperature=temperature).cpu())
+            temperature=temperature, **sampling.sampler_options(sampler or cfg.sampling)).cpu())
     return torch.cat(out)
 
 
@@ -320,6 +322,7 @@ class TextEvaluation:
         q_feats = None
         if self.judge is not None and n_mauve >= 2:
             q_feats = features(self.judge, self.decode(held_out[:, p:]), cfg.eval.batch_size)
+        named = {sp.name: sp for sp in cfg.eval.samplers}
         for row in rows:
             samples = row["_samples"]  # its entropy (per sample) is the sweep's (sweep.quality_row)
             row.update(gen_ppl=None, gen_nll=None, judge_tokens=None, mauve=None)
@@ -328,7 +331,8 @@ class TextEvaluation:
             row.update(gen_ppl_text(self.judge, self.decode(samples), cfg.eval.batch_size))
             if q_feats is not None:
                 cont = conditioned_samples(model, cfg, held_out, row["steps"], p, cfg.eval.seed + 1, self.device,
-                                           temperature=float(row.get("temperature") or 1.0))
+                                           temperature=float(row.get("temperature") or 1.0),
+                                           sampler=named.get(row.get("sampler")))
                 p_feats = features(self.judge, self.decode(cont[:, p:]), cfg.eval.batch_size)
                 row["mauve"] = mauve_score(p_feats, q_feats)
                 row["mauve_samples"] = int(n_mauve)

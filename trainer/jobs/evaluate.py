@@ -7,10 +7,10 @@ Round 0 is the teacher, round r >= 1 that round's student; ``--control`` evaluat
 counts of ``eval.steps`` plus every count a round reaches (start, start/2, ...), with the same seed,
 so the report can put the student at N steps beside the teacher at N steps, sample by sample (the
 samples pair up: trainer/evaluation/paired.py). The temperatures of ``eval.temperatures`` are swept
-at the step counts each model is compared at (``sweep_plan``), for the quality-vs-entropy frontier.
-Every row stores its per-sample NLLs and entropies. Writes
-``<model>/eval/metrics.json`` and ``samples.txt``, and the scalars to TensorBoard
-(``eval/<model>/nll@<steps>`` at global step = round).
+at the step counts each model is compared at (``sweep_plan``), for the quality-vs-entropy frontier;
+the teacher also draws there with each training-free sampler of ``eval.samplers``. Every row stores
+its per-sample NLLs and entropies. Writes ``<model>/eval/metrics.json`` and ``samples.txt``, and the
+scalars to TensorBoard (``eval/<model>/nll@<steps>`` at global step = round).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
-from trainer.evaluation.sweep import evaluate_model, format_table
+from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
@@ -77,15 +77,18 @@ def main(argv=None) -> None:
     judge = None if text else build_judge(cfg, device)
     name = "control" if args.control else "teacher" if r == 0 else "student"
     t0 = time.time()
+    # The teacher's training-free samplers (eval.samplers), at the counts and temperatures it is swept at.
+    samplers = cfg.eval.samplers if r == 0 and not args.control else []
     rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True,
-                          sweep=sweep_plan(cfg, r, args.control))
+                          sweep=sweep_plan(cfg, r, args.control), samplers=samplers)
     text_result = text.measure(model, rows) if text else {}
     if text and r == 0 and not args.control:  # held-out text, scored once: the report reads the teacher's
         text_result["reference"] = text.reference()
     samples_txt = []
     for row in rows:
         x = row.pop("_samples")
-        samples_txt.append(f"# {name} round {r}, {row['steps']} steps, temperature {row['temperature']:g}")
+        samples_txt.append(f"# {name} round {r}, {row['steps']} steps, temperature {row['temperature']:g}, "
+                           f"sampler {row['sampler']}")
         samples_txt += text.sample_lines(x[:8]) if text else [" ".join(map(str, seq.tolist())) for seq in x[:8]]
         row.update(model=name, round=r)
     out = RunLayout(args.run_dir).eval(which)
@@ -100,7 +103,7 @@ def main(argv=None) -> None:
     atomic_write_text(out / "samples.txt", "\n".join(samples_txt) + "\n")
     with MetricsWriter(args.run_dir, enabled=True) as mw:
         for row in rows:
-            if row["temperature"] != 1.0:
+            if row["temperature"] != 1.0 or row["sampler"] != PLAIN:
                 continue
             vals = {f"eval/{name}/{k}@{row['steps']}": row[k]
                     for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}
