@@ -13,7 +13,8 @@ from trainer.evaluation.sweep import format_table
 from trainer.layout import CONTROL, RunLayout
 
 ROW_KEYS = ("model", "round", "steps", "temperature", "sampler", "nll", "nll_se", "nll_gap", "gen_ppl", "gen_nll",
-            "entropy", "entropy_se", "bigram_kl", "mauve", "samples", "nfe", "seconds")
+            "entropy", "entropy_se", "bigram_kl", "invalid_rate", "invalid_rate_se", "valid_nll", "valid_nll_se",
+            "mauve", "samples", "nfe", "seconds")
 EXACT = "exact NLL of samples under the source (nats/token)"
 JUDGED = "judge NLL of samples (nats per judge token, = log gen-PPL)"
 

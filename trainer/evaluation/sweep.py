@@ -49,6 +49,7 @@ def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int,
 def quality_row(samples: torch.Tensor, source: MarkovSource | None, judge: JudgeFn | None) -> dict:
     """Every quality number for one set of samples; absent measures are None, never omitted."""
     row: dict = {"nll": None, "nll_se": None, "nll_gap": None, "bigram_kl": None, "gen_ppl": None,
+                 "invalid_rate": None, "invalid_rate_se": None, "valid_nll": None, "valid_nll_se": None,
                  "nll_per_sample": None}
     ent = sequence_entropies(samples)
     if source is not None:
