@@ -93,6 +93,10 @@ def compare_round(rows: Sequence[dict], rnd: int, steps: int, target_entropy: fl
         row = idx.get((model, r, steps, 1.0))
         out[f"{name}_entropy"] = row.get("entropy") if row else None
         out[f"{name}_bigram_kl"] = row.get("bigram_kl") if row else None
+        # Free of the leak constant (trainer/evaluation/quality.py support_split): value and SE.
+        for key in ("invalid_rate", "valid_nll"):
+            out[f"{name}_{key}"] = ({"value": row[key], "se": row.get(f"{key}_se")}
+                                    if row and row.get(key) is not None else None)
     ats = {name: (at_entropy(idx, model, r, steps, target_entropy) if r is not None else None)
            for name, model, r in models}
     for name, a in ats.items():
@@ -175,11 +179,17 @@ def summary(comparisons: Sequence[dict]) -> dict[str, float | None]:
         for key in HEADLINE:
             v = c.get(key)
             out[f"{p}/{key}"] = v.get("value") if isinstance(v, dict) else None
+            if key.endswith("_at_H"):  # 1.0: read by extrapolation beyond the sweep (seeds.md marks it)
+                out[f"{p}/{key}_extrapolated"] = (float(bool(v.get("extrapolated"))) if isinstance(v, dict)
+                                                  else None)
         for name in ("teacher", "student", "control"):
             v = c.get(f"{name}_nll")
             out[f"{p}/{name}_nll"] = v.get("value") if isinstance(v, dict) else None
             out[f"{p}/{name}_entropy"] = c.get(f"{name}_entropy")
             out[f"{p}/{name}_bigram_kl"] = c.get(f"{name}_bigram_kl")
+            for key in ("invalid_rate", "valid_nll"):
+                v = c.get(f"{name}_{key}")
+                out[f"{p}/{name}_{key}"] = v.get("value") if isinstance(v, dict) else None
     return out
 
 
@@ -191,4 +201,7 @@ def sampler_summary(sampler_comparisons: Sequence[dict]) -> dict[str, float | No
         for key in ("student_minus_best", "student_minus_best_at_H", "best_minus_plain_at_H"):
             v = c.get(key)
             out[f"r{c['round']}/{key}"] = v.get("value") if isinstance(v, dict) else None
+            if key.endswith("_at_H"):
+                out[f"r{c['round']}/{key}_extrapolated"] = (float(bool(v.get("extrapolated")))
+                                                            if isinstance(v, dict) else None)
     return out

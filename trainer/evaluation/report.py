@@ -56,12 +56,56 @@ def collect(run_dir: Path, rounds: int, control: bool = False, ref: dict | None 
     samplers = [c for r, n in sorted(round_steps.items()) if r >= 1
                 for c in [compare.compare_samplers(full, r, n, target)] if c is not None]
     return {"entropy_rate": evals[0].get("entropy_rate"), "nll_floor": evals[0].get("nll_floor"),
-            "data_entropy": target, "reference": ref,
+            "teacher_bound": teacher_bound(run_dir), "data_entropy": target, "reference": ref,
             "measure": EXACT if any(r.get("nll_per_sample") is not None for r in full) else JUDGED,
             "round_steps": {str(k): v for k, v in round_steps.items()}, "control_round": control_round,
             "rows": rows, "comparisons": comparisons, "samplers": samplers,
             "summary": {**compare.summary(comparisons), **compare.sampler_summary(samplers)},
             "frontiers": frontiers(full)}
+
+
+def teacher_bound(run_dir: Path) -> dict | None:
+    """The teacher's last validation NLL bound (``val/nll`` of its pretraining, nats/token) and its
+    step, from the run's metrics.jsonl (the last line of the last step wins: a resumed run repeats
+    steps); None when absent (an imported teacher)."""
+    path = RunLayout(run_dir).metrics(0) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: the others still count
+        if isinstance(rec, dict) and rec.get("tag") == "val/nll" and isinstance(rec.get("value"), (int, float)):
+            if last is None or rec["step"] >= last["step"]:
+                last = {"step": int(rec["step"]), "value": float(rec["value"])}
+    return last
+
+
+def bigram_frontier(report: dict) -> list[dict]:
+    """Per round and model (teacher, control, student at the round's N; plain sampler): the point of its
+    temperature sweep with the lowest bigram KL (the most source-like transition law; unlike unigram
+    entropy it sees transitions, and it is not monotone in temperature, so it is read at its minimum,
+    not interpolated), and whether the student's (bigram KL, NLL) sweep Pareto-dominates the teacher's:
+    every teacher point has a student point at most as far in both."""
+    fr = {(f["model"], f["round"], f["steps"]): f["points"] for f in report.get("frontiers") or []
+          if (f.get("sampler") or PLAIN) == PLAIN}
+    out = []
+    for c in report["comparisons"]:
+        n, r = c["steps"], c["round"]
+        pts = {"teacher": fr.get(("teacher", 0, n)), "control": fr.get(("control", report.get("control_round"), n)),
+               "student": fr.get(("student", r, n))}
+        row: dict = {"round": r, "steps": n}
+        for name, p in pts.items():
+            p = [q for q in p or [] if q.get("bigram_kl") is not None]
+            row[name] = min(p, key=lambda q: q["bigram_kl"]) if p else None
+        t, st = [q for q in pts["teacher"] or [] if q.get("bigram_kl") is not None], \
+            [q for q in pts["student"] or [] if q.get("bigram_kl") is not None]
+        row["student_dominates_teacher"] = (all(any(q["bigram_kl"] <= a["bigram_kl"] and q["nll"] <= a["nll"]
+                                                    for q in st) for a in t) if t and st else None)
+        out.append(row)
+    return out
 
 
 def frontiers(full_rows: list[dict]) -> list[dict]:
@@ -129,7 +173,8 @@ def plot(report: dict, path: Path):
 def plot_frontiers(report: dict, path: Path):
     """Per round, NLL against entropy along each model's temperature sweep at the round's step count:
     the teacher and the control at N and the teacher at 2N beside the student; the data's entropy
-    and the NLL floor as lines. Returns the figure (None when nothing was swept)."""
+    and the NLL floor as lines; below, where the source has a bigram law, NLL against bigram KL
+    along the same sweeps. Returns the figure (None when nothing was swept)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,10 +183,14 @@ def plot_frontiers(report: dict, path: Path):
     comps = report["comparisons"]
     if not comps or not report["frontiers"]:
         return None
-    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.8), squeeze=False)
+    # A second row, NLL against bigram KL, where the source has a bigram law (the bigram-KL frontier).
+    kl = any(p.get("bigram_kl") is not None for f in report["frontiers"] for p in f["points"])
+    fig, axes = plt.subplots(2 if kl else 1, len(comps), figsize=(4.2 * len(comps), 3.8 * (2 if kl else 1)),
+                             squeeze=False)
     fr = {(f["model"], f["round"], f["steps"]): f["points"] for f in report["frontiers"]
           if (f.get("sampler") or PLAIN) == PLAIN}
-    for ax, c in zip(axes[0], comps):
+    for i, c in enumerate(comps):
+        ax = axes[0][i]
         n, r = c["steps"], c["round"]
         for label, key, style in ((f"teacher {n}", ("teacher", 0, n), "k--"),
                                   (f"teacher {2 * n}", ("teacher", 0, 2 * n), "k:"),
@@ -152,6 +201,14 @@ def plot_frontiers(report: dict, path: Path):
                 ax.errorbar([p["entropy"] for p in pts], [p["nll"] for p in pts],
                             yerr=[2 * (p["nll_se"] or 0) for p in pts], fmt=style, marker="o", ms=3, capsize=2,
                             label=label)
+                if kl:
+                    byk = sorted((p for p in pts if p.get("bigram_kl") is not None), key=lambda p: p["temperature"])
+                    axes[1][i].errorbar([p["bigram_kl"] for p in byk], [p["nll"] for p in byk],
+                                        yerr=[2 * (p["nll_se"] or 0) for p in byk], fmt=style, marker="o", ms=3,
+                                        capsize=2, label=label)
+        if kl:
+            axes[1][i].set_xlabel("bigram KL to the source (nats; lower = more source-like)")
+            axes[1][i].grid(alpha=0.3)
         if report.get("data_entropy") is not None:
             ax.axvline(report["data_entropy"], color="g", lw=0.8, label="data entropy")
         if report.get("nll_floor") is not None:
@@ -162,6 +219,8 @@ def plot_frontiers(report: dict, path: Path):
     axes[0][0].set_ylabel(("exact NLL" if report.get("measure", EXACT) == EXACT else "judge NLL (log gen-PPL)")
                           + " of samples (±2 SE)")
     axes[0][0].legend(fontsize=7)
+    if kl:
+        axes[1][0].set_ylabel("exact NLL of samples (±2 SE), by temperature")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -187,6 +246,11 @@ def markdown(report: dict) -> str:
     if report["entropy_rate"] is not None:
         lines += [f"Source entropy rate {report['entropy_rate']:.4f} nats/token; a perfect sampler's samples "
                   f"score {report['nll_floor']:.4f} (the floor).", ""]
+        tb = report.get("teacher_bound")
+        if tb is not None and report.get("nll_floor") is not None:
+            lines += [f"The teacher's validation NLL bound (its last `val/nll`, step {tb['step']}): "
+                      f"{tb['value']:.4f} nats/token, {tb['value'] - report['nll_floor']:+.4f} from the source's "
+                      "floor (a bound: it can only reach the floor from above, up to its own noise).", ""]
     ref = report.get("reference")
     judged = report.get("measure") == JUDGED
     if ref and not judged and ref.get("nll") is not None:
@@ -238,6 +302,35 @@ def markdown(report: dict) -> str:
                          f"{pm(c['student_minus_control_at_H'])} | {pm(c['control_minus_teacher_at_H'])} |")
         lines += ["", "![quality against entropy](frontier.png)", ""]
     lines += _sampler_section(report)
+    if any(c.get("teacher_invalid_rate") for c in comps):
+        lines += ["## Free of the leak constant, at temperature 1", "",
+                  "The exact NLL prices each transition outside the source's support at log(V / leak) nats, an "
+                  "arbitrary constant. Invalid rate: the share of transitions outside the support (± SE); valid "
+                  "NLL: −log P per transition inside it (nats, ± SE), nearly free of the leak.", "",
+                  "| round | N | teacher invalid | control invalid | student invalid | teacher valid NLL "
+                  "| control valid NLL | student valid NLL |", "|---|---|---|---|---|---|---|---|"]
+        for c in comps:
+            lines.append(f"| {c['round']} | {c['steps']} | {pm(c.get('teacher_invalid_rate'), 4)} | "
+                         f"{pm(c.get('control_invalid_rate'), 4)} | {pm(c.get('student_invalid_rate'), 4)} | "
+                         f"{pm(c.get('teacher_valid_nll'))} | {pm(c.get('control_valid_nll'))} | "
+                         f"{pm(c.get('student_valid_nll'))} |")
+        lines.append("")
+    bf = bigram_frontier(report)
+    if any(b["teacher"] for b in bf):
+        def kl_point(q):
+            return "-" if not q else f"{q['bigram_kl']:.4f} / {q['nll']:.3f} (T {q['temperature']:g})"
+
+        lines += ["## The bigram-KL frontier (beside the entropy frontier)", "",
+                  "Per-sequence unigram entropy barely sees transitions; the bigram KL to the source does. Each "
+                  "model's temperature sweep at N, at its lowest bigram KL: KL / NLL (temperature); "
+                  "'dominates': every teacher point has a student point with both lower or equal.", "",
+                  "| round | N | teacher | control | student | student dominates teacher |",
+                  "|---|---|---|---|---|---|"]
+        for b in bf:
+            dom = "-" if b["student_dominates_teacher"] is None else ("yes" if b["student_dominates_teacher"] else "no")
+            lines.append(f"| {b['round']} | {b['steps']} | {kl_point(b['teacher'])} | {kl_point(b['control'])} | "
+                         f"{kl_point(b['student'])} | {dom} |")
+        lines.append("")
     lines += ["## Diversity at temperature 1 (entropy; bigram KL, higher = less diverse)", "",
               "| round | N | teacher H | control H | student H | teacher bigram KL | control bigram KL "
               "| student bigram KL |", "|---|---|---|---|---|---|---|---|"]
