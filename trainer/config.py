@@ -684,6 +684,9 @@ class TrainSetup:
     global_batch_size: int
     ema: float = 0.0
     key: str = "engine"
+    # The lr decay restarts its end every this many steps (0 = one decay over the run): distillation's
+    # rounds, so that the control, one run over every round's steps, gets the students' rates.
+    schedule_segment: int = 0
 
 
 def pretrain_setup(cfg: RunConfig) -> TrainSetup:
@@ -692,12 +695,13 @@ def pretrain_setup(cfg: RunConfig) -> TrainSetup:
 
 
 def distill_setup(cfg: RunConfig) -> TrainSetup:
-    """Every distillation round, and the control run (it must match the students' budget): the
+    """Every distillation round, and the control run (it must match the students' budget, round by
+    round: the decay restarts every ``distill.steps_per_round``, as each round's engine does): the
     paper's recipe in ``distill.lr``, ``distill.warmup_steps``, ``distill.weight_decay``,
     ``distill.global_batch_size`` and ``distill.ema``; betas, eps, schedule and grad_clip from ``optim``."""
     d = cfg.distill
     optim = dataclasses.replace(cfg.optim, lr=d.lr, warmup_steps=d.warmup_steps, weight_decay=d.weight_decay)
-    return TrainSetup(optim, d.global_batch_size, d.ema, "distill")
+    return TrainSetup(optim, d.global_batch_size, d.ema, "distill", schedule_segment=d.steps_per_round)
 
 
 def round_steps(cfg: RunConfig, round_idx: int) -> int:

@@ -231,10 +231,11 @@ def test_budget_matches_a_hand_computation() -> None:
     n = tool.parameter_count(cfg)
     b = {s.stage: s for s in budget(stages, cfg, spec, n, tool.target_size(cfg)).stages}
     # GPU-hours: teacher, 3 targets, 3 distill and the control (distill.control: true) on 8 GPUs for
-    # 1 h; eval_0..eval_3 and eval_control on 1 GPU for 1 h; prepare and report hold no GPU.
+    # 1 h; eval_0..eval_3, eval_control and control@1, control@2 (eval_control_1, _2) on 1 GPU for 1 h;
+    # prepare and report hold no GPU.
     assert b["teacher"].gpu_hours == 8 and b["eval_2"].gpu_hours == 1 and b["prepare"].gpu_hours == 0
-    assert b["control"].gpu_hours == 8 and b["eval_control"].gpu_hours == 1
-    assert sum(s.gpu_hours for s in b.values()) == 8 * 8 + 5 * 1 == 69
+    assert b["control"].gpu_hours == 8 and b["eval_control"].gpu_hours == 1 and b["eval_control_2"].gpu_hours == 1
+    assert sum(s.gpu_hours for s in b.values()) == 8 * 8 + 7 * 1 == 71
     # tokens: train.steps 1500 x engine.global_batch_size 32 x seq_len 64
     assert b["teacher"].tokens == 1500 * 32 * 64 == 3_072_000
     assert b["teacher"].flop == 6 * n * 3_072_000

@@ -1,6 +1,7 @@
 """The report's comparisons, as pure functions of the evaluation rows (trainer/jobs/evaluate.py).
 
-Per round r (the student sampled at its own step count N = start / 2^r):
+Per round r (the student sampled at its own step count N = start / 2^r; the control is control@r, the
+control after round r's update count, where it was evaluated):
 - paired NLL differences with their SE: student - teacher and student - control at N steps,
   control - teacher at N (what extra MDLM training alone buys), student at N - teacher at 2N (SDTT's
   own criterion: N/2 steps as good as the teacher's N);
@@ -69,14 +70,19 @@ def at_entropy(idx: dict, model: str, rnd: int, steps: int, target: float | None
 def compare_round(rows: Sequence[dict], rnd: int, steps: int, target_entropy: float | None,
                   control_round: int | None = None) -> dict:
     """Every comparison of round ``rnd``'s student at its ``steps`` (see the module docstring).
-    ``control_round``: the round the control was evaluated under (the last one)."""
+    ``control_round``: the last round the control was evaluated at (its whole budget). The control
+    compared with round r is control@r (evaluated with ``--control --round r``: r x steps_per_round
+    updates, the student's count) when its rows exist, else that last one (``control_matched`` False)."""
     idx = index_rows(rows)
+    if control_round is not None and any(k[0] == "control" and k[1] == rnd for k in idx):
+        control_round = rnd
     teacher_steps = sorted(k[2] for k in idx if k[0] == "teacher" and k[3] == 1.0)
     most = teacher_steps[-1] if teacher_steps else None
     t_n, s_n = _nll(idx, "teacher", 0, steps), _nll(idx, "student", rnd, steps)
     c_n = _nll(idx, "control", control_round, steps) if control_round is not None else None
     t_2n, t_most = _nll(idx, "teacher", 0, 2 * steps), _nll(idx, "teacher", 0, most)
-    out: dict = {"round": rnd, "steps": steps, "teacher_most_steps": most,
+    out: dict = {"round": rnd, "steps": steps, "teacher_most_steps": most, "control_round": control_round,
+                 "control_matched": control_round is None or control_round == rnd,
                  "teacher_nll": _d(t_n), "student_nll": _d(s_n), "control_nll": _d(c_n),
                  "teacher_2n_nll": _d(t_2n),
                  "student_minus_teacher": _diff(s_n, t_n), "student_minus_control": _diff(s_n, c_n),

@@ -28,6 +28,12 @@ def load_evals(run_dir: Path, rounds: int, control: bool = False) -> list[dict]:
         if not path.exists():
             raise FileNotFoundError(f"missing evaluation {path}: run trainer.jobs.evaluate first")
         evals.append(json.loads(path.read_text()))
+    # control@r (r < rounds): the control after round r's update count. A run from before the control
+    # was exported per round has none; its rounds are then compared with the last control (marked).
+    for r in range(1, rounds) if control else ():
+        path = layout.control_eval(r, rounds) / "metrics.json"
+        if path.exists():
+            evals.append(json.loads(path.read_text()))
     return evals
 
 
@@ -49,7 +55,7 @@ def collect(run_dir: Path, rounds: int, control: bool = False, ref: dict | None 
     full = [{**row, "model": ev["model"], "round": ev["round"]} for ev in evals for row in ev["rows"]]
     rows = [{k: row.get(k) for k in ROW_KEYS} for row in full]
     round_steps = {int(ev["round"]): ev["round_steps"] for ev in evals if ev["model"] != "control"}
-    control_round = next((int(ev["round"]) for ev in evals if ev["model"] == "control"), None)
+    control_round = max((int(ev["round"]) for ev in evals if ev["model"] == "control"), default=None)
     ref = ref or evals[0].get("reference")  # text: held-out rows, measured by the teacher's evaluation
     target = ref["entropy"] if ref else None
     comparisons = compare.compare_all(full, round_steps, target, control_round)
@@ -94,7 +100,8 @@ def bigram_frontier(report: dict) -> list[dict]:
     out = []
     for c in report["comparisons"]:
         n, r = c["steps"], c["round"]
-        pts = {"teacher": fr.get(("teacher", 0, n)), "control": fr.get(("control", report.get("control_round"), n)),
+        pts = {"teacher": fr.get(("teacher", 0, n)),
+               "control": fr.get(("control", c.get("control_round", report.get("control_round")), n)),
                "student": fr.get(("student", r, n))}
         row: dict = {"round": r, "steps": n}
         for name, p in pts.items():
@@ -194,7 +201,8 @@ def plot_frontiers(report: dict, path: Path):
         n, r = c["steps"], c["round"]
         for label, key, style in ((f"teacher {n}", ("teacher", 0, n), "k--"),
                                   (f"teacher {2 * n}", ("teacher", 0, 2 * n), "k:"),
-                                  (f"control {n}", ("control", report["control_round"], n), "C1-."),
+                                  (f"control {n}", ("control", c.get("control_round", report["control_round"]), n),
+                                   "C1-."),
                                   (f"student r{r} {n}", ("student", r, n), "C0-")):
             pts = fr.get(key)
             if pts:
@@ -274,11 +282,17 @@ def markdown(report: dict) -> str:
     lines += ["All differences are paired (sample i of every model shares its noise) and given as "
               "value ± SE over the evaluation samples; the SE covers sampling only, not training seeds.", "",
               "## Per round: the student at its step count N, the teacher and the fair control at N", "",
+              "The control of round r is the control after r x steps_per_round updates (control@r: the round-r "
+              "student's update count, learning rates, batch and EMA decay)"
+              + ("" if all(c.get("control_matched", True) for c in comps) else
+                 "; rounds marked † are compared with the last round's control instead (no control@r was "
+                 "evaluated: more updates than the student)") + ".", "",
               "| round | N | teacher | control | student | student − teacher | student − control "
               "| control − teacher | student(N) − teacher(2N) | gap closed: student | gap closed: control |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
-        lines.append(f"| {c['round']} | {c['steps']} | {pm(c['teacher_nll'])} | {pm(c['control_nll'])} | "
+        dag = "" if c.get("control_matched", True) else " †"
+        lines.append(f"| {c['round']}{dag} | {c['steps']} | {pm(c['teacher_nll'])} | {pm(c['control_nll'])} | "
                      f"{pm(c['student_nll'])} | {pm(c['student_minus_teacher'])} | {pm(c['student_minus_control'])} "
                      f"| {pm(c['control_minus_teacher'])} | {pm(c['student_minus_teacher_2n'])} | "
                      f"{pm(c['gap_closed_student'], 1, pct=True)} | {pm(c['gap_closed_control'], 1, pct=True)} |")
