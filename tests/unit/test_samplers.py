@@ -286,3 +286,17 @@ def test_compare_samplers_picks_the_best_and_pairs_the_student_with_it():
     c = compare.compare_round(rows, 1, steps, 2.2)
     assert c["teacher_nll"]["value"] == pytest.approx(1.50 + noise.mean())
     assert compare.compare_samplers([r for r in rows if r["sampler"] == "plain"], 1, steps, 2.2) is None
+
+
+def test_tools_samplers_tabulates_the_teachers_samplers_without_a_student():
+    from tools.samplers import sampler_table
+
+    rng = np.random.default_rng(1)
+    n = 32
+    rows = [_row("teacher", 0, 8, tau, np.full(n, lvl) + rng.normal(0, 0.1, n), np.full(n, h), name)
+            for name, (hi, lo) in (("plain", (1.5, 1.4)), ("min_p-0.1", (1.3, 1.35)))
+            for tau, lvl, h in ((1.0, hi, 2.3), (0.8, lo, 2.1))]
+    text = sampler_table(rows, 8, 2.2)
+    assert "| min_p-0.1 |" in text and "best at the data's entropy: `min_p-0.1`" in text
+    with pytest.raises(Exception, match="no eval.samplers rows at 4 steps"):
+        sampler_table(rows, 4, 2.2)
