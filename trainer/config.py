@@ -99,7 +99,9 @@ class SamplingConfig:
     batch_size: int = 64
     cache: bool = True  # reuse the denoiser output when no token changed (time-agnostic models)
     seed: int = 0
-    # Training-free samplers, for every model (trainer/method/diffusion.py); the defaults are MDLM's.
+    # Training-free samplers, for every model's samples (evaluation, sample reports; not the teacher
+    # rollouts that make SDTT targets, which stay MDLM's sampler): trainer/method/diffusion.py. The
+    # defaults are MDLM's.
     top_p: float = 1.0  # nucleus: keep the smallest set of likeliest tokens with mass >= top_p (1 = off)
     min_p: float = 0.0  # keep tokens with probability >= min_p x the likeliest's (0 = off)
     order: str = "random"  # random (MDLM) | confidence: unmask the most confident, the schedule's count
