@@ -14,7 +14,8 @@ from pathlib import Path
 from trainer.config import RunConfig
 from trainer.evaluation.sweep import format_table
 
-TEXT_KEYS = ("model", "round", "steps", "temperature", "gen_ppl", "entropy", "mauve", "judge_tokens", "samples")
+TEXT_KEYS = ("model", "round", "steps", "temperature", "sampler", "gen_ppl", "entropy", "mauve", "judge_tokens",
+             "samples")
 
 
 def _evals(run_dir: Path, rounds: int, control: bool) -> list[dict]:
