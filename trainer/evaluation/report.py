@@ -366,7 +366,8 @@ def _sampler_section(report: dict) -> list[str]:
              "(paired over the shared noise; with confidence-ordered unmasking the positions unmasked depend on "
              "the model, so those pairs are looser and their SE larger). Best = the lowest NLL, chosen on these "
              "same samples (a selection that favours the samplers); at the data's entropy only interpolated "
-             "reads compete.", ""]
+             "reads compete. At temperature 1 the lowest NLL tends to belong to the sharpest sampler (see its "
+             "entropy): the read at the data's entropy is the fair one.", ""]
     for c in comps:
         lines += [f"### Round {c['round']}: N = {c['steps']} (best at temperature 1: `{c['best']}`; "
                   f"at the data's entropy: `{c['best_at_H']}`)", "",
