@@ -148,6 +148,17 @@ def test_cosine_grid_is_maskgit_cosine_schedule_from_1_to_eps():
         D.time_grid(steps, eps, "quadratic")
 
 
+def test_cosine_grid_masks_what_duos_cosine_noise_schedule_masks_on_a_linear_grid():
+    """Duo (trainer_base.Cosine): alpha_t = 1 - cos(pi/2 (1 - (1 - eps) t)), the masked fraction is
+    1 - alpha_t, and its sampler walks a linear grid t_i = 1 - i/N (written here from that code's
+    description). Our cosine grid under MDLM's log-linear schedule masks the same fractions, up to the
+    two eps."""
+    steps, eps = 8, 1e-3
+    duo = [math.cos(math.pi / 2 * (1 - (1 - eps) * (1 - i / steps))) for i in range(steps + 1)]
+    ours = D.move_chance(D.time_grid(steps, 1e-5, "cosine"), eps).tolist()
+    assert max(abs(a - b) for a, b in zip(duo, ours)) < 3e-3
+
+
 def test_cosine_grid_unmasks_the_schedules_expected_share_per_step():
     """Random order: the share of still-masked positions that unmask from t to s is 1 - a_s / a_t."""
     steps, n = 4, 40_000
