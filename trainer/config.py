@@ -120,6 +120,10 @@ class SamplerConfig:
     min_p: float = 0.0
     order: str = "random"
     grid: str = "linear"
+    # Its own temperature sweep ([] = eval.temperatures): a truncation lowers the entropy, so reaching
+    # the data's entropy by interpolation may need temperatures above 1. Include 1.0 for the read at
+    # temperature 1.
+    temperatures: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -519,6 +523,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         _check(sp.name != PLAIN_SAMPLER, source, f"eval.samplers[{i}].name",
                f"'{PLAIN_SAMPLER}' names the sampling.* sampler")
         _check_sampler(sp, source, f"eval.samplers[{i}]")
+        _check(all(float(x) > 0 for x in sp.temperatures), source, f"eval.samplers[{i}].temperatures",
+               "must be positive sampling temperatures ([] = eval.temperatures)")
     _check(ev.reference_samples >= 0, source, "eval.reference_samples", "must be >= 0 (0 = no reference row)")
     _check(ev.mauve_samples >= 0, source, "eval.mauve_samples", "must be >= 0 (0 = no MAUVE)")
     _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",

@@ -311,3 +311,30 @@ def test_tools_samplers_tabulates_the_teachers_samplers_without_a_student():
     assert "| min_p-0.1 |" in text and "best at the data's entropy: `min_p-0.1`" in text
     with pytest.raises(Exception, match="no eval.samplers rows at 4 steps"):
         sampler_table(rows, 4, 2.2)
+
+
+def test_the_evaluation_draws_each_named_sampler_at_its_temperatures_paired_with_plain():
+    """trainer/evaluation/sweep.py with a real (untrained) DiT: the plan, and a named sampler with the
+    defaults (top_p = 1, min_p = 0) gives the plain rows' samples bit for bit."""
+    from trainer.data.prepared import MarkovSource
+    from trainer.evaluation.sweep import evaluate_model
+    from trainer.model.dit import DiT
+
+    cfg = load_config("configs/tiny-regime.yaml", [
+        "eval.num_samples=6", "eval.batch_size=4", "eval.samplers=[{name: same}, {name: p9, top_p: 0.9, "
+        "temperatures: [1.0, 1.2]}]"])
+    torch.manual_seed(0)
+    model = DiT(cfg.model)
+    rows = evaluate_model(model, cfg, [8], MarkovSource(cfg.data.synthetic), None, torch.device("cpu"),
+                          keep_samples=True, sweep={4: [0.9, 1.0]}, samplers=cfg.eval.samplers)
+    plan = sorted((r["steps"], r["temperature"], r["sampler"]) for r in rows)
+    assert plan == sorted([(8, 1.0, "plain"), (4, 0.9, "plain"), (4, 1.0, "plain"), (4, 0.9, "same"),
+                           (4, 1.0, "same"), (4, 1.0, "p9"), (4, 1.2, "p9")])
+    by = {(r["steps"], r["temperature"], r["sampler"]): r for r in rows}
+    assert torch.equal(by[(4, 0.9, "plain")]["_samples"], by[(4, 0.9, "same")]["_samples"])
+    assert by[(4, 1.0, "p9")]["invalid_rate"] is not None
+
+
+def test_a_samplers_own_temperatures_are_checked():
+    with pytest.raises(ConfigError, match=r"eval.samplers\[0\].temperatures"):
+        load_config("configs/tiny-regime.yaml", ["eval.samplers=[{name: a, temperatures: [1.0, 0]}]"])

@@ -75,7 +75,8 @@ def evaluate_model(model: nn.Module, cfg: RunConfig, steps_list: list[int], sour
 
     Every step count is sampled at temperature 1; ``sweep`` adds, per step count, the other
     temperatures to sample it at (a step count absent from ``steps_list`` is added). ``samplers``
-    (named training-free samplers) are drawn at every (step count, temperature) of ``sweep``, in rows
+    (named training-free samplers) are drawn at every step count of ``sweep``, at its temperatures or
+    their own (``SamplerConfig.temperatures``), in rows
     whose ``sampler`` is their name (``PLAIN`` for ``sampling.*``). Every row uses the same seed
     (cfg.eval.seed), so rows differ by the sampler alone and their samples pair up.
     """
@@ -83,7 +84,7 @@ def evaluate_model(model: nn.Module, cfg: RunConfig, steps_list: list[int], sour
     plan = {(s, 1.0, PLAIN) for s in steps_list}
     for s, temps in (sweep or {}).items():
         plan |= {(s, float(tau), PLAIN) for tau in temps}
-        plan |= {(s, float(tau), sp.name) for tau in temps for sp in samplers or ()}
+        plan |= {(s, float(tau), sp.name) for sp in samplers or () for tau in (sp.temperatures or temps)}
     named = {sp.name: sp for sp in samplers or ()}
     rows = []
     for steps, tau, name in sorted(plan, key=lambda p: (p[0], p[1], p[2] != PLAIN, p[2])):
