@@ -201,7 +201,8 @@ def summary(comparisons: Sequence[dict]) -> dict[str, float | None]:
 
 def sampler_summary(sampler_comparisons: Sequence[dict]) -> dict[str, float | None]:
     """Flat scalars of ``compare_samplers`` for tools/seeds.py: per round, student − best sampler at
-    temperature 1 and at the data's entropy, and best − plain at the data's entropy."""
+    temperature 1 and at the data's entropy, and best − plain at the data's entropy. The best is each
+    seed's own, so a mean over seeds may mix samplers (the per-sampler rows are in report.json)."""
     out: dict[str, float | None] = {}
     for c in sampler_comparisons:
         for key in ("student_minus_best", "student_minus_best_at_H", "best_minus_plain_at_H"):
