@@ -35,3 +35,19 @@ def test_bigram_frontier_reads_each_sweep_at_its_lowest_kl_and_checks_dominance(
     assert out[0]["student"]["nll"] == 1.40 and out[0]["control"] is None
     assert out[0]["student_dominates_teacher"] is True
     assert out[1]["student_dominates_teacher"] is False  # lower NLL, but a higher bigram KL everywhere
+
+
+def test_quality_plot_draws_control_at_r_apart_from_the_last_control(tmp_path):
+    def row(model, rnd, steps, nll):
+        return {"model": model, "round": rnd, "steps": steps, "temperature": 1.0, "sampler": "plain", "nll": nll,
+                "nll_se": 0.01, "entropy": 2.2}
+
+    rep = {"control_round": 2, "nll_floor": 0.66,
+           "rows": [row("teacher", 0, 4, 2.0), row("teacher", 0, 8, 1.5), row("control", 2, 4, 1.9),
+                    row("control", 2, 8, 1.4), row("control", 1, 8, 1.45), row("student", 1, 8, 1.3),
+                    {**row("teacher", 0, 8, 1.2), "sampler": "min_p-0.1"}]}
+    fig = report.plot(rep, tmp_path / "q.png")
+    lines = {c.get_label(): c.lines[0] for c in fig.axes[0].containers}  # errorbar: (data line, caps, bars)
+    assert {"teacher", "control", "control@1", "student round 1"} <= set(lines)
+    assert list(lines["control"].get_xdata()) == [4, 8] and list(lines["control@1"].get_xdata()) == [8]
+    assert list(lines["teacher"].get_ydata()) == [2.0, 1.5]  # the sampler row is not in the teacher's curve

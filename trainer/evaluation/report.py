@@ -149,13 +149,15 @@ def plot(report: dict, path: Path):
     for row in report["rows"]:
         if (row.get("temperature") or 1.0) != 1.0 or (row.get("sampler") or PLAIN) != PLAIN:
             continue
-        label = row["model"] if row["model"] != "student" else f"student round {row['round']}"
+        label = (f"student round {row['round']}" if row["model"] == "student" else
+                 f"control@{row['round']}" if row["model"] == "control" and row["round"] != report["control_round"]
+                 else row["model"])
         curves.setdefault(label, []).append(row)
     for label, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["steps"])
         steps = [r["steps"] for r in rows]
         style = dict(marker="o", lw=2.5 if label == "teacher" else 1.5,
-                     ls={"teacher": "--", "control": ":"}.get(label, "-"))
+                     ls={"teacher": "--", "control": ":"}.get(label.split("@")[0], "-"))
         if metric == "nll":
             axes[0].errorbar(steps, [r["nll"] for r in rows], yerr=[2 * (r["nll_se"] or 0) for r in rows],
                              label=label, capsize=2, **style)

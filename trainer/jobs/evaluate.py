@@ -85,7 +85,9 @@ def main(argv=None) -> None:
     t0 = time.time()
     # The teacher's training-free samplers (eval.samplers), at the counts and temperatures it is swept at.
     samplers = cfg.eval.samplers if r == 0 and not args.control else []
-    rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True,
+    # control@r before the last round is compared with round r's student only: its count alone.
+    counts = [cfg.distill.start_steps // 2**r] if args.control and r < cfg.distill.rounds else step_counts(cfg)
+    rows = evaluate_model(model, cfg, counts, source, judge, device, progress=True, keep_samples=True,
                           sweep=sweep_plan(cfg, r, args.control), samplers=samplers)
     text_result = text.measure(model, rows) if text else {}
     if text and r == 0 and not args.control:  # held-out text, scored once: the report reads the teacher's
