@@ -142,13 +142,13 @@ def _micro(global_batch: int, micro: int, world: int) -> int:
 def eval_plan(cfg: RunConfig, stage: str) -> set[tuple[int, float]]:
     """(step count, temperature) rows an evaluation stage samples: eval.steps at 1, plus the sweep
     (trainer/jobs/evaluate.py sweep_plan: the teacher, eval_0, and the control at every round's
-    count; a student at its own)."""
+    count; a student, and the control matched to round r (eval_control_r), at round r's own)."""
     plan = {(int(s), 1.0) for s in cfg.eval.steps}
     which = stage.split("_", 1)[1] if "_" in stage else "0"
     if which in ("0", "control"):
         counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
     else:
-        counts = [cfg.distill.start_steps // 2 ** int(which)]
+        counts = [cfg.distill.start_steps // 2 ** int(which.removeprefix("control_"))]
     return plan | {(n, float(t)) for n in counts for t in cfg.eval.temperatures}
 
 

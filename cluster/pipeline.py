@@ -91,6 +91,12 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
         stages.append(Stage("eval_control", "trainer.jobs.evaluate", (*last, "--control"),
                             product=str(at.eval_metrics(CONTROL)), depends=("control",)))
         evals.append("eval_control")
+        # control@r: the control after round r's update count, the match of round r's student.
+        for r in range(1, cfg.distill.rounds):
+            stages.append(Stage(f"eval_control_{r}", "trainer.jobs.evaluate", ("--round", str(r), "--control"),
+                                product=str(at.control_eval(r, cfg.distill.rounds) / "metrics.json"),
+                                depends=("control",)))
+            evals.append(f"eval_control_{r}")
     if cfg.teacher.train_ar:  # the optional AR stage: the judge of eval.judge=ar and the AR baseline
         stages.insert(2, Stage("ar", "trainer.jobs.pretrain", ("--ar",), distributed=True,
                                product="ar/export/export.json", depends=("prepare",)))

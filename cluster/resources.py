@@ -92,14 +92,21 @@ def stage_kind(name: str) -> str:
     return name.split("_", 1)[0]
 
 
+def _stage_key(cfg: RunConfig, name: str) -> str:
+    """The ``slurm.stages`` key that sizes a stage: its own name (e.g. ``eval_0``) when the config has
+    one, else its kind (``eval``): the teacher's evaluation sweeps every round's step count, a
+    student's only its own, so one limit for both over-reserves the many small ones."""
+    return name if name in cfg.slurm.stages else stage_kind(name)
+
+
 def _stage_cfg(cfg: RunConfig, name: str) -> StageSlurmConfig:
-    return cfg.slurm.stages.get(stage_kind(name)) or StageSlurmConfig()
+    return cfg.slurm.stages.get(_stage_key(cfg, name)) or StageSlurmConfig()
 
 
 def _time_min(cfg: RunConfig, spec: ClusterSpec, name: str) -> int:
     own = _stage_cfg(cfg, name).time
     if own:
-        return parse_slurm_time(own, f"bad config key 'slurm.stages.{stage_kind(name)}.time'")
+        return parse_slurm_time(own, f"bad config key 'slurm.stages.{_stage_key(cfg, name)}.time'")
     return spec.time_min
 
 

@@ -4,11 +4,14 @@
     python tools/seeds.py --run-dir runs/regime --aggregate-only
 
 Seed s runs ``tools/submit.py --local`` into ``<run-dir>/seed-<s>`` with ``seed=s train.seed=s
-data.seed=s`` (weights, training noise, data order and targets differ; the source, the evaluation seed
-and everything else stay), skipping a seed whose ``report.json`` exists. Then every scalar of each
-report's ``summary`` (trainer/evaluation/compare.py) is aggregated over the seeds: mean and a 95%
-Student-t interval, written to ``<run-dir>/seeds.json`` and ``seeds.md``. A per-seed paired SE measures
-sampling noise only; the interval over seeds also covers training noise.
+data.seed=s eval.seed=E+s`` (E: the config's ``eval.seed``; seed 0 keeps it): weights, training noise,
+data order, targets and the evaluation's sampling noise differ; the source chain and everything else
+stay. A seed whose ``report.json`` exists is skipped. Then every scalar of each report's ``summary``
+(trainer/evaluation/compare.py) is aggregated over the seeds: mean and a 95% Student-t interval, written
+to ``<run-dir>/seeds.json`` and ``seeds.md``, where a matched-entropy read that one seed took by
+extrapolation beyond its sweep is marked ``*``. A per-seed paired SE measures sampling noise only; the
+interval over seeds covers training and evaluation noise, conditional on the one source chain (run
+several ``data.synthetic.seed`` values for the chain's share).
 """
 from __future__ import annotations
 
@@ -38,12 +41,27 @@ SHOWN = (("student_nll", "student NLL at N"), ("teacher_nll", "teacher NLL at N"
          ("student_minus_control_at_H", "student − control at data entropy"),
          ("control_minus_teacher_at_H", "control − teacher at data entropy"),
          ("teacher_entropy", "teacher entropy"), ("control_entropy", "control entropy"),
-         ("student_entropy", "student entropy"))
+         ("student_entropy", "student entropy"),
+         ("student_minus_best", "student − best training-free sampler"),
+         ("student_minus_best_at_H", "student − best training-free sampler at data entropy"),
+         ("best_minus_plain_at_H", "best training-free sampler − plain at data entropy"),
+         ("teacher_invalid_rate", "teacher invalid-transition rate"),
+         ("control_invalid_rate", "control invalid-transition rate"),
+         ("student_invalid_rate", "student invalid-transition rate"),
+         ("teacher_valid_nll", "teacher valid-transition NLL"), ("control_valid_nll", "control valid-transition NLL"),
+         ("student_valid_nll", "student valid-transition NLL"))
+
+
+def eval_seed(config: str, overrides: list[str], seed: int) -> int:
+    """Training seed ``seed``'s evaluation seed: the config's ``eval.seed`` + seed, so no two training
+    seeds share the evaluation's sampling noise (seed 0 keeps the config's)."""
+    return load_config(config, overrides).eval.seed + seed
 
 
 def run_seed(config: str, run_dir: Path, seed: int, overrides: list[str], nproc: int | None) -> float:
     cmd = [sys.executable, str(ROOT / "tools" / "submit.py"), "--config", config, "--local", "--run-dir",
-           str(run_dir), f"seed={seed}", f"train.seed={seed}", f"data.seed={seed}", *overrides]
+           str(run_dir), f"seed={seed}", f"train.seed={seed}", f"data.seed={seed}", *overrides,
+           f"eval.seed={eval_seed(config, overrides, seed)}"]
     if nproc:
         cmd[4:4] = ["--nproc", str(nproc)]
     t0 = time.time()
@@ -93,10 +111,15 @@ def markdown(agg: dict, reports: dict[int, dict], meta: dict) -> str:
             if a is None or a["n"] == 0:
                 continue
             pct = key.startswith("gap_closed")
-            per = " | ".join(_fmt(a["per_seed"].get(s), pct) for s in seeds)
+            flags = (agg.get(f"{rnd}/{key}_extrapolated") or {}).get("per_seed", {})
+            per = " | ".join(_fmt(a["per_seed"].get(s), pct) + ("*" if flags.get(s) else "") for s in seeds)
+            star = "*" if any(flags.get(s) for s in seeds) else ""
             ci = f"[{_fmt(a['lo'], pct)}, {_fmt(a['hi'], pct)}]" if a["lo"] is not None else "-"
-            lines.append(f"| {label} | {per} | {_fmt(a['mean'], pct)} | {ci} |")
+            lines.append(f"| {label} | {per} | {_fmt(a['mean'], pct)}{star} | {ci} |")
         lines.append("")
+    if any(k.endswith("_extrapolated") and any(v["per_seed"].values()) for k, v in agg.items()):
+        lines += ["\\* a read at the data's entropy extrapolated beyond that seed's temperature sweep (a mean "
+                  "with one is marked too).", ""]
     return "\n".join(lines)
 
 

@@ -107,6 +107,31 @@ class SamplingConfig:
     batch_size: int = 64
     cache: bool = True  # reuse the denoiser output when no token changed (time-agnostic models)
     seed: int = 0
+    # Training-free samplers, for every model's samples (evaluation, sample reports; not the teacher
+    # rollouts that make SDTT targets, which stay MDLM's sampler): trainer/method/diffusion.py. The
+    # defaults are MDLM's.
+    top_p: float = 1.0  # nucleus: keep the smallest set of likeliest tokens with mass >= top_p (1 = off)
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the likeliest's (0 = off)
+    order: str = "random"  # random (MDLM) | confidence: unmask the most confident, the schedule's count
+    grid: str = "linear"  # linear (MDLM) | cosine: MaskGIT's cosine schedule of the masked fraction
+
+
+PLAIN_SAMPLER = "plain"  # the name of the evaluation rows drawn with ``sampling.*`` (each model's own sampler)
+
+
+@dataclass
+class SamplerConfig:
+    """A named training-free sampler the evaluation sweeps beside the plain one (``eval.samplers``)."""
+
+    name: str = ""
+    top_p: float = 1.0
+    min_p: float = 0.0
+    order: str = "random"
+    grid: str = "linear"
+    # Its own temperature sweep ([] = eval.temperatures): a truncation lowers the entropy, so reaching
+    # the data's entropy by interpolation may need temperatures above 1. Include 1.0 for the read at
+    # temperature 1.
+    temperatures: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -223,6 +248,10 @@ class EvalConfig:
     # and the control; its own count for a student), to read every model's quality at the data's own
     # entropy (trainer/evaluation/paired.py). 1.0 is always evaluated at every count in eval.steps.
     temperatures: list[float] = field(default_factory=lambda: [1.0])
+    # Training-free samplers of the teacher (round 0) swept like the plain one, at every round's step
+    # count and every temperature: each student is compared with the best of them at equal steps
+    # and at the data's entropy (trainer/evaluation/compare.py ``compare_samplers``). [] = none.
+    samplers: list[SamplerConfig] = field(default_factory=list)
     # True source samples drawn for the reference row (entropy, NLL floor, bigram-KL floor); 0 = none.
     reference_samples: int = 4096
     # Text sources (trainer/evaluation/text.py): MAUVE of this many prefix-conditioned samples
@@ -311,7 +340,8 @@ class SlurmConfig:
     # ["--container-image=/images/sdtt.sqsh", "--container-mounts=/data:/data"]. slurm.setup lines run
     # on the batch host before srun, outside the container; these reach the tasks themselves.
     srun_args: list[str] = field(default_factory=list)
-    # Per kind of stage: time limits, node/GPU counts, CPU-only stages (see StageSlurmConfig).
+    # Per kind of stage (eval) or per stage (eval_0, which then wins over its kind): time limits,
+    # node/GPU counts, CPU-only stages (see StageSlurmConfig).
     stages: dict[str, StageSlurmConfig] = field(default_factory=_default_stage_slurm)
 
 
@@ -460,6 +490,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 < df.sampling_eps < 1, source, "diffusion.sampling_eps", "must be in (0, 1)")
     _check(cfg.sampling.steps >= 1, source, "sampling.steps", "must be at least 1")
     _check(cfg.sampling.batch_size >= 1, source, "sampling.batch_size", "must be at least 1")
+    _check_sampler(cfg.sampling, source, "sampling")
 
     o = cfg.optim
     _check(o.lr > 0, source, "optim.lr", "must be positive")
@@ -529,6 +560,16 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _choice(ev.weights, ("ema", "raw"), source, "eval.weights")
     _check(len(ev.temperatures) > 0 and all(float(x) > 0 for x in ev.temperatures), source, "eval.temperatures",
            "must be a non-empty list of positive sampling temperatures")
+    names = [sp.name for sp in ev.samplers]
+    for i, sp in enumerate(ev.samplers):
+        _check(bool(sp.name) and sp.name.replace("_", "").replace("-", "").replace(".", "").isalnum(), source,
+               f"eval.samplers[{i}].name", "must be a non-empty name of letters, digits, '-', '_' or '.'")
+        _check(sp.name not in names[:i], source, f"eval.samplers[{i}].name", f"'{sp.name}' is used twice")
+        _check(sp.name != PLAIN_SAMPLER, source, f"eval.samplers[{i}].name",
+               f"'{PLAIN_SAMPLER}' names the sampling.* sampler")
+        _check_sampler(sp, source, f"eval.samplers[{i}]")
+        _check(all(float(x) > 0 for x in sp.temperatures), source, f"eval.samplers[{i}].temperatures",
+               "must be positive sampling temperatures ([] = eval.temperatures)")
     _check(ev.reference_samples >= 0, source, "eval.reference_samples", "must be >= 0 (0 = no reference row)")
     _check(ev.mauve_samples >= 0, source, "eval.mauve_samples", "must be >= 0 (0 = no MAUVE)")
     _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
@@ -574,7 +615,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
                "is not an environment variable name (globs * ? allowed in env_from_shell)")
     for kind, st in sl.stages.items():
         key = f"slurm.stages.{kind}"
-        _check(kind in STAGE_KINDS, source, key, f"'{kind}' is not a kind of stage: {', '.join(STAGE_KINDS)}")
+        _check(kind.split("_", 1)[0] in STAGE_KINDS, source, key,
+               f"'{kind}' is neither a kind of stage ({', '.join(STAGE_KINDS)}) nor a stage of one (e.g. eval_0)")
         if st.time:
             minutes = parse_slurm_time(st.time, f"bad config key '{key}.time'", source)
             _check(minutes * 60 > sl.signal_lead_s, source, f"{key}.time",
@@ -740,6 +782,14 @@ def resolve_paths(cfg: RunConfig, base: str | Path) -> tuple[RunConfig, list[str
     return out, problems
 
 
+def _check_sampler(sp, source: str, key: str) -> None:
+    """The training-free sampler options of ``sampling`` or an ``eval.samplers`` entry."""
+    _check(0 < sp.top_p <= 1, source, f"{key}.top_p", "must be in (0, 1] (1 = no nucleus cut)")
+    _check(0 <= sp.min_p < 1, source, f"{key}.min_p", "must be in [0, 1) (0 = no min-p cut)")
+    _choice(sp.order, ("random", "confidence"), source, f"{key}.order")
+    _choice(sp.grid, ("linear", "cosine"), source, f"{key}.grid")
+
+
 @dataclass(frozen=True)
 class TrainSetup:
     """What one training stage optimises with: the optimiser (lr, warm-up and weight decay resolved
@@ -750,6 +800,9 @@ class TrainSetup:
     global_batch_size: int
     ema: float = 0.0
     key: str = "engine"
+    # The lr decay restarts its end every this many steps (0 = one decay over the run): distillation's
+    # rounds, so that the control, one run over every round's steps, gets the students' rates.
+    schedule_segment: int = 0
 
 
 def pretrain_setup(cfg: RunConfig) -> TrainSetup:
@@ -758,12 +811,13 @@ def pretrain_setup(cfg: RunConfig) -> TrainSetup:
 
 
 def distill_setup(cfg: RunConfig) -> TrainSetup:
-    """Every distillation round, and the control run (it must match the students' budget): the
+    """Every distillation round, and the control run (it must match the students' budget, round by
+    round: the decay restarts every ``distill.steps_per_round``, as each round's engine does): the
     paper's recipe in ``distill.lr``, ``distill.warmup_steps``, ``distill.weight_decay``,
     ``distill.global_batch_size`` and ``distill.ema``; betas, eps, schedule and grad_clip from ``optim``."""
     d = cfg.distill
     optim = dataclasses.replace(cfg.optim, lr=d.lr, warmup_steps=d.warmup_steps, weight_decay=d.weight_decay)
-    return TrainSetup(optim, d.global_batch_size, d.ema, "distill")
+    return TrainSetup(optim, d.global_batch_size, d.ema, "distill", schedule_segment=d.steps_per_round)
 
 
 def round_steps(cfg: RunConfig, round_idx: int) -> int:

@@ -10,7 +10,8 @@ A run folder (``<run>``)::
     round_<r>/targets/       round r's target set: shards + plan.json + progress/ + manifest.json
     round_<r>/student/       model r: checkpoints/ export/ tb/ metrics.jsonl consumed/ distill.json
     round_<r>/eval/          model r's evaluation (metrics.json, samples.txt, plot.png)
-    control/                 the control run: checkpoints/ export/ eval/ tb/
+    control/                 the control run: checkpoints/ export/ eval/ tb/ (after all rounds' updates)
+    control/round_<r>/       the control after round r's update count (r < rounds): export/ eval/
     report.json  report.md  quality_vs_steps.png
 
 Models are named by a ``ModelRef``: ``0`` the teacher, ``r >= 1`` the student of round r,
@@ -97,6 +98,15 @@ class RunLayout:
             return self.root / "control" / "eval"
         r = _round(m)
         return self.root / "teacher" / "eval" if r == 0 else self.round(r) / "eval"
+
+    def control_export(self, r: int, rounds: int) -> Path:
+        """The control's export after ``r`` rounds' updates (r x steps_per_round, the round-r student's
+        count); after the last round it is the control's own export."""
+        return self.export(CONTROL) if r == rounds else self.model_dir(CONTROL) / f"round_{_round(r)}" / "export"
+
+    def control_eval(self, r: int, rounds: int) -> Path:
+        """The evaluation of ``control_export(r, rounds)``."""
+        return self.eval(CONTROL) if r == rounds else self.model_dir(CONTROL) / f"round_{_round(r)}" / "eval"
 
     def eval_metrics(self, m: ModelRef) -> Path:
         return self.eval(m) / "metrics.json"

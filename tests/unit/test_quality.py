@@ -59,7 +59,8 @@ def test_exact_nll(source):
     assert abs(mean - source.sequence_entropy_per_token(64)) < 4 * se
     q = markov_quality(source, x)
     assert q["nll_gap"] == pytest.approx(mean - source.sequence_entropy_per_token(64))
-    assert set(q) == {"nll", "nll_se", "nll_floor", "nll_gap", "entropy", "bigram_kl"}
+    assert set(q) == {"nll", "nll_se", "nll_floor", "nll_gap", "entropy", "bigram_kl", "invalid_rate",
+                      "invalid_rate_se", "valid_nll", "valid_nll_se"}
 
 
 def test_unigram_entropy():

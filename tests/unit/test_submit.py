@@ -102,6 +102,16 @@ def test_stage_overrides_time_nodes_gpus_partition() -> None:
     assert "--mem=0" in res["teacher"].sbatch_lines()
 
 
+def test_a_stage_of_its_own_name_wins_over_its_kind() -> None:
+    """slurm.stages.eval_0 sizes the teacher's evaluation (it sweeps every round's count); the other
+    evaluations keep slurm.stages.eval."""
+    cfg = load_config(TINY, ["slurm.stages.eval.time=30:00", "slurm.stages.eval_0.time=2:00:00"])
+    res = {s.name: stage_resources(s, cfg, ClusterSpec(nodes=1, gpus_per_node=1)) for s in pipeline.build_chain(cfg)}
+    assert (res["eval_0"].time_min, res["eval_1"].time_min, res["eval_control"].time_min) == (120, 30, 30)
+    with pytest.raises(ConfigError, match=r"bad config key 'slurm.stages.eval_0.time'"):
+        load_config(TINY, ["slurm.stages.eval_0.time=1"])
+
+
 def test_unquoted_times_keep_sbatchs_meaning(tmp_path: Path) -> None:
     """YAML 1.1 would read 30:00 as 1800 and 1:00:00 as 3600 (base 60): not here."""
     cfg_file = tmp_path / "site.yaml"
@@ -303,10 +313,11 @@ def test_budget_matches_a_hand_computation() -> None:
     n = tool.parameter_count(cfg)
     b = {s.stage: s for s in budget(stages, cfg, spec, n, tool.target_size(cfg)).stages}
     # GPU-hours: teacher, 3 targets, 3 distill and the control (distill.control: true) on 8 GPUs for
-    # 1 h; eval_0..eval_3 and eval_control on 1 GPU for 1 h; prepare and report hold no GPU.
+    # 1 h; eval_0..eval_3, eval_control and control@1, control@2 (eval_control_1, _2) on 1 GPU for 1 h;
+    # prepare and report hold no GPU.
     assert b["teacher"].gpu_hours == 8 and b["eval_2"].gpu_hours == 1 and b["prepare"].gpu_hours == 0
-    assert b["control"].gpu_hours == 8 and b["eval_control"].gpu_hours == 1
-    assert sum(s.gpu_hours for s in b.values()) == 8 * 8 + 5 * 1 == 69
+    assert b["control"].gpu_hours == 8 and b["eval_control"].gpu_hours == 1 and b["eval_control_2"].gpu_hours == 1
+    assert sum(s.gpu_hours for s in b.values()) == 8 * 8 + 7 * 1 == 71
     # tokens: train.steps 1500 x engine.global_batch_size 32 x seq_len 64
     assert b["teacher"].tokens == 1500 * 32 * 64 == 3_072_000
     assert b["teacher"].flop == 6 * n * 3_072_000

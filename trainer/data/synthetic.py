@@ -99,6 +99,20 @@ class MarkovSource:
             step = np.log((1.0 - self.leak) * sparse + self.leak / self.vocab_size)
         return self._log_stationary[x[:, 0]] + step.sum(axis=1)
 
+    def in_support(self, seqs: np.ndarray | torch.Tensor) -> np.ndarray:
+        """bool [n, L - 1]: whether each transition is one of its state's ``branching`` listed successors
+        (a transition outside them has probability leak / V only: the leak's, priced log(V / leak))."""
+        x = self._check_tokens(seqs)
+        return (self.succ[x[:, :-1]] == x[:, 1:, None]).any(axis=-1)
+
+    def transition_nll(self, seqs: np.ndarray | torch.Tensor) -> np.ndarray:
+        """-log P(x_t | x_t-1) of every transition, float64 [n, L - 1] (the leak included)."""
+        x = self._check_tokens(seqs)
+        prev, nxt = x[:, :-1], x[:, 1:]
+        sparse = np.where(self.succ[prev] == nxt[..., None], self.probs[prev], 0.0).sum(axis=-1)
+        with np.errstate(divide="ignore"):
+            return -np.log((1.0 - self.leak) * sparse + self.leak / self.vocab_size)
+
     def nll_per_token(self, seqs: np.ndarray | torch.Tensor) -> np.ndarray:
         """Negative log-likelihood per token, nats (float64 [n])."""
         x = self._check_tokens(seqs)

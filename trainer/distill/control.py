@@ -3,6 +3,13 @@ budget (steps, batch, learning rate, EMA of all the rounds together), on the tea
 where the teacher stopped and with per-step noise from its own seed domain. A student that beats its
 teacher but not the control has gained from the extra training, not from SDTT. Trained by
 ``trainer.jobs.pretrain --control``.
+
+Matched per round: the control's lr decay restarts at every round boundary as the students' engines do
+(``config.distill_setup``, ``lr.segment_total``), and it is exported after each round's update count
+(``round_ends``), so round r's student (r x steps_per_round updates) is compared with the control after
+exactly as many updates, the same rates (hence the same lr integral), batch and EMA decay. What it does
+not match: the students' optimizer reset when ``distill.reset_optimizer`` is set, and the two teacher
+forwards per example that targets cost (equal updates, not equal FLOPs).
 """
 from __future__ import annotations
 
@@ -20,6 +27,11 @@ def stage(cfg: RunConfig, control: bool) -> tuple[ModelRef, TrainSetup, int]:
     return CONTROL, distill_setup(cfg), cfg.distill.rounds * cfg.distill.steps_per_round
 
 
+def round_ends(cfg: RunConfig) -> list[int]:
+    """The control's update counts at which it is exported: r x steps_per_round for every round r."""
+    return [r * cfg.distill.steps_per_round for r in range(1, cfg.distill.rounds + 1)]
+
+
 CONTROL_SEED_DOMAIN = 0xC0  # the control's per-step noise (t, mask): a stream the teacher never drew
 
 
@@ -34,10 +46,12 @@ def control_stream(cfg: RunConfig, control: bool) -> tuple[int, int]:
 
     data offset: the first step of ``batches`` (at the stage's global batch) it reads. The control
     continues the teacher's data stream where the teacher stopped (train.steps x its batch examples,
-    rounded up to the control's batch: never re-reading the teacher's last ones), so it trains on
-    examples the teacher has not seen, as the students do, instead of replaying the teacher's first
-    batches. noise seed: the seed of the per-step noise (t and mask); the control's comes from its
-    own domain, so no (x0, t, mask) example repeats one of the teacher's. The teacher: (0, train.seed).
+    rounded up to the control's batch: never re-reading the teacher's last ones) instead of replaying
+    the teacher's first batches. The rows themselves are not new: the stream cycles epochs over the
+    same training rows (``prepared.batches``), and a teacher that ran several epochs has seen every
+    row several times; what is new is each (x0, t, mask) draw, as for the students.
+    noise seed: the seed of the per-step noise (t and mask); the control's comes from its own domain,
+    so no (x0, t, mask) example repeats one of the teacher's. The teacher: (0, train.seed).
     """
     if not control:
         return 0, cfg.train.seed

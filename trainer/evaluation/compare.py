@@ -1,6 +1,7 @@
 """The report's comparisons, as pure functions of the evaluation rows (trainer/jobs/evaluate.py).
 
-Per round r (the student sampled at its own step count N = start / 2^r):
+Per round r (the student sampled at its own step count N = start / 2^r; the control is control@r, the
+control after round r's update count, where it was evaluated):
 - paired NLL differences with their SE: student - teacher and student - control at N steps,
   control - teacher at N (what extra MDLM training alone buys), student at N - teacher at 2N (SDTT's
   own criterion: N/2 steps as good as the teacher's N);
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from trainer.config import PLAIN_SAMPLER as PLAIN
 from trainer.evaluation import paired
 from trainer.evaluation.paired import Est
 
@@ -25,9 +27,14 @@ def _key(row: dict) -> tuple:
     return row["model"], row["round"], row["steps"], float(row.get("temperature") or 1.0)
 
 
-def index_rows(rows: Sequence[dict]) -> dict[tuple, dict]:
-    """(model, round, steps, temperature) -> row; rows without a per-sample quality are left out."""
-    return {_key(r): r for r in rows if paired.has_sample_nll(r)}
+def _sampler(row: dict) -> str:
+    return row.get("sampler") or PLAIN  # rows written before eval.samplers existed: the plain sampler
+
+
+def index_rows(rows: Sequence[dict], sampler: str = PLAIN) -> dict[tuple, dict]:
+    """(model, round, steps, temperature) -> row of ``sampler`` (default: each model's own, ``sampling.*``);
+    rows without a per-sample quality are left out."""
+    return {_key(r): r for r in rows if paired.has_sample_nll(r) and _sampler(r) == sampler}
 
 
 def _nll(idx: dict, model: str, rnd: int, steps: int | None) -> Est | None:
@@ -63,14 +70,19 @@ def at_entropy(idx: dict, model: str, rnd: int, steps: int, target: float | None
 def compare_round(rows: Sequence[dict], rnd: int, steps: int, target_entropy: float | None,
                   control_round: int | None = None) -> dict:
     """Every comparison of round ``rnd``'s student at its ``steps`` (see the module docstring).
-    ``control_round``: the round the control was evaluated under (the last one)."""
+    ``control_round``: the last round the control was evaluated at (its whole budget). The control
+    compared with round r is control@r (evaluated with ``--control --round r``: r x steps_per_round
+    updates, the student's count) when its rows exist, else that last one (``control_matched`` False)."""
     idx = index_rows(rows)
+    if control_round is not None and any(k[0] == "control" and k[1] == rnd for k in idx):
+        control_round = rnd
     teacher_steps = sorted(k[2] for k in idx if k[0] == "teacher" and k[3] == 1.0)
     most = teacher_steps[-1] if teacher_steps else None
     t_n, s_n = _nll(idx, "teacher", 0, steps), _nll(idx, "student", rnd, steps)
     c_n = _nll(idx, "control", control_round, steps) if control_round is not None else None
     t_2n, t_most = _nll(idx, "teacher", 0, 2 * steps), _nll(idx, "teacher", 0, most)
-    out: dict = {"round": rnd, "steps": steps, "teacher_most_steps": most,
+    out: dict = {"round": rnd, "steps": steps, "teacher_most_steps": most, "control_round": control_round,
+                 "control_matched": control_round is None or control_round == rnd,
                  "teacher_nll": _d(t_n), "student_nll": _d(s_n), "control_nll": _d(c_n),
                  "teacher_2n_nll": _d(t_2n),
                  "student_minus_teacher": _diff(s_n, t_n), "student_minus_control": _diff(s_n, c_n),
@@ -87,6 +99,10 @@ def compare_round(rows: Sequence[dict], rnd: int, steps: int, target_entropy: fl
         row = idx.get((model, r, steps, 1.0))
         out[f"{name}_entropy"] = row.get("entropy") if row else None
         out[f"{name}_bigram_kl"] = row.get("bigram_kl") if row else None
+        # Free of the leak constant (trainer/evaluation/quality.py support_split): value and SE.
+        for key in ("invalid_rate", "valid_nll"):
+            out[f"{name}_{key}"] = ({"value": row[key], "se": row.get(f"{key}_se")}
+                                    if row and row.get(key) is not None else None)
     ats = {name: (at_entropy(idx, model, r, steps, target_entropy) if r is not None else None)
            for name, model, r in models}
     for name, a in ats.items():
@@ -110,6 +126,51 @@ def compare_all(rows: Sequence[dict], round_steps: dict[int, int], target_entrop
     return [compare_round(rows, r, n, target_entropy, control_round) for r, n in sorted(round_steps.items()) if r >= 1]
 
 
+def compare_samplers(rows: Sequence[dict], rnd: int, steps: int, target_entropy: float | None) -> dict | None:
+    """Round ``rnd``'s student at its ``steps`` against the teacher's training-free samplers there
+    (``eval.samplers``, and the plain one): each sampler's NLL at temperature 1 and at the data's
+    entropy, the best of them by each measure, and student − best with its paired SE. None when the
+    teacher was not evaluated with any named sampler.
+
+    Pairing: at equal steps every sampler draws the same uniforms per sample (trainer/method/sampling.py),
+    so student − sampler is a mean of per-sample differences over i.i.d. pairs and its SE is valid for
+    every sampler; with confidence-ordered unmasking the positions unmasked depend on the model, so
+    the pairs are less correlated and that SE is larger, not wrong. The best sampler is chosen on the
+    same samples it is then compared on: a selection that flatters the samplers, i.e. conservative
+    for the student.
+    """
+    names = sorted({_sampler(r) for r in rows if r["model"] == "teacher" and r["steps"] == steps} - {PLAIN})
+    if not names:
+        return None
+    s_idx = index_rows(rows)
+    s_1 = _nll(s_idx, "student", rnd, steps)
+    s_h = at_entropy(s_idx, "student", rnd, steps, target_entropy)
+    per: dict[str, dict] = {}
+    ests: dict[str, tuple[Est | None, paired.AtEntropy | None]] = {}
+    for name in [PLAIN, *names]:
+        idx = index_rows(rows, name)
+        e1, eh = _nll(idx, "teacher", 0, steps), at_entropy(idx, "teacher", 0, steps, target_entropy)
+        ests[name] = (e1, eh)
+        row = idx.get(("teacher", 0, steps, 1.0))
+        per[name] = {"nll": _d(e1), "entropy": row.get("entropy") if row else None,
+                     "nll_at_H": {**eh.est.as_dict(), "extrapolated": eh.extrapolated} if eh else None,
+                     "student_minus": _diff(s_1, e1),
+                     "student_minus_at_H": ({**(s_h.est - eh.est).as_dict(),
+                                             "extrapolated": s_h.extrapolated or eh.extrapolated}
+                                            if s_h is not None and eh is not None else None)}
+    at_1 = [n for n in per if ests[n][0] is not None]
+    # At the data's entropy the best is chosen among interpolated reads: an extrapolated one is a guess.
+    at_h = [n for n in per if ests[n][1] is not None and not ests[n][1].extrapolated]
+    best_1 = min(at_1, key=lambda n: ests[n][0].value) if at_1 else None
+    best_h = min(at_h, key=lambda n: ests[n][1].est.value) if at_h else None
+    return {"round": rnd, "steps": steps, "samplers": per, "best": best_1, "best_at_H": best_h,
+            "student_minus_best": per[best_1]["student_minus"] if best_1 else None,
+            "student_minus_best_at_H": per[best_h]["student_minus_at_H"] if best_h else None,
+            "best_minus_plain_at_H": ({**(ests[best_h][1].est - ests[PLAIN][1].est).as_dict(), "extrapolated": False}
+                                      if best_h and ests[PLAIN][1] is not None and not ests[PLAIN][1].extrapolated
+                                      else None)}
+
+
 HEADLINE = ("student_minus_teacher", "student_minus_control", "control_minus_teacher", "student_minus_teacher_2n",
             "gap_closed_student", "gap_closed_control", "teacher_nll_at_H", "student_nll_at_H", "control_nll_at_H",
             "student_minus_teacher_at_H", "student_minus_control_at_H", "control_minus_teacher_at_H")
@@ -124,9 +185,30 @@ def summary(comparisons: Sequence[dict]) -> dict[str, float | None]:
         for key in HEADLINE:
             v = c.get(key)
             out[f"{p}/{key}"] = v.get("value") if isinstance(v, dict) else None
+            if key.endswith("_at_H"):  # 1.0: read by extrapolation beyond the sweep (seeds.md marks it)
+                out[f"{p}/{key}_extrapolated"] = (float(bool(v.get("extrapolated"))) if isinstance(v, dict)
+                                                  else None)
         for name in ("teacher", "student", "control"):
             v = c.get(f"{name}_nll")
             out[f"{p}/{name}_nll"] = v.get("value") if isinstance(v, dict) else None
             out[f"{p}/{name}_entropy"] = c.get(f"{name}_entropy")
             out[f"{p}/{name}_bigram_kl"] = c.get(f"{name}_bigram_kl")
+            for key in ("invalid_rate", "valid_nll"):
+                v = c.get(f"{name}_{key}")
+                out[f"{p}/{name}_{key}"] = v.get("value") if isinstance(v, dict) else None
+    return out
+
+
+def sampler_summary(sampler_comparisons: Sequence[dict]) -> dict[str, float | None]:
+    """Flat scalars of ``compare_samplers`` for tools/seeds.py: per round, student − best sampler at
+    temperature 1 and at the data's entropy, and best − plain at the data's entropy. The best is each
+    seed's own, so a mean over seeds may mix samplers (the per-sampler rows are in report.json)."""
+    out: dict[str, float | None] = {}
+    for c in sampler_comparisons:
+        for key in ("student_minus_best", "student_minus_best_at_H", "best_minus_plain_at_H"):
+            v = c.get(key)
+            out[f"r{c['round']}/{key}"] = v.get("value") if isinstance(v, dict) else None
+            if key.endswith("_at_H"):
+                out[f"r{c['round']}/{key}_extrapolated"] = (float(bool(v.get("extrapolated")))
+                                                            if isinstance(v, dict) else None)
     return out

@@ -24,7 +24,8 @@ def sample_report(model: Any, cfg: RunConfig, source: MarkovSource | None, devic
     x = sampling.sample_diffusion(denoise, n, cfg.data.seq_len, cfg.sampling.steps, mask_id,
                                   noise_eps=cfg.diffusion.noise_eps, sampling_eps=cfg.diffusion.sampling_eps,
                                   generator=torch.Generator().manual_seed(cfg.sampling.seed), device=device,
-                                  cache=cfg.sampling.cache and not cfg.model.time_conditioning).cpu()
+                                  cache=cfg.sampling.cache and not cfg.model.time_conditioning,
+                                  **sampling.sampler_options(cfg.sampling)).cpu()
     model.train()
     scalars = {}
     if source is not None:

@@ -15,15 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.config import RunConfig
+from trainer.config import PLAIN_SAMPLER as PLAIN
+from trainer.config import RunConfig, SamplerConfig
 from trainer.data.prepared import MarkovSource
 from trainer.evaluation.quality import JudgeFn, bigram_kl, gen_ppl, markov_quality, sequence_entropies
 from trainer.method import sampling
 
 
 def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int, seed: int,
-                 device: torch.device, progress: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, int]:
-    """``num_samples`` sequences at ``steps`` steps, in batches; (samples on CPU, denoiser calls)."""
+                 device: torch.device, progress: bool = False, temperature: float = 1.0,
+                 sampler: SamplerConfig | None = None) -> tuple[torch.Tensor, int]:
+    """``num_samples`` sequences at ``steps`` steps, in batches; (samples on CPU, denoiser calls).
+    ``sampler``: a named training-free sampler (``eval.samplers``) instead of ``sampling.*``'s."""
     mask_id = cfg.model.vocab_size
     denoise = sampling.make_denoiser(model, mask_id, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
     # One generator for the whole draw: the samples depend on the seed, not on the batch size.
@@ -36,7 +39,8 @@ def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int,
                                       noise_eps=cfg.diffusion.noise_eps, sampling_eps=cfg.diffusion.sampling_eps,
                                       generator=gen, device=device,
                                       cache=cfg.sampling.cache and not cfg.model.time_conditioning,
-                                      progress=progress, stats=stats, temperature=temperature)
+                                      progress=progress, stats=stats, temperature=temperature,
+                                      **sampling.sampler_options(sampler or cfg.sampling))
         out.append(x.cpu())
         nfe += stats["nfe"]
     return torch.cat(out), nfe
@@ -45,6 +49,7 @@ def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int,
 def quality_row(samples: torch.Tensor, source: MarkovSource | None, judge: JudgeFn | None) -> dict:
     """Every quality number for one set of samples; absent measures are None, never omitted."""
     row: dict = {"nll": None, "nll_se": None, "nll_gap": None, "bigram_kl": None, "gen_ppl": None,
+                 "invalid_rate": None, "invalid_rate_se": None, "valid_nll": None, "valid_nll_se": None,
                  "nll_per_sample": None}
     ent = sequence_entropies(samples)
     if source is not None:
@@ -63,23 +68,30 @@ def quality_row(samples: torch.Tensor, source: MarkovSource | None, judge: Judge
 
 def evaluate_model(model: nn.Module, cfg: RunConfig, steps_list: list[int], source: MarkovSource | None,
                    judge: JudgeFn | None, device: torch.device, progress: bool = False,
-                   keep_samples: bool = False, sweep: dict[int, list[float]] | None = None) -> list[dict]:
-    """One quality row per (step count, temperature), each with its timing and number of denoiser calls.
+                   keep_samples: bool = False, sweep: dict[int, list[float]] | None = None,
+                   samplers: list[SamplerConfig] | None = None) -> list[dict]:
+    """One quality row per (step count, temperature, sampler), each with its timing and number of
+    denoiser calls.
 
     Every step count is sampled at temperature 1; ``sweep`` adds, per step count, the other
-    temperatures to sample it at (a step count absent from ``steps_list`` is added). Every row uses
-    the same seed (cfg.eval.seed), so rows differ by the sampler alone and their samples pair up.
+    temperatures to sample it at (a step count absent from ``steps_list`` is added). ``samplers``
+    (named training-free samplers) are drawn at every step count of ``sweep``, at its temperatures or
+    their own (``SamplerConfig.temperatures``), in rows
+    whose ``sampler`` is their name (``PLAIN`` for ``sampling.*``). Every row uses the same seed
+    (cfg.eval.seed), so rows differ by the sampler alone and their samples pair up.
     """
     model.eval()
-    plan = {(s, 1.0) for s in steps_list}
+    plan = {(s, 1.0, PLAIN) for s in steps_list}
     for s, temps in (sweep or {}).items():
-        plan |= {(s, float(tau)) for tau in temps}
+        plan |= {(s, float(tau), PLAIN) for tau in temps}
+        plan |= {(s, float(tau), sp.name) for sp in samplers or () for tau in (sp.temperatures or temps)}
+    named = {sp.name: sp for sp in samplers or ()}
     rows = []
-    for steps, tau in sorted(plan):
+    for steps, tau, name in sorted(plan, key=lambda p: (p[0], p[1], p[2] != PLAIN, p[2])):
         t0 = time.perf_counter()
         samples, nfe = draw_samples(model, cfg, steps, cfg.eval.num_samples, cfg.eval.seed, device, progress,
-                                    temperature=tau)
-        row = {"steps": steps, "temperature": tau, **quality_row(samples, source, judge), "nfe": nfe,
+                                    temperature=tau, sampler=named.get(name))
+        row = {"steps": steps, "temperature": tau, "sampler": name, **quality_row(samples, source, judge), "nfe": nfe,
                "seconds": round(time.perf_counter() - t0, 3)}
         if keep_samples:
             row["_samples"] = samples
@@ -102,8 +114,11 @@ def reference_row(source: MarkovSource, num_samples: int, seq_len: int, seed: in
     return row
 
 
-def format_table(rows: list[dict], columns: tuple[str, ...] = ("model", "round", "steps", "temperature", "nll",
-                                                               "nll_se", "entropy", "bigram_kl", "gen_ppl")) -> str:
+TABLE_COLUMNS = ("model", "round", "steps", "temperature", "sampler", "nll", "nll_se", "entropy", "bigram_kl",
+                 "gen_ppl")
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
     """A fixed-width text table of result rows (missing values shown as '-')."""
     cols = [c for c in columns if any(c in r for r in rows)]
 

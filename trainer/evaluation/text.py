@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.config import RunConfig
+from trainer.config import RunConfig, SamplerConfig
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
 from trainer.evaluation import protocols
 from trainer.evaluation.quality import JudgeError, sequence_entropies
@@ -291,10 +291,10 @@ def prefix_tokens(cfg: RunConfig) -> int:
 
 def conditioned_samples(model: nn.Module, cfg: RunConfig, rows: torch.Tensor, steps: int, prefix: int,
                         seed: int, device: torch.device, temperature: float = 1.0,
-                        length: int | None = None) -> torch.Tensor:
+                        length: int | None = None, sampler: SamplerConfig | None = None) -> torch.Tensor:
     """Continuations of held-out ``rows``: their first ``prefix`` tokens clamped, the rest sampled
-    (at ``temperature``, as the unconditional samples of the same evaluation row), ``length``
-    tokens in all (default data.seq_len; SDTT's MAUVE samples 100)."""
+    (at ``temperature`` and with ``sampler``, default ``sampling.*``, as the unconditional samples of
+    the same evaluation row), ``length`` tokens in all (default data.seq_len; SDTT's MAUVE samples 100)."""
     mask_id = cfg.model.vocab_size
     denoise = sampling.make_denoiser(model, mask_id, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
     gen = torch.Generator().manual_seed(seed)
@@ -304,7 +304,7 @@ def conditioned_samples(model: nn.Module, cfg: RunConfig, rows: torch.Tensor, st
             denoise, chunk.shape[0], length or cfg.data.seq_len, steps, mask_id, noise_eps=cfg.diffusion.noise_eps,
             sampling_eps=cfg.diffusion.sampling_eps, generator=gen, device=device,
             cache=cfg.sampling.cache and not cfg.model.time_conditioning, prefix=chunk[:, :prefix],
-            temperature=temperature).cpu())
+            temperature=temperature, **sampling.sampler_options(sampler or cfg.sampling)).cpu())
     return torch.cat(out)
 
 
@@ -382,6 +382,11 @@ class TextEvaluation:
             return features_ids(fm, rows.tolist(), self.cfg.eval.batch_size)
         return features(fm, self.decode(rows), self.cfg.eval.batch_size)
 
+    def _sampler(self, row: dict) -> SamplerConfig | None:
+        """The sampler a sweep row was drawn with (eval.samplers by name; None: sampling.*), so its
+        MAUVE continuations are drawn the same way."""
+        return {sp.name: sp for sp in self.cfg.eval.samplers}.get(row.get("sampler"))
+
     def _mauve_heldout(self, model: nn.Module, rows: list[dict]) -> None:
         """The cheap default: one continuation per held-out row after L/4 (eval.prefix_tokens) tokens,
         compared with the held-out continuation, the prefix left out, one MAUVE seed."""
@@ -393,7 +398,8 @@ class TextEvaluation:
         q_feats = self._features(held_out[:, p:])
         for row in rows:
             cont = conditioned_samples(model, cfg, held_out, row["steps"], p, cfg.eval.seed + 1, self.device,
-                                       temperature=float(row.get("temperature") or 1.0))
+                                       temperature=float(row.get("temperature") or 1.0),
+                                       sampler=self._sampler(row))
             row.update(mauve=mauve_score(self._features(cont[:, p:]), q_feats), mauve_samples=int(n_mauve),
                        mauve_protocol="heldout")
 
@@ -412,7 +418,8 @@ class TextEvaluation:
         for row in rows:
             cont = torch.cat([conditioned_samples(model, self.cfg, docs, row["steps"], ev.mauve_prompt_tokens,
                                                   ev.seed + 1 + k, self.device, length=total,
-                                                  temperature=float(row.get("temperature") or 1.0))
+                                                  temperature=float(row.get("temperature") or 1.0),
+                                                  sampler=self._sampler(row))
                               for k in range(ev.mauve_continuations)])
             row.update(mauve_protocol.mauve_over_seeds(p_feats, self._features(cont, as_ids=True), ev.mauve_seeds,
                                                        ev.mauve_scaling),

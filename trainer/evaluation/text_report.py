@@ -14,16 +14,16 @@ from pathlib import Path
 from trainer.config import RunConfig
 from trainer.evaluation.sweep import format_table
 
-TEXT_KEYS = ("model", "round", "steps", "temperature", "gen_ppl", "entropy", "gen_entropy", "mauve", "mauve_std",
-             "judge_tokens", "samples")
+TEXT_KEYS = ("model", "round", "steps", "temperature", "sampler", "gen_ppl", "entropy", "gen_entropy", "mauve",
+             "mauve_std", "judge_tokens", "samples")
 
 # What each gen-PPL protocol scores (trainer/evaluation/protocols.py), for the report's reader.
 GEN_PPL_WORDS = {
     "mdlm": "MDLM's and Duo's tokens (every non-EOS token of the whole retokenised sample and its first EOS, "
             "positions 1..T-1), per token over all samples",
     "sdtt": "SDTT's tokens (every position 1..T-1 of the sample), each sample's mean NLL then the mean",
-    "first_doc": "the retokenised sample up to and including its first EOS (this project's rule before "
-                 "issue 18; not the field's)",
+    "first_doc": "the retokenised sample up to and including its first EOS (this project's earlier "
+                 "rule; not the field's)",
 }
 MAUVE_WORDS = {
     "heldout": "continuations of the first {p} tokens of held-out rows against the held-out continuations "

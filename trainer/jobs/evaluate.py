@@ -2,15 +2,15 @@
 
     python -m trainer.jobs.evaluate --run-dir DIR --round R [key=value ...]
 
-Round 0 is the teacher, round r >= 1 that round's student; ``--control`` evaluates the control
-(trained for all rounds' budget: give it the last round). Every model is sampled at the step
-counts of ``eval.steps`` plus every count a round reaches (start, start/2, ...), with the same seed,
-so the report can put the student at N steps beside the teacher at N steps, sample by sample (the
-samples pair up: trainer/evaluation/paired.py). The temperatures of ``eval.temperatures`` are swept
-at the step counts each model is compared at (``sweep_plan``), for the quality-vs-entropy frontier.
-Every row stores its per-sample NLLs and entropies. Writes
-``<model>/eval/metrics.json`` and ``samples.txt``, and the scalars to TensorBoard
-(``eval/<model>/nll@<steps>`` at global step = round).
+Round 0 is the teacher, round r >= 1 that round's student; ``--control`` evaluates the control after
+round r's update count (``control@r``, round r's match; the last round: its whole budget). Every model
+is sampled at the step counts of ``eval.steps`` plus every count a round reaches (start, start/2, ...),
+with the same seed, so the report can put the student at N steps beside the teacher at N steps, sample
+by sample (the samples pair up: trainer/evaluation/paired.py). The temperatures of ``eval.temperatures`` are swept
+at the step counts each model is compared at (``sweep_plan``), for the quality-vs-entropy frontier;
+the teacher also draws there with each training-free sampler of ``eval.samplers``. Every row stores
+its per-sample NLLs and entropies. Writes ``<model>/eval/metrics.json`` and ``samples.txt``, and the
+scalars to TensorBoard (``eval/<model>/nll@<steps>`` at global step = round).
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ import time
 
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
-from trainer.evaluation.sweep import evaluate_model, format_table
+from trainer.errors import StageError
+from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
-from trainer.layout import CONTROL, RunLayout
+from trainer.layout import RunLayout
 from trainer.runtime.checkpoint import load_model
 from trainer.runtime.metrics import MetricsWriter
 
@@ -39,9 +40,10 @@ def step_counts(cfg: RunConfig) -> list[int]:
 def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[float]]:
     """The step counts to sweep ``eval.temperatures`` at: the teacher (round 0) and the control at
     every round's student count (each student is compared with them there at matched entropy), a
-    student at its own count. Sampling dominates the evaluation's cost, so nothing else is swept."""
+    student and a control before the last round (control@r, compared with round r only) at their own
+    count. Sampling dominates the evaluation's cost, so nothing else is swept."""
     temps = [float(x) for x in cfg.eval.temperatures]
-    if control or round_idx == 0:
+    if (control and round_idx == cfg.distill.rounds) or round_idx == 0:
         counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
     else:
         counts = [cfg.distill.start_steps // 2**round_idx]
@@ -68,8 +70,12 @@ def main(argv=None) -> None:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ar_path=str(args.run_dir / "ar" / "export")))
     r = args.round
     device = common.device()
-    which = CONTROL if args.control else r
-    model, _ = load_model(RunLayout(args.run_dir).export(which), cfg.eval.weights, cfg.model)
+    layout = RunLayout(args.run_dir)
+    if args.control and not 1 <= r <= cfg.distill.rounds:
+        raise StageError(f"--control --round {r}: the control is exported after rounds 1..{cfg.distill.rounds}")
+    # The control after round r's update count (control@r), the match of round r's student.
+    export = layout.control_export(r, cfg.distill.rounds) if args.control else layout.export(r)
+    model, _ = load_model(export, cfg.eval.weights, cfg.model)
     model.to(device)
     source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
     # Text: decode, retokenise for the judge, MAUVE, the likelihood bound (trainer/evaluation/text.py).
@@ -77,18 +83,23 @@ def main(argv=None) -> None:
     judge = None if text else build_judge(cfg, device)
     name = "control" if args.control else "teacher" if r == 0 else "student"
     t0 = time.time()
-    rows = evaluate_model(model, cfg, step_counts(cfg), source, judge, device, progress=True, keep_samples=True,
-                          sweep=sweep_plan(cfg, r, args.control))
+    # The teacher's training-free samplers (eval.samplers), at the counts and temperatures it is swept at.
+    samplers = cfg.eval.samplers if r == 0 and not args.control else []
+    # control@r before the last round is compared with round r's student only: its count alone.
+    counts = [cfg.distill.start_steps // 2**r] if args.control and r < cfg.distill.rounds else step_counts(cfg)
+    rows = evaluate_model(model, cfg, counts, source, judge, device, progress=True, keep_samples=True,
+                          sweep=sweep_plan(cfg, r, args.control), samplers=samplers)
     text_result = text.measure(model, rows) if text else {}
     if text and r == 0 and not args.control:  # held-out text, scored once: the report reads the teacher's
         text_result["reference"] = text.reference()
     samples_txt = []
     for row in rows:
         x = row.pop("_samples")
-        samples_txt.append(f"# {name} round {r}, {row['steps']} steps, temperature {row['temperature']:g}")
+        samples_txt.append(f"# {name} round {r}, {row['steps']} steps, temperature {row['temperature']:g}, "
+                           f"sampler {row['sampler']}")
         samples_txt += text.sample_lines(x[:8]) if text else [" ".join(map(str, seq.tolist())) for seq in x[:8]]
         row.update(model=name, round=r)
-    out = RunLayout(args.run_dir).eval(which)
+    out = layout.control_eval(r, cfg.distill.rounds) if args.control else layout.eval(r)
     result = {
         "model": name, "round": r, "weights": cfg.eval.weights,
         "round_steps": cfg.distill.start_steps // 2**r,
@@ -100,7 +111,7 @@ def main(argv=None) -> None:
     atomic_write_text(out / "samples.txt", "\n".join(samples_txt) + "\n")
     with MetricsWriter(args.run_dir, enabled=True) as mw:
         for row in rows:
-            if row["temperature"] != 1.0:
+            if row["temperature"] != 1.0 or row["sampler"] != PLAIN:
                 continue
             vals = {f"eval/{name}/{k}@{row['steps']}": row[k]
                     for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}

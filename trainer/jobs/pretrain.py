@@ -11,7 +11,9 @@ consolidated raw and EMA weights to ``<run>/teacher/export``: what every later s
 
 With ``--control`` it trains the *control* instead (``<run>/control/``; its budget, data stream and
 noise: trainer/distill/control.py): a student that beats its teacher but not the control has gained
-from the extra training, not from SDTT (the case of an under-trained teacher).
+from the extra training, not from SDTT (the case of an under-trained teacher). It is exported after
+every round's update count (``<run>/control/round_<r>/export``; the last round's is ``control/export``),
+so each round's student is compared with the control at equal updates.
 
 With ``--ar`` it trains the autoregressive baseline instead (``<run>/ar/``): the same-size causal DiT
 with next-token loss (trainer/method/autoregressive.py), the teacher's steps, batch and optimiser on
@@ -25,8 +27,9 @@ import logging
 import torch
 
 from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
-from trainer.distill.control import control_stream, stage
+from trainer.distill.control import control_stream, round_ends, stage
 from trainer.distill.rounds import round_teacher
+from trainer.errors import StageError
 from trainer.evaluation.ar_report import AR_DIR, autoregressive_report
 from trainer.evaluation.samples import sample_report
 from trainer.evaluation.validation import validate
@@ -107,18 +110,26 @@ def main(argv=None) -> int:
     task = Task(micro_batches=micro_batches, loss=loss,
                 tokens_per_step=setup.global_batch_size * cfg.data.seq_len, samples_per_step=setup.global_batch_size,
                 evaluate=evaluate, client_state=lambda: {"data_step": engine.step})
-    finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, total_steps, noise_seed, desc=name)
-    if not finished:
-        metrics.close()
-        return EXIT_PREEMPTED
-
-    # ---- export -----------------------------------------------------------------------------------
-    raw = engine.consolidated_state_dict()  # collective
-    ema = engine.ema_state_dict()
-    if info.is_main:
-        export = args.run_dir / AR_DIR / "export" if args.ar else layout.export(model_ref)
-        out = export_weights(export, raw, ema if ema is not None else raw, cfg, step=engine.step, overwrite=True)
-        log.info("exported %s to %s", name, out)
+    # The control stops at every round's update count and is exported there (control@r: the round-r
+    # student's match); the teacher and the AR model run in one piece.
+    ends = round_ends(cfg) if args.control else [total_steps]
+    for r, end in enumerate(ends, start=1):
+        export = (args.run_dir / AR_DIR / "export" if args.ar else
+                  layout.control_export(r, cfg.distill.rounds) if args.control else layout.export(model_ref))
+        if end < total_steps and (export / "export.json").exists():
+            continue  # a resumed control: this round's export was written before
+        if engine.step > end:
+            raise StageError(f"{ckpt_root}: resumed at step {engine.step}, past round {r}'s {end} updates, but "
+                             f"{export} is missing: delete {layout.model_dir(model_ref)} and train the control again")
+        if not train(engine, task, cfg.train, cfg, ckpt_root, metrics, end, noise_seed, desc=name):
+            metrics.close()
+            return EXIT_PREEMPTED
+        raw = engine.consolidated_state_dict()  # collective
+        ema = engine.ema_state_dict()
+        if info.is_main:
+            out = export_weights(export, raw, ema if ema is not None else raw, cfg, step=engine.step, overwrite=True)
+            log.info("exported %s after %d updates to %s", name, engine.step, out)
+        dist.barrier()
     metrics.close()
     dist.barrier()
     dist.cleanup()

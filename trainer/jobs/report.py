@@ -2,13 +2,16 @@
 
     python -m trainer.jobs.report --run-dir DIR
 
-Reads ``teacher/eval/metrics.json``, each ``round_<r>/eval/metrics.json`` and the control's, and
+Reads ``teacher/eval/metrics.json``, each ``round_<r>/eval/metrics.json`` and the control's (after
+every round's update count: ``control/round_<r>/eval``, and ``control/eval`` for the last), and
 writes ``<run>/report.json`` (rows, the true-source reference row, per round the paired comparisons of
-trainer/evaluation/compare.py, a flat ``summary`` for tools/seeds.py, and the frontiers),
-``report.md`` (per round: the student at its step count N beside the teacher and the fair control at
-N, paired differences with SE, the share of the teacher's gap closed, and every model's NLL at the
-data's own entropy read off its temperature sweep), ``quality_vs_steps.png`` and ``frontier.png``
-(NLL against entropy along each sweep), also logged to TensorBoard.
+trainer/evaluation/compare.py and those with the teacher's training-free samplers, a flat ``summary``
+for tools/seeds.py, and the frontiers), ``report.md`` (per round: the student at its step count N
+beside the teacher and control@r at N, paired differences with SE, the share of the teacher's gap
+closed, every model's NLL at the data's own entropy read off its temperature sweep, the student
+against the best training-free sampler, the leak-free measures and the bigram-KL frontier),
+``quality_vs_steps.png`` and ``frontier.png`` (NLL against entropy, and against bigram KL, along each
+sweep), also logged to TensorBoard.
 """
 from __future__ import annotations
 

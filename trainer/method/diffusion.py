@@ -122,12 +122,15 @@ def ancestral_uniforms(batch: int, length: int, generator: torch.Generator) -> T
     return torch.rand((batch, 2, length), generator=generator, dtype=torch.float64, device=generator.device)
 
 
-def tempered_cdf(log_p: Tensor, temperature: float = 1.0) -> Tensor:
-    """The float64 unnormalised CDF [n, V] of softmax(log_p / temperature) (its last column is the total).
+def tempered_cdf(log_p: Tensor, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """The float64 unnormalised CDF [n, V] of softmax(log_p / temperature) (its last column is the total),
+    truncated by ``truncation_mask`` when top_p < 1 or min_p > 0 (on the tempered law, as transformers'
+    samplers order them: temperature first, then the cut).
 
     temperature = 1 is the model's own law (exp of log_p, as before: no renormalisation needed);
     otherwise the tempered log-weights are shifted by their row maximum before exp, in float64, so
-    even a low temperature neither overflows nor rounds the tail to zero in float32.
+    even a low temperature neither overflows nor rounds the tail to zero in float32. With top_p = 1
+    and min_p = 0 nothing else is computed: the plain sampler's CDF, bit for bit.
     """
     if not temperature > 0:
         raise ValueError(f"sampling temperature must be > 0, got {temperature}")
@@ -135,11 +138,49 @@ def tempered_cdf(log_p: Tensor, temperature: float = 1.0) -> Tensor:
     if temperature != 1.0:
         lp = lp / temperature
         lp = lp - lp.max(dim=-1, keepdim=True).values
-    return torch.cumsum(lp.exp(), dim=-1)
+    w = lp.exp()
+    if top_p < 1.0 or min_p > 0.0:
+        w = torch.where(truncation_mask(w, top_p, min_p), w, torch.zeros_like(w))
+    return torch.cumsum(w, dim=-1)
+
+
+def truncation_mask(weights: Tensor, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Which tokens a truncated sampler keeps, bool [n, V], from non-negative float64 weights [n, V]
+    (any normalisation).
+
+    min_p: keep the tokens whose probability is at least min_p x the row's largest (min-p sampling).
+    top_p: then, on what min-p kept (renormalised), keep the smallest set of most likely tokens whose
+    mass is >= top_p (nucleus sampling). Duo's and SDTT's filter (``utils.top_k_top_p_filtering``)
+    keeps tokens until the mass strictly exceeds p: the same set except when a prefix's mass equals p
+    exactly, where theirs keeps one token more. Ties in probability are ordered by token id (stable
+    sort). The most likely token is always kept.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0.0 <= min_p < 1.0:
+        raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+    w = weights.double()
+    keep = torch.ones_like(w, dtype=torch.bool)
+    if min_p > 0.0:
+        keep = w >= min_p * w.max(dim=-1, keepdim=True).values
+        w = torch.where(keep, w, torch.zeros_like(w))
+    if top_p < 1.0:
+        p = w / w.sum(dim=-1, keepdim=True)
+        sorted_p, order = torch.sort(p, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of the more likely tokens
+        keep_sorted = before < top_p
+        keep_sorted[..., 0] = True
+        keep = keep & torch.zeros_like(keep).scatter_(-1, order, keep_sorted)
+    return keep
+
+
+ORDERS = ("random", "confidence")
+GRIDS = ("linear", "cosine")
 
 
 def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
-                     u: Tensor, temperature: float = 1.0) -> Tensor:
+                     u: Tensor, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0,
+                     order: str = "random") -> Tensor:
     """One reverse step t -> s < t given the denoiser's log p(x0 | x_t) [N, V] at the N masked
     positions of ``xt`` (row-major order: the denoiser contract) and the step's noise ``u``
     [B, 2, L] (``ancestral_uniforms``).
@@ -155,31 +196,83 @@ def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id
     (tools/bench.py sampling --breakdown); most steps of a many-step sampler unmask a handful of
     tokens, and a step that unmasks none now costs 2 L uniforms.
 
-    temperature: the token is drawn from softmax(log p / temperature) (``tempered_cdf``, float64);
-    the stay/unmask decision does not depend on it, nor on the model, so with the same noise two
-    models or two temperatures unmask the same positions at the same steps (paired samples).
+    temperature, top_p, min_p: the token is drawn from softmax(log p / temperature), truncated
+    (``tempered_cdf``, float64); with order="random" the stay/unmask decision does not depend on them,
+    nor on the model, so with the same noise two models or two temperatures unmask the same positions
+    at the same steps (paired samples).
+
+    order="confidence" (training-free, ``confidence_unmask``): a token is drawn at every masked
+    position with u[:, 1], and the k most confident of them are kept, k the schedule's expected count
+    (``unmask_count``); the rest stay masked. Which positions unmask now depends on the model.
     """
+    if order not in ORDERS:
+        raise ValueError(f"unknown unmasking order '{order}' (expected one of {', '.join(ORDERS)})")
     a_t = move_chance(t.double(), eps).to(xt.device)
     a_s = move_chance(s.double(), eps).to(xt.device)
     u = u.to(xt.device)
     masked = xt == mask_id
-    unmask = masked & (u[:, 0] >= (a_s / a_t)[:, None])
     out = xt.clone()
+    if order == "confidence":
+        if not masked.any():
+            return out
+        cdf = tempered_cdf(log_p_x0, temperature, top_p, min_p)  # [N, V], every masked position
+        tok, prob = _inverse_cdf(cdf, u[:, 1][masked], mask_id)
+        conf = torch.full(xt.shape, -1.0, dtype=torch.float64, device=xt.device)
+        conf[masked] = prob
+        k = unmask_count(masked.sum(dim=1), a_t, a_s)
+        unmask = confidence_unmask(conf, masked, k, u[:, 0])
+        drawn = torch.full_like(xt, mask_id)
+        drawn[masked] = tok
+        out[unmask] = drawn[unmask]
+        return out
+    unmask = masked & (u[:, 0] >= (a_s / a_t)[:, None])
     which = unmask[masked]  # [N]: the masked rows that unmask, in the same (row-major) order
     if which.any():
-        cdf = tempered_cdf(log_p_x0[which], temperature)  # [n, V]
-        # right=True: the first token whose CDF exceeds u * total, so a zero-probability token (a flat
-        # step of the CDF) is never drawn; u < 1 keeps the index below V (clamped against rounding).
-        v = u[:, 1][unmask][:, None] * cdf[:, -1:]
-        out[unmask] = torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=mask_id - 1)
+        cdf = tempered_cdf(log_p_x0[which], temperature, top_p, min_p)  # [n, V]
+        out[unmask] = _inverse_cdf(cdf, u[:, 1][unmask], mask_id)[0]
     return out
 
 
+def _inverse_cdf(cdf: Tensor, u: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
+    """(token, its probability) drawn with uniforms u [n] from unnormalised CDFs [n, V]."""
+    # right=True: the first token whose CDF exceeds u * total, so a zero-probability token (a flat
+    # step of the CDF) is never drawn; u < 1 keeps the index below V (clamped against rounding).
+    total = cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u[:, None] * total, right=True).squeeze(-1).clamp_(max=mask_id - 1)
+    upper = cdf.gather(-1, tok[:, None])
+    lower = torch.where(tok[:, None] > 0, cdf.gather(-1, (tok - 1).clamp(min=0)[:, None]), torch.zeros_like(upper))
+    return tok, ((upper - lower) / total).squeeze(-1)
+
+
+def unmask_count(n_masked: Tensor, a_t: Tensor, a_s: Tensor) -> Tensor:
+    """How many of a row's ``n_masked`` positions a deterministic-count sampler unmasks from t to s: the
+    schedule's expected count given the current state, n (a_t - a_s) / a_t, rounded so that the number
+    left masked, round(n a_s / a_t) (half up), is an integer; with s at the end of the grid (a_s ~ 0)
+    every position unmasks. int64 [B]."""
+    keep = torch.floor(n_masked.double() * (a_s / a_t) + 0.5).long()
+    return n_masked - torch.minimum(keep, n_masked)
+
+
+def confidence_unmask(conf: Tensor, masked: Tensor, k: Tensor, tie: Tensor) -> Tensor:
+    """bool [B, L]: per row, the ``k`` [B] masked positions with the highest confidence ``conf`` [B, L]
+    (ties: the lower ``tie`` value first; ``tie`` [B, L], distinct almost surely: the step's uniforms).
+
+    MaskGIT's and LLaDA's low-confidence remasking: decode the positions the model is surest of, a
+    number per step set by the schedule, instead of a random subset of that expected size.
+    """
+    by_tie = torch.argsort(tie, dim=1)
+    score = torch.where(masked, conf, torch.full_like(conf, -2.0)).gather(1, by_tie)
+    order = by_tie.gather(1, torch.sort(score, dim=1, descending=True, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(conf.shape[1], device=conf.device).expand_as(order))
+    return masked & (rank < k[:, None])
+
+
 def ancestral_step(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,
-                   generator: torch.Generator, temperature: float = 1.0) -> Tensor:
+                   generator: torch.Generator, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0,
+                   order: str = "random") -> Tensor:
     """``ancestral_update`` with its noise drawn from ``generator`` (2 L uniforms per sample)."""
     return ancestral_update(log_p_x0, xt, t, s, mask_id, eps,
-                            ancestral_uniforms(xt.shape[0], xt.shape[1], generator), temperature)
+                            ancestral_uniforms(xt.shape[0], xt.shape[1], generator), temperature, top_p, min_p, order)
 
 
 def final_step(log_p_x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:
@@ -190,6 +283,19 @@ def final_step(log_p_x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:
     return out
 
 
-def time_grid(steps: int, sampling_eps: float) -> Tensor:
-    """t_i = linspace(1, sampling_eps, steps + 1) in float64; step i goes from t_i to t_{i+1}."""
-    return torch.linspace(1.0, sampling_eps, steps + 1, dtype=torch.float64)
+def time_grid(steps: int, sampling_eps: float, kind: str = "linear") -> Tensor:
+    """The sampling times t_0 = 1 > ... > t_steps = sampling_eps in float64; step i goes from t_i to t_{i+1}.
+
+    linear: t_i = linspace(1, sampling_eps, steps + 1), MDLM's grid.
+    cosine: t_i = sampling_eps + (1 - sampling_eps) cos(pi/2 * i / steps): MaskGIT's cosine mask
+    schedule (the masked fraction is ~t here), which unmasks few tokens first, while the model sees
+    least, and more as context accumulates.
+    """
+    if kind == "linear":
+        return torch.linspace(1.0, sampling_eps, steps + 1, dtype=torch.float64)
+    if kind == "cosine":
+        i = torch.arange(steps + 1, dtype=torch.float64)
+        grid = sampling_eps + (1.0 - sampling_eps) * torch.cos(0.5 * torch.pi * i / steps)
+        grid[0], grid[-1] = 1.0, sampling_eps  # exact ends, whatever cos rounds to
+        return grid
+    raise ValueError(f"unknown time grid '{kind}' (expected one of {', '.join(GRIDS)})")

@@ -46,7 +46,8 @@ def sample_diffusion(denoise: Denoiser, batch_size: int, seq_len: int, steps: in
                      noise_eps: float, sampling_eps: float, generator: torch.Generator,
                      device: torch.device | str = "cpu", cache: bool = True,
                      prefix: Tensor | None = None, progress: bool = False,
-                     stats: dict | None = None, temperature: float = 1.0) -> Tensor:
+                     stats: dict | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                     min_p: float = 0.0, order: str = "random", grid: str = "linear") -> Tensor:
     """Ancestral sampling from all-MASK over ``steps`` steps, then an argmax for anything left.
 
     cache: reuse the previous denoiser output when no token changed in the last step. Only valid
@@ -56,31 +57,43 @@ def sample_diffusion(denoise: Denoiser, batch_size: int, seq_len: int, steps: in
     temperature: every token is drawn from softmax(log p / temperature), in float64
     (``diffusion.tempered_cdf``); the final argmax does not depend on it. The noise drawn is the same
     at every temperature, so samples at several temperatures (and of several models) stay paired.
+    top_p, min_p, order, grid: the training-free samplers (``sampling.*``; trainer/method/diffusion.py
+    ``truncation_mask``, ``confidence_unmask``, ``time_grid``). The defaults are MDLM's sampler, bit
+    for bit. Every variant draws the same noise per step (2 L uniforms per sample), so at equal steps
+    sample i of every variant and model uses the same uniforms; with order="confidence" which
+    positions unmask depends on the model, so samples still pair (i.i.d. over i) but less closely.
     """
     device = torch.device(device)
     x = torch.full((batch_size, seq_len), mask_id, dtype=torch.long, device=device)
     clamp = _prefix_clamp(prefix, batch_size, device)
     x = clamp(x)
-    grid = diffusion.time_grid(steps, sampling_eps)
+    times = diffusion.time_grid(steps, sampling_eps, grid)
     log_p, nfe = None, 0
     for i in tqdm(range(steps), desc=f"sampling {steps} steps", disable=not progress, leave=False):
-        t = grid[i].expand(batch_size)
-        s = grid[i + 1].expand(batch_size)
+        t = times[i].expand(batch_size)
+        s = times[i + 1].expand(batch_size)
         if log_p is None or not cache:
             log_p = denoise(x, t.float())
             nfe += 1
-        x_next = clamp(diffusion.ancestral_step(log_p, x, t, s, mask_id, noise_eps, generator, temperature))
+        x_next = clamp(diffusion.ancestral_step(log_p, x, t, s, mask_id, noise_eps, generator, temperature,
+                                                top_p, min_p, order))
         if not torch.equal(x_next, x):
             log_p = None  # the input changed: the cached prediction is stale
         x = x_next
     if (x == mask_id).any():
         if log_p is None or not cache:
-            log_p = denoise(x, grid[-1].expand(batch_size).float())
+            log_p = denoise(x, times[-1].expand(batch_size).float())
             nfe += 1
         x = clamp(diffusion.final_step(log_p, x, mask_id))
     if stats is not None:
         stats["nfe"] = nfe
     return x
+
+
+def sampler_options(spec) -> dict:
+    """The training-free sampler options of a config section (``sampling`` or an ``eval.samplers``
+    entry) as ``sample_diffusion`` keywords."""
+    return {"top_p": float(spec.top_p), "min_p": float(spec.min_p), "order": spec.order, "grid": spec.grid}
 
 
 def _prefix_clamp(prefix: Tensor | None, batch_size: int, device: torch.device) -> Callable[[Tensor], Tensor]:

@@ -75,7 +75,7 @@ from trainer.runtime.checkpoint import (
     verify_file,
 )
 from trainer.runtime.ema import EMA
-from trainer.runtime.lr import lr_at
+from trainer.runtime.lr import lr_at, segment_total
 
 # --- DeepSpeed import with the CPU workarounds -------------------------------------------------------
 if not torch.cuda.is_available():
@@ -153,9 +153,11 @@ class Schedule:
     total_steps: int
     kind: str
     min_lr_ratio: float
+    segment: int = 0  # restart the decay's end every ``segment`` steps (lr.segment_total); 0 = never
 
     def __call__(self, step: int) -> float:
-        return lr_at(step, self.base_lr, self.warmup_steps, self.total_steps, self.kind, self.min_lr_ratio)
+        total = segment_total(step, self.segment, self.total_steps)
+        return lr_at(step, self.base_lr, self.warmup_steps, total, self.kind, self.min_lr_ratio)
 
 
 class Engine:
@@ -510,7 +512,7 @@ def build_engine(model: nn.Module, setup: TrainSetup, engine: EngineConfig, tota
     precision = resolve_precision(engine.precision)
     optim = setup.optim
     schedule = Schedule(base_lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total_steps,
-                        kind=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
+                        kind=optim.schedule, min_lr_ratio=optim.min_lr_ratio, segment=setup.schedule_segment)
     deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
     with _quiet():
         ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)

@@ -30,3 +30,13 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int,
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     floor = base_lr * min_lr_ratio
     return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def segment_total(step: int, segment: int, total_steps: int) -> int:
+    """The ``total_steps`` the schedule decays to at ``step`` when it restarts every ``segment`` steps
+    (0 = never): the end of the segment holding the step, (step // segment + 1) x segment, capped at
+    ``total_steps``. Distillation round r's engine decays to round_start + steps_per_round (its own
+    end), so a run split into rounds of ``segment`` steps (the control) gets the students' very rates."""
+    if segment <= 0:
+        return total_steps
+    return min(total_steps, (step // segment + 1) * segment)
