@@ -142,7 +142,8 @@ def plot_frontiers(report: dict, path: Path):
         for label, key, style in ((f"teacher {n}", ("teacher", 0, n), "k--"),
                                   (f"teacher {2 * n}", ("teacher", 0, 2 * n), "k:"),
                                   (f"control {n}", ("control", report["control_round"], n), "C1-."),
-                                  (f"student r{r} {n}", ("student", r, n), "C0-")):
+                                  (f"student r{r} {n}", ("student", r, n), "C0-"),
+                                  (f"ideal r{r} {n}", ("ideal", r, n), "C2-")):
             pts = fr.get(key)
             if pts:
                 ax.errorbar([p["entropy"] for p in pts], [p["nll"] for p in pts],
