@@ -22,6 +22,10 @@ def test_exact_teacher_runs_the_round_and_the_report_measures_the_student_agains
     run_job("trainer.jobs.prepare", run, *SMALL, nproc=1, config=None)
     run_job("trainer.jobs.oracle_teacher", run, nproc=1, config=None)
     assert read_json(run / "teacher" / "export" / "export.json")["model"] == KIND
+    scored = read_json(run / "teacher" / "oracle.json")  # its validation bound beside the source's floor
+    assert 0 < scored["nll_floor"] < scored["val_nll_bound"] + 0.3 and scored["val_nll_bound"] < 2 * scored["nll_floor"]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["tag"] == "val/nll" and m["value"] == scored["val_nll_bound"] for m in logged)
 
     run_job("trainer.jobs.evaluate", run, "--round", "0", nproc=1, config=None)
     ev = json.loads((run / "teacher" / "eval" / "metrics.json").read_text())

@@ -104,6 +104,11 @@ class MarkovOracle(nn.Module):
             raise OracleError(f"exact teacher: the state has no {', '.join(sorted(missing))}")
         return cls(state["transition"], state["stationary"], seq_len)
 
+    @property
+    def device(self) -> torch.device:
+        """Where it computes (as a training engine says), so the validation loop can score it too."""
+        return self.transition.device
+
     def forward(self, x: Tensor, sigma: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
         if x.shape[1] > self.seq_len:
             raise ValueError(f"exact teacher: sequences of length {x.shape[1]} > its data.seq_len={self.seq_len}")
