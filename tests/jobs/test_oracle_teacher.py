@@ -38,6 +38,10 @@ def test_exact_teacher_runs_the_round_and_the_report_measures_the_student_agains
     run_job("trainer.jobs.distill", run, "--round", "1", nproc=1, config=None)
     record = read_json(run / "round_1" / "student" / "distill.json")
     assert record["init"]["from"] == "scratch" and record["teacher_weights"] == "ema"
+    # the control starts where the student did (no teacher weights to continue)
+    proc = run_job("trainer.jobs.pretrain", run, "--control", "distill.control=true", nproc=1, config=None)
+    assert "control starts from a random init (seed 0)" in proc.stderr + proc.stdout
+    assert read_json(run / "control" / "export" / "export.json")["model"] == "dit"
     run_job("trainer.jobs.evaluate", run, "--round", "1", nproc=1, config=None)
     run_job("trainer.jobs.report", run, nproc=1, config=None)
     report = json.loads((run / "report.json").read_text())
