@@ -510,6 +510,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(ev.ideal_rollouts >= 0, source, "eval.ideal_rollouts", "must be >= 0 (0 = no ideal-student row)")
     _check(ev.ideal_repeats >= 2, source, "eval.ideal_repeats",
            "must be at least 2 (independent rollout sets give the ideal row's Monte Carlo error)")
+    _check(ev.ideal_rollouts == 0 or d.source == "synthetic", source, "eval.ideal_rollouts",
+           "the ideal-student row is scored by the synthetic source's exact likelihood; text runs do not support it")
     _check(ev.ideal_rollouts == 0 or cfg.distill.divergence in ("rkl", "fkl"), source, "eval.ideal_rollouts",
            f"the ideal student is defined for distill.divergence rkl or fkl, not '{cfg.distill.divergence}'")
     _check(ev.judge != "ar" or bool(ev.ar_path) or cfg.teacher.train_ar, source, "eval.judge",

@@ -141,3 +141,13 @@ def test_config_refuses_an_oracle_without_a_synthetic_source_or_with_no_leak():
         load_config(None, ["teacher.source=oracle", "data.source=text", "data.paths=[x]"])
     with pytest.raises(ConfigError, match="data.synthetic.leak"):
         load_config(None, ["teacher.source=oracle", "data.synthetic.leak=0"])
+
+
+def test_config_refuses_an_ideal_row_it_cannot_score():
+    with pytest.raises(ConfigError, match="eval.ideal_rollouts"):
+        load_config(None, ["eval.ideal_rollouts=4", "distill.divergence=tvd", "targets.codec=topk"])
+    with pytest.raises(ConfigError, match="eval.ideal_rollouts"):
+        load_config(None, ["eval.ideal_rollouts=4", "data.source=text", "data.paths=[x]"])
+    with pytest.raises(ConfigError, match="eval.ideal_repeats"):
+        load_config(None, ["eval.ideal_rollouts=4", "eval.ideal_repeats=1"])
+    assert load_config(None, ["eval.ideal_rollouts=4", "distill.divergence=fkl"]).eval.ideal_rollouts == 4
