@@ -86,3 +86,25 @@ def test_reverse_kl_ideal_is_a_normalised_distribution_and_reproducible():
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a.double().exp().sum(-1), torch.ones(a.shape[0], dtype=torch.float64))
     assert a.shape == (int((xt == V).sum()), V)
+
+
+def test_ideal_rows_pair_with_the_teachers_rows_and_equal_them_with_one_teacher_step():
+    """With m = 1 the ideal student is the teacher, and its rows draw the evaluation's sampling noise:
+    sample for sample they are the teacher's own rows, at every temperature, with no Monte Carlo error."""
+    from trainer.config import load_config
+    from trainer.evaluation.ideal import ideal_rows
+    from trainer.evaluation.sweep import evaluate_model
+
+    cfg = load_config(None, [f"model.vocab_size={V}", f"data.synthetic.vocab_size={V}", "data.synthetic.branching=2",
+                             "data.synthetic.seed=3", f"data.seq_len={L}", f"model.max_seq_len={L}",
+                             "distill.rounds=1", "distill.start_steps=8", "targets.teacher_steps=1", "targets.k=4",
+                             "eval.num_samples=40", "eval.batch_size=16", "eval.temperatures=[0.7,1.0]",
+                             "eval.ideal_rollouts=3"])
+    src = MarkovSource(cfg.data.synthetic)
+    oracle = MarkovOracle(torch.from_numpy(src.transition_matrix()), torch.from_numpy(src.stationary), L)
+    teacher = {r["temperature"]: r for r in evaluate_model(oracle, cfg, [4], src, None, "cpu", sweep={4: [0.7, 1.0]})}
+    ideal = ideal_rows(oracle, cfg, 1, src, None, "cpu")
+    assert ideal["steps"] == 4 and [r["temperature"] for r in ideal["rows"]] == [0.7, 1.0]
+    for row in ideal["rows"]:
+        assert row["nll_per_sample"] == teacher[row["temperature"]]["nll_per_sample"]
+        assert row["nll_mc_se"] == 0.0
