@@ -62,6 +62,9 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
     if cfg.teacher.source == "import":
         stages.append(Stage("teacher", "trainer.jobs.import_teacher", product=str(at.export_manifest(0)),
                             depends=("prepare",)))
+    elif cfg.teacher.source == "oracle":  # the exact denoiser of the synthetic source: nothing to train
+        stages.append(Stage("teacher", "trainer.jobs.oracle_teacher", product=str(at.export_manifest(0)),
+                            depends=("prepare",)))
     else:
         stages.append(Stage("teacher", "trainer.jobs.pretrain", distributed=True,
                             product=str(at.export_manifest(0)), depends=("prepare",)))

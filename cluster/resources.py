@@ -148,7 +148,7 @@ def stage_resources(stage: Stage, cfg: RunConfig, spec: ClusterSpec, run_name: s
     own = _stage_cfg(cfg, stage.name)
     if stage.distributed:
         default_gpus, default_nodes = spec.gpus_per_node, spec.nodes
-    elif kind in ("prepare", "report", "teacher"):  # teacher here = import_teacher: reads and writes files
+    elif kind in ("prepare", "report", "teacher"):  # teacher here = import_teacher or oracle_teacher: files
         default_gpus, default_nodes = 0, 1
     else:  # eval: one task, one GPU
         default_gpus, default_nodes = min(spec.gpus_per_node, 1), 1

@@ -175,8 +175,14 @@ class TrainConfig:
 
 @dataclass
 class TeacherConfig:
-    source: str = "pretrain"  # pretrain | import
+    # pretrain | import | oracle: the exact (Bayes-optimal) denoiser of the synthetic Markov source,
+    # no training (trainer/model/oracle.py, trainer.jobs.oracle_teacher): the best any teacher can be.
+    source: str = "pretrain"
     import_path: str = ""  # local directory in the published MDLM layout (source=import)
+    # source=oracle: the exact teacher has no network weights, so round 1's student and the control
+    # start from this DiT export (e.g. a trained teacher's <run>/teacher/export; its targets.use_ema
+    # weights), or, when "", from a seeded random init (train.seed).
+    init_from: str = ""
     # Also train the same-size autoregressive model (trainer.jobs.pretrain --ar, <run>/ar): the text
     # judge of eval.judge=ar and the AR baseline of the sampling benchmark. A pipeline stage, off by default.
     train_ar: bool = False
@@ -286,6 +292,12 @@ class EvalConfig:
     # example of its likelihood bound (SDTT: 32).
     lambada: str = ""
     lambada_t_samples: int = 32
+    # The ideal SDTT student of each round (trainer/method/ideal.py), evaluated beside its teacher:
+    # N-step sampling from the optimum of distill.divergence over the teacher's m-step targets, estimated
+    # from this many teacher rollouts per step (0 = off); ideal_repeats independent rollout sets give
+    # its Monte Carlo error (the row is their per-sample mean).
+    ideal_rollouts: int = 0
+    ideal_repeats: int = 2
 
 
 @dataclass
@@ -512,7 +524,12 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 <= t.ema < 1, source, "train.ema", "must be in [0, 1)")
     _check(t.stop_after >= 0, source, "train.stop_after", "must be >= 0 (0 = no limit)")
 
-    _choice(cfg.teacher.source, ("pretrain", "import"), source, "teacher.source")
+    _choice(cfg.teacher.source, ("pretrain", "import", "oracle"), source, "teacher.source")
+    if cfg.teacher.source == "oracle":
+        _check(d.source == "synthetic", source, "teacher.source",
+               f"oracle is the exact denoiser of the synthetic Markov source; data.source={d.source}")
+        _check(d.synthetic.leak > 0, source, "data.synthetic.leak",
+               "teacher.source=oracle needs leak > 0 (a zero-probability context leaves the posterior undefined)")
     if cfg.teacher.source == "import":
         _check(bool(cfg.teacher.import_path), source, "teacher.import_path",
                "teacher.source=import needs a local directory")
@@ -590,6 +607,13 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
                "eval.mauve_min_doc_tokens", "must be at least mauve_prompt_tokens + mauve_gen_tokens")
         _check(ev.mauve_scaling > 0, source, "eval.mauve_scaling", "must be positive")
     _check(ev.lambada_t_samples >= 1, source, "eval.lambada_t_samples", "must be positive")
+    _check(ev.ideal_rollouts >= 0, source, "eval.ideal_rollouts", "must be >= 0 (0 = no ideal-student row)")
+    _check(ev.ideal_repeats >= 2, source, "eval.ideal_repeats",
+           "must be at least 2 (independent rollout sets give the ideal row's Monte Carlo error)")
+    _check(ev.ideal_rollouts == 0 or d.source == "synthetic", source, "eval.ideal_rollouts",
+           "the ideal-student row is scored by the synthetic source's exact likelihood; text runs do not support it")
+    _check(ev.ideal_rollouts == 0 or cfg.distill.divergence in ("rkl", "fkl"), source, "eval.ideal_rollouts",
+           f"the ideal student is defined for distill.divergence rkl or fkl, not '{cfg.distill.divergence}'")
     _check(ev.judge != "ar" or bool(ev.ar_path) or cfg.teacher.train_ar, source, "eval.judge",
            "eval.judge=ar needs the AR model: set teacher.train_ar=true (the pipeline trains it into "
            "<run>/ar) or eval.ar_path to an AR export")
@@ -675,6 +699,7 @@ PATH_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "data.paths": ("glob", ()),
     "data.cache_dir": ("output", ("",)),
     "teacher.import_path": ("path", ("",)),
+    "teacher.init_from": ("path", ("",)),
     "eval.judge": ("name", ("", "ar")),
     "eval.ar_path": ("path", ("",)),
     "eval.mauve_prompts": ("path", ("",)),
@@ -698,6 +723,8 @@ def _used(cfg: RunConfig, key: str) -> bool:
         return cfg.data.source == "text"
     if key == "teacher.import_path":
         return cfg.teacher.source == "import"
+    if key == "teacher.init_from":
+        return cfg.teacher.source == "oracle"
     if key == "eval.ar_path":
         return cfg.eval.judge == "ar"
     if key == "eval.mauve_prompts":

@@ -8,7 +8,10 @@
   - else, unless ``distill.reset_optimizer``, round r - 1's final DeepSpeed checkpoint (weights +
     optimizer + EMA), continuing its step count: the round trains from step S to S + steps_per_round
     (S = (r - 1) steps_per_round when no round was reset), the lr schedule is not warmed up again;
-  - else the teacher's weight file, a fresh optimizer and EMA, steps 0 .. steps_per_round.
+  - else the teacher's weight file, a fresh optimizer and EMA, steps 0 .. steps_per_round. The exact
+    teacher of a Markov source (``teacher.source=oracle``) has no network weights: round 1's student
+    then starts from ``teacher.init_from``'s export (its ``targets.use_ema`` weights) or, with none, from
+    a seeded random init (``train.seed``); the control starts from the same (``fresh_start``).
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from pathlib import Path
 from trainer.config import RunConfig
 from trainer.errors import StageError
 from trainer.layout import RunLayout
+from trainer.model.oracle import KIND as ORACLE
 from trainer.runtime import dist
-from trainer.runtime.checkpoint import WEIGHT_FILES, CheckpointDir, read_json, verify_file
+from trainer.runtime.checkpoint import WEIGHT_FILES, CheckpointDir, export_kind, read_json, verify_file
 from trainer.targets.header import TeacherId
 
 log = logging.getLogger("sdtt")
@@ -71,8 +75,8 @@ def round_teacher(layout: RunLayout, cfg: RunConfig, round_idx: int) -> TeacherR
 
 @dataclass(frozen=True)
 class Init:
-    kind: str  # resume | continue | export
-    path: str  # checkpoint root, or the export's weight file
+    kind: str  # resume | continue | export | scratch
+    path: str  # checkpoint root, or the export's weight file ("" from scratch)
     round_start: int  # the engine step the round starts at
     record: dict  # what the checkpoints and distill.json say about the init
 
@@ -80,7 +84,25 @@ class Init:
         return {"resume": f"resuming this round's checkpoint in {self.path}",
                 "continue": f"round {self.record.get('from_round')}'s checkpoint {self.path} "
                             f"(weights, optimizer, EMA), continuing from step {self.round_start}",
-                "export": f"{self.path} with a fresh optimizer"}[self.kind]
+                "export": f"{self.path} with a fresh optimizer",
+                "scratch": f"a random init (seed {self.record.get('seed')}): the exact teacher has no network "
+                           "weights and teacher.init_from is empty"}[self.kind]
+
+
+def fresh_start(cfg: RunConfig, layout: RunLayout, teacher_file: Path) -> Init:
+    """Where a student (or the control) starts when it continues no checkpoint: the teacher's weight
+    file, or, for the exact teacher (no network weights), ``teacher.init_from``'s export or scratch."""
+    if export_kind(teacher_file.parent) != ORACLE:
+        return Init("export", str(teacher_file), 0, {"from": "export", "path": layout.rel(teacher_file), "step": 0})
+    if cfg.teacher.init_from:
+        file = Path(cfg.teacher.init_from) / WEIGHT_FILES[teacher_weights(cfg, 1)]
+        if not (file.parent / "export.json").is_file():
+            raise StageError(f"bad config key 'teacher.init_from': {file.parent} is not an export (no export.json)")
+        if export_kind(file.parent) == ORACLE:
+            raise StageError(f"bad config key 'teacher.init_from': {file.parent} is an exact teacher, not network "
+                             "weights")
+        return Init("export", str(file), 0, {"from": "teacher.init_from", "path": str(file), "step": 0})
+    return Init("scratch", "", 0, {"from": "scratch", "seed": cfg.train.seed, "step": 0})
 
 
 def plan_init(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher_file: Path) -> Init:
@@ -108,7 +130,7 @@ def plan_init(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher_file: P
                          "path": layout.rel(prev.root / prev_tag), "step": step})
         log.warning("round %d: no checkpoint of round %d in %s: starting from the export with a fresh optimizer",
                     round_idx, round_idx - 1, prev.root)
-    return Init("export", str(teacher_file), 0, {"from": "export", "path": layout.rel(teacher_file), "step": 0})
+    return fresh_start(cfg, layout, teacher_file)
 
 
 def agree_init(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher_file: Path) -> Init:

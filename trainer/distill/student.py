@@ -10,17 +10,18 @@ from trainer.config import RunConfig, distill_setup
 from trainer.distill.rounds import Init, TeacherRef
 from trainer.errors import StageError
 from trainer.model.dit import DiT
-from trainer.runtime.checkpoint import load_exported
+from trainer.runtime.checkpoint import load_weight_file
 from trainer.runtime.engine import build_engine
 
 
 def build_student(cfg: RunConfig, init: Init, teacher: TeacherRef, total_steps: int, world_size: int):
     """The round's student (model, engine, the loaded checkpoint's client state) from its ``init``:
-    the teacher's export, this round's checkpoint (resumed) or round r - 1's (continued)."""
-    torch.manual_seed(cfg.train.seed)  # identical (and then overwritten) initial weights on every rank
+    an export's weight file (the teacher's, or teacher.init_from's), this round's checkpoint (resumed),
+    round r - 1's (continued), or the seeded random init (scratch)."""
+    torch.manual_seed(cfg.train.seed)  # identical (and then overwritten unless scratch) initial weights on every rank
     model = DiT(cfg.model)
     if init.kind == "export":
-        model.load_state_dict(load_exported(teacher.export, teacher.weights, expect_model=cfg.model)[0])
+        model.load_state_dict(load_weight_file(init.path, expect_model=cfg.model))
     engine = build_engine(model, distill_setup(cfg), cfg.engine, total_steps, world_size)
     client = {}
     if init.kind in ("resume", "continue"):

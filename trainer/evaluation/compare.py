@@ -8,7 +8,11 @@ control after round r's update count, where it was evaluated):
 - the share of the teacher's gap closed, (T_N - X_N) / (T_N - T_most), for the student and the control;
 - every model's NLL at the data's own entropy, read off its temperature sweep at N (its
   quality-vs-entropy frontier), and the paired differences there: quality at matched diversity, which
-  a student that merely sharpens cannot win.
+  a student that merely sharpens cannot win;
+- against the ceiling, when the round's ideal student was evaluated (trainer/evaluation/ideal.py):
+  the achieved gain (round teacher - student) over the ideal gain (round teacher - ideal student) at
+  N, at temperature 1 and at the data's entropy, with its paired SE and the ideal row's Monte Carlo
+  SE. The round's teacher is model r - 1 (the teacher for r = 1, student r - 1 after).
 Every number carries a standard error (trainer/evaluation/paired.py). None where a row is missing.
 "NLL" is the exact NLL per token under a synthetic source, or for text the judge's NLL per scored
 token (log gen-PPL, ``paired.sample_nll``): the same comparisons in either unit.
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 from trainer.config import PLAIN_SAMPLER as PLAIN
 from trainer.evaluation import paired
@@ -117,6 +123,70 @@ def compare_round(rows: Sequence[dict], rnd: int, steps: int, target_entropy: fl
     out["student_minus_teacher_at_H"] = at_diff("student", "teacher")
     out["student_minus_control_at_H"] = at_diff("student", "control")
     out["control_minus_teacher_at_H"] = at_diff("control", "teacher")
+    out.update(against_ideal(idx, rnd, steps, target_entropy))
+    return out
+
+
+def _ideal_ratio(teacher: Est, student: Est, ideal: Est, ideal_mc_se: float | None) -> dict | None:
+    """(T - S) / (T - I) with its paired SE, and the Monte Carlo SE the ideal row adds (d/dI =
+    ratio / (T - I)); None when the ideal gain is within 2 SE of 0 (the share would be noise)."""
+    gain = teacher - ideal
+    if not _resolved(gain):
+        return None
+    r = paired.ratio(teacher - student, gain)
+    mc = abs(r.value / gain.value) * ideal_mc_se if ideal_mc_se is not None else None
+    return {**r.as_dict(), "mc_se": round(mc, 6) if mc is not None else None}
+
+
+def _mc_se_at_entropy(rows: list[dict], target: float) -> float | None:
+    """The Monte Carlo SE of the ideal student's read at entropy ``target``: the same read on each
+    rollout set's (entropy, NLL) means (``nll_repeats``, ``entropy_repeats``), SD over sets / sqrt(K)."""
+    if not rows or any(r.get("nll_repeats") is None or r.get("entropy_repeats") is None for r in rows):
+        return None
+    k = len(rows[0]["nll_repeats"])
+    one = np.zeros(1)
+    reads = []
+    for j in range(k):
+        f = paired.Frontier([float(r["temperature"]) for r in rows],
+                            [Est(float(r["entropy_repeats"][j]), one) for r in rows],
+                            [Est(float(r["nll_repeats"][j]), one) for r in rows])
+        order = np.argsort([e.value for e in f.entropy])
+        f = paired.Frontier([f.temperatures[i] for i in order], [f.entropy[i] for i in order],
+                            [f.nll[i] for i in order])
+        a = paired.nll_at_entropy(f, target)
+        if a is None:
+            return None
+        reads.append(a.est.value)
+    return float(np.std(reads, ddof=1) / math.sqrt(k)) if k > 1 else None
+
+
+def against_ideal(idx: dict, rnd: int, steps: int, target_entropy: float | None) -> dict:
+    """Round ``rnd``'s student against its ideal (see the module docstring); {} when the ideal
+    student of the round was not evaluated."""
+    ideal_row = idx.get(("ideal", rnd, steps, 1.0))
+    if ideal_row is None:
+        return {}
+    teacher = ("teacher", 0) if rnd == 1 else ("student", rnd - 1)
+    t_n, s_n, i_n = _nll(idx, *teacher, steps), _nll(idx, "student", rnd, steps), paired.sample_nll(ideal_row)
+    out: dict = {"round_teacher": "teacher" if rnd == 1 else f"student r{rnd - 1}",
+                 "ideal_nll": {**i_n.as_dict(), "mc_se": ideal_row.get("nll_mc_se")},
+                 "ideal_entropy": ideal_row.get("entropy"), "ideal_bigram_kl": ideal_row.get("bigram_kl"),
+                 "round_teacher_nll": _d(t_n), "ideal_gain": _diff(t_n, i_n), "achieved_gain": _diff(t_n, s_n),
+                 "achieved_over_ideal": (_ideal_ratio(t_n, s_n, i_n, ideal_row.get("nll_mc_se"))
+                                         if t_n is not None and s_n is not None else None)}
+    a_t, a_s, a_i = (at_entropy(idx, m, r, steps, target_entropy)
+                     for m, r in (teacher, ("student", rnd), ("ideal", rnd)))
+    mc_h = _mc_se_at_entropy(_sweep(idx, "ideal", rnd, steps), target_entropy) if a_i is not None else None
+    out["ideal_nll_at_H"] = ({**a_i.est.as_dict(), "mc_se": mc_h, "extrapolated": a_i.extrapolated}
+                             if a_i is not None else None)
+    out["round_teacher_nll_at_H"] = ({**a_t.est.as_dict(), "extrapolated": a_t.extrapolated}
+                                     if a_t is not None else None)
+    ok = a_t is not None and a_s is not None and a_i is not None
+    ratio_h = _ideal_ratio(a_t.est, a_s.est, a_i.est, mc_h) if ok else None
+    out["achieved_over_ideal_at_H"] = ({**ratio_h, "extrapolated": a_t.extrapolated or a_s.extrapolated
+                                        or a_i.extrapolated} if ratio_h is not None else None)
+    out["ideal_gain_at_H"] = ({**(a_t.est - a_i.est).as_dict(), "extrapolated": a_t.extrapolated or a_i.extrapolated}
+                              if a_t is not None and a_i is not None else None)
     return out
 
 
@@ -174,6 +244,9 @@ def compare_samplers(rows: Sequence[dict], rnd: int, steps: int, target_entropy:
 HEADLINE = ("student_minus_teacher", "student_minus_control", "control_minus_teacher", "student_minus_teacher_2n",
             "gap_closed_student", "gap_closed_control", "teacher_nll_at_H", "student_nll_at_H", "control_nll_at_H",
             "student_minus_teacher_at_H", "student_minus_control_at_H", "control_minus_teacher_at_H")
+# Against the ceiling (present only when the round's ideal student was evaluated).
+IDEAL_HEADLINE = ("ideal_nll", "ideal_gain", "achieved_gain", "achieved_over_ideal", "ideal_nll_at_H",
+                  "ideal_gain_at_H", "achieved_over_ideal_at_H")
 
 
 def summary(comparisons: Sequence[dict]) -> dict[str, float | None]:
@@ -182,7 +255,7 @@ def summary(comparisons: Sequence[dict]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for c in comparisons:
         p = f"r{c['round']}"
-        for key in HEADLINE:
+        for key in HEADLINE + tuple(k for k in IDEAL_HEADLINE if k in c):
             v = c.get(key)
             out[f"{p}/{key}"] = v.get("value") if isinstance(v, dict) else None
             if key.endswith("_at_H"):  # 1.0: read by extrapolation beyond the sweep (seeds.md marks it)

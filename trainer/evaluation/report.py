@@ -14,7 +14,7 @@ from trainer.layout import CONTROL, RunLayout
 
 ROW_KEYS = ("model", "round", "steps", "temperature", "sampler", "nll", "nll_se", "nll_gap", "gen_ppl", "gen_nll",
             "entropy", "entropy_se", "bigram_kl", "invalid_rate", "invalid_rate_se", "valid_nll", "valid_nll_se",
-            "mauve", "samples", "nfe", "seconds")
+            "mauve", "samples", "nfe", "seconds", "nll_mc_se")
 EXACT = "exact NLL of samples under the source (nats/token)"
 JUDGED = "judge NLL of samples (nats per judge token, = log gen-PPL)"
 
@@ -53,6 +53,9 @@ def collect(run_dir: Path, rounds: int, control: bool = False, ref: dict | None 
     comparisons of trainer/evaluation/compare.py at the data's entropy (the reference's)."""
     evals = load_evals(run_dir, rounds, control)
     full = [{**row, "model": ev["model"], "round": ev["round"]} for ev in evals for row in ev["rows"]]
+    # The ideal student of round r, sampled by model r - 1's evaluation (trainer/evaluation/ideal.py)
+    full += [{**row, "model": "ideal", "round": ev["ideal"]["round"]} for ev in evals if ev.get("ideal")
+             for row in ev["ideal"]["rows"]]
     rows = [{k: row.get(k) for k in ROW_KEYS} for row in full]
     round_steps = {int(ev["round"]): ev["round_steps"] for ev in evals if ev["model"] != "control"}
     control_round = max((int(ev["round"]) for ev in evals if ev["model"] == "control"), default=None)
@@ -205,7 +208,8 @@ def plot_frontiers(report: dict, path: Path):
                                   (f"teacher {2 * n}", ("teacher", 0, 2 * n), "k:"),
                                   (f"control {n}", ("control", c.get("control_round", report["control_round"]), n),
                                    "C1-."),
-                                  (f"student r{r} {n}", ("student", r, n), "C0-")):
+                                  (f"student r{r} {n}", ("student", r, n), "C0-"),
+                                  (f"ideal r{r} {n}", ("ideal", r, n), "C2-")):
             pts = fr.get(key)
             if pts:
                 ax.errorbar([p["entropy"] for p in pts], [p["nll"] for p in pts],
@@ -347,6 +351,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {b['round']} | {b['steps']} | {kl_point(b['teacher'])} | {kl_point(b['control'])} | "
                          f"{kl_point(b['student'])} | {dom} |")
         lines.append("")
+    lines += _ideal_section(report)
     lines += ["## Diversity at temperature 1 (entropy; bigram KL, higher = less diverse)", "",
               "| round | N | teacher H | control H | student H | teacher bigram KL | control bigram KL "
               "| student bigram KL |", "|---|---|---|---|---|---|---|---|"]
@@ -382,6 +387,36 @@ def _sampler_section(report: dict) -> list[str]:
                   f"{pm(c['student_minus_best_at_H'])} at the data's entropy; best sampler − plain at the data's "
                   f"entropy: {pm(c['best_minus_plain_at_H'])}.", ""]
     return lines
+def _ideal_section(report: dict) -> list[str]:
+    """Each round's student against the ideal SDTT student of its teacher (trainer/evaluation/ideal.py);
+    nothing when no ideal student was evaluated (eval.ideal_rollouts=0)."""
+    comps = [c for c in report["comparisons"] if c.get("ideal_nll")]
+    if not comps:
+        return []
+
+    def mc(v: dict | None, pct: bool = False) -> str:
+        if not v or v.get("mc_se") is None:
+            return "MC -"
+        return f"MC {100 * v['mc_se']:.1f}%" if pct else f"MC {v['mc_se']:.3f}"
+
+    lines = ["## Against the ceiling: the ideal SDTT student", "",
+             "The ideal student of round r samples, at every step, the optimum of the round's divergence over "
+             "its teacher's m-step targets (reverse KL: their normalised geometric mean; forward KL: their mean), "
+             "estimated from R teacher rollouts: what a perfectly trained round-r student would score. Achieved / "
+             "ideal = (teacher − student) / (teacher − ideal), the round's teacher being model r − 1; paired SE, "
+             "then the ideal row's Monte Carlo SE (MC; not in the paired SE). '-' where the ideal gain is within "
+             "2 SE of 0.", "",
+             "| round | N | round's teacher | teacher | ideal (MC) | student | ideal gain | achieved gain "
+             "| achieved / ideal (MC) | at the data's entropy: teacher | ideal (MC) | achieved / ideal (MC) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        ratio, ratio_h = c.get("achieved_over_ideal"), c.get("achieved_over_ideal_at_H")
+        lines.append(f"| {c['round']} | {c['steps']} | {c['round_teacher']} | {pm(c['round_teacher_nll'])} | "
+                     f"{pm(c['ideal_nll'])} ({mc(c['ideal_nll'])}) | {pm(c['student_nll'])} | {pm(c['ideal_gain'])} | "
+                     f"{pm(c['achieved_gain'])} | {pm(ratio, 1, pct=True)} ({mc(ratio, True)}) | "
+                     f"{pm(c.get('round_teacher_nll_at_H'))} | {pm(c.get('ideal_nll_at_H'))} "
+                     f"({mc(c.get('ideal_nll_at_H'))}) | {pm(ratio_h, 1, pct=True)} ({mc(ratio_h, True)}) |")
+    return lines + [""]
 
 
 def _closing(report: dict, ctrl: bool) -> list[str]:

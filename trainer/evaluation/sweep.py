@@ -27,8 +27,17 @@ def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int,
                  sampler: SamplerConfig | None = None) -> tuple[torch.Tensor, int]:
     """``num_samples`` sequences at ``steps`` steps, in batches; (samples on CPU, denoiser calls).
     ``sampler``: a named training-free sampler (``eval.samplers``) instead of ``sampling.*``'s."""
+    denoise = sampling.make_denoiser(model, cfg.model.vocab_size, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
+    return draw_with(denoise, cfg, steps, num_samples, seed, device, progress, temperature,
+                     cache=cfg.sampling.cache and not cfg.model.time_conditioning, sampler=sampler)
+
+
+def draw_with(denoise: sampling.Denoiser, cfg: RunConfig, steps: int, num_samples: int, seed: int,
+              device: torch.device, progress: bool = False, temperature: float = 1.0,
+              cache: bool = False, sampler: SamplerConfig | None = None) -> tuple[torch.Tensor, int]:
+    """``draw_samples`` for any denoiser (e.g. the ideal student, trainer/evaluation/ideal.py): the
+    same batches and sampling noise, so its samples pair with every model's rows of the same seed."""
     mask_id = cfg.model.vocab_size
-    denoise = sampling.make_denoiser(model, mask_id, cfg.diffusion.noise_eps, cfg.model.time_conditioning)
     # One generator for the whole draw: the samples depend on the seed, not on the batch size.
     gen = torch.Generator().manual_seed(seed)
     out, nfe = [], 0
@@ -37,8 +46,7 @@ def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int,
         stats: dict = {}
         x = sampling.sample_diffusion(denoise, n, cfg.data.seq_len, steps, mask_id,
                                       noise_eps=cfg.diffusion.noise_eps, sampling_eps=cfg.diffusion.sampling_eps,
-                                      generator=gen, device=device,
-                                      cache=cfg.sampling.cache and not cfg.model.time_conditioning,
+                                      generator=gen, device=device, cache=cache,
                                       progress=progress, stats=stats, temperature=temperature,
                                       **sampling.sampler_options(sampler or cfg.sampling))
         out.append(x.cpu())

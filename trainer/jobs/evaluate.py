@@ -9,8 +9,10 @@ with the same seed, so the report can put the student at N steps beside the teac
 by sample (the samples pair up: trainer/evaluation/paired.py). The temperatures of ``eval.temperatures`` are swept
 at the step counts each model is compared at (``sweep_plan``), for the quality-vs-entropy frontier;
 the teacher also draws there with each training-free sampler of ``eval.samplers``. Every row stores
-its per-sample NLLs and entropies. Writes ``<model>/eval/metrics.json`` and ``samples.txt``, and the
-scalars to TensorBoard (``eval/<model>/nll@<steps>`` at global step = round).
+its per-sample NLLs and entropies. With ``eval.ideal_rollouts`` > 0 the model also samples the ideal
+student of the round it teaches (``ideal`` in metrics.json: trainer/evaluation/ideal.py). Writes
+``<model>/eval/metrics.json`` and ``samples.txt``, and the scalars to TensorBoard
+(``eval/<model>/nll@<steps>`` at global step = round).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
 from trainer.errors import StageError
+from trainer.evaluation.ideal import ideal_rows, taught_round
 from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
@@ -47,6 +50,8 @@ def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[
         counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
     else:
         counts = [cfg.distill.start_steps // 2**round_idx]
+        if taught_round(cfg, round_idx) is not None:  # also where it teaches: beside its ideal student
+            counts.append(cfg.distill.start_steps // 2**(round_idx + 1))
     return {n: temps for n in counts}
 
 
@@ -90,6 +95,8 @@ def main(argv=None) -> None:
     rows = evaluate_model(model, cfg, counts, source, judge, device, progress=True, keep_samples=True,
                           sweep=sweep_plan(cfg, r, args.control), samplers=samplers)
     text_result = text.measure(model, rows) if text else {}
+    taught = taught_round(cfg, r, args.control)
+    ideal = ideal_rows(model, cfg, taught, source, judge, device, progress=True) if taught is not None else None
     if text and r == 0 and not args.control:  # held-out text, scored once: the report reads the teacher's
         text_result["reference"] = text.reference()
     samples_txt = []
@@ -107,6 +114,8 @@ def main(argv=None) -> None:
         "nll_floor": source.sequence_entropy_per_token(cfg.data.seq_len) if source else None,
         "rows": rows, "seconds": round(time.time() - t0, 1), **text_result,
     }
+    if ideal is not None:
+        result["ideal"] = ideal
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "samples.txt", "\n".join(samples_txt) + "\n")
     with MetricsWriter(args.run_dir, enabled=True) as mw:
@@ -118,7 +127,7 @@ def main(argv=None) -> None:
             mw.scalars(r, vals)
         mw.text(r, f"eval/{name}/samples", "\n\n".join(samples_txt[:3]))
     atomic_write_json(out / "metrics.json", result)  # last: its presence means the stage is done
-    print(format_table(rows))
+    print(format_table(rows + [dict(row, model="ideal", round=taught) for row in (ideal or {}).get("rows", [])]))
     log.info("wrote %s", out / "metrics.json")
 
 

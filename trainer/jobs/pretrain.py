@@ -28,7 +28,7 @@ import torch
 
 from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
 from trainer.distill.control import control_stream, round_ends, stage
-from trainer.distill.rounds import round_teacher
+from trainer.distill.rounds import fresh_start, round_teacher
 from trainer.errors import StageError
 from trainer.evaluation.ar_report import AR_DIR, autoregressive_report
 from trainer.evaluation.samples import sample_report
@@ -39,7 +39,7 @@ from trainer.method.autoregressive import ar_loss
 from trainer.method.losses import mdlm_loss
 from trainer.model.dit import DiT, count_parameters
 from trainer.runtime import dist
-from trainer.runtime.checkpoint import export_weights, load_exported
+from trainer.runtime.checkpoint import export_weights, load_weight_file
 from trainer.runtime.engine import build_engine
 from trainer.runtime.loop import Task, train
 from trainer.runtime.metrics import MetricsWriter
@@ -71,9 +71,12 @@ def main(argv=None) -> int:
     # ---- build the model --------------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = DiT(cfg.model, causal=args.ar)
-    if args.control:  # the students' starting point: the weights that teach round 1
-        teacher = round_teacher(layout, cfg, 1)
-        model.load_state_dict(load_exported(teacher.export, teacher.weights, cfg.model)[0])
+    if args.control:  # the students' starting point: the weights that teach round 1 (or, for the exact
+        # teacher, teacher.init_from's or the seeded random init: trainer/distill/rounds.py)
+        start = fresh_start(cfg, layout, round_teacher(layout, cfg, 1).file)
+        log.info("control starts from %s", start.describe())
+        if start.kind == "export":
+            model.load_state_dict(load_weight_file(start.path, cfg.model))
     engine = build_engine(model, setup, cfg.engine, total_steps, info.world_size)
     ckpt_root = args.run_dir / AR_DIR / "checkpoints" if args.ar else layout.checkpoints(model_ref)
     engine.load(ckpt_root, expect_model=cfg.model)

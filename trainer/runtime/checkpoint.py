@@ -111,8 +111,11 @@ def _plain(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export_weights(out_dir: str | Path, raw_state_dict: Mapping[str, torch.Tensor],
                    ema_state_dict: Mapping[str, torch.Tensor], cfg: RunConfig, step: int,
-                   *, overwrite: bool = False) -> Path:
+                   *, overwrite: bool = False, kind: str = "dit") -> Path:
     """Write an export folder atomically; refuse to touch an existing one unless ``overwrite``.
+
+    ``kind`` (export.json's ``model``) says what the weights build: ``dit``, or the exact teacher of a
+    Markov source (``trainer.model.oracle.KIND``), whose "weights" are the chain's parameters.
 
     With ``overwrite`` the new export is complete on disk before the old one is moved aside, so
     the folder never holds a mix of two exports.
@@ -136,6 +139,7 @@ def export_weights(out_dir: str | Path, raw_state_dict: Mapping[str, torch.Tenso
             files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
         info = {
             "format": EXPORT_FORMAT,
+            "model": kind,
             "step": int(step),
             "param_count": int(sum(v.numel() for v in raw.values())),
             "shapes": {k: list(v.shape) for k, v in raw.items()},
@@ -202,12 +206,34 @@ def load_exported(export_dir: str | Path, which: str = "ema", expect_model: Mode
     return sd, cfg
 
 
+def load_weight_file(path: str | Path, expect_model: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """``load_exported`` of the export that holds weight file ``path`` (``<export>/ema.safetensors`` or
+    ``model.safetensors``), verified the same way; the state dict alone."""
+    path = Path(path)
+    which = {name: w for w, name in WEIGHT_FILES.items()}.get(path.name)
+    if which is None:
+        raise CheckpointError(f"{path}: not an export's weight file ({', '.join(WEIGHT_FILES.values())})")
+    return load_exported(path.parent, which, expect_model)[0]
+
+
+def export_kind(export_dir: str | Path) -> str:
+    """What an export's weights build (export.json's ``model``): ``dit`` (also for exports written
+    before the field existed) or ``trainer.model.oracle.KIND``."""
+    return str(read_json(Path(export_dir) / "export.json").get("model", "dit"))
+
+
 def load_model(export_dir: str | Path, weights: str = "ema", expect_model: ModelConfig | None = None,
                causal: bool = False) -> tuple[torch.nn.Module, RunConfig]:
-    """An exported model, verified (sha256, names, shapes), in eval mode on CPU: (model, its config)."""
+    """An exported model, verified (sha256, names, shapes), in eval mode on CPU: (model, its config).
+    A DiT, or the exact teacher of a Markov source (``export_kind``), which has the DiT's forward."""
+    from trainer.model import oracle
     from trainer.model.dit import DiT
 
     state, cfg = load_exported(export_dir, weights, expect_model)
+    if export_kind(export_dir) == oracle.KIND:
+        if causal:
+            raise CheckpointError(f"{export_dir}: the exact teacher of a Markov source has no causal form")
+        return oracle.MarkovOracle.from_state(state, cfg.data.seq_len).eval(), cfg
     model = DiT(cfg.model, causal=causal)
     model.load_state_dict(state)
     return model.eval(), cfg
