@@ -121,7 +121,7 @@ def small_fs(tmp_path: Path) -> Iterator[callable]:
         room = room // PAGE * PAGE  # a tmpfs counts whole pages
         folder.mkdir(parents=True, exist_ok=True)
         assert not any(folder.iterdir()), f"{folder} must be empty to mount over it"
-        filler_size = 1 << 20
+        filler_size = 32 << 20  # once deleted, room for the whole stage (the largest: ~15 MB here)
         size = room + filler_size
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
         mounts.append(folder)
@@ -255,7 +255,7 @@ def test_report(reference, tmp_path, small_fs):
     room = 6 * PAGE
     assert (ref / "quality_vs_steps.png").stat().st_size > room
     mnt = tmp_path / "mnt"
-    filler = small_fs(mnt, pages(reference.before("report")) + (1 << 20))
+    filler = small_fs(mnt, pages(reference.before("report")) + (4 << 20))
     shutil.copytree(reference.before("report"), mnt / "run", symlinks=True)
     before = digests(mnt / "run")
     fd = os.open(mnt / ".filler2", os.O_CREAT | os.O_WRONLY)
