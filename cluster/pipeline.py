@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import RunConfig
-from trainer.fileio import sha256_file
+from trainer.fileio import atomic_write_text, sha256_file
 from trainer.layout import CONTROL, RunLayout
 
 STATE_FILE = RunLayout(Path()).state.name
@@ -122,9 +122,7 @@ def _locked_state(run_dir: Path) -> Iterator[dict]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = read_state(run_dir)
         yield state
-        tmp = run_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, run_dir / STATE_FILE)
+        atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
 
 def read_state(run_dir: Path) -> dict:
@@ -279,12 +277,12 @@ def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: lis
         t0 = time.time()
         mark(run_dir, st, "running")
         log_file = logs / f"{st.name}.log"
-        with open(log_file, "ab") as out:
-            start = out.tell()  # the log is appended to: read only this attempt's output
-            rc = subprocess.call(cmd, env=env, stdout=out if not _tee() else None,
-                                 stderr=subprocess.STDOUT if not _tee() else None)
+        start = log_file.stat().st_size if log_file.exists() else 0  # the log is appended to: this attempt's
+        rc, error = _run_logged(cmd, env, log_file)
         if rc != 0:
-            why = last_error_line(log_file, start) if not _tee() else ""
+            # The job's own line, read from its output stream (a full disk may keep it out of the log);
+            # else the log's last error line of this attempt (a crash before entry could print one).
+            why = error or last_error_line(log_file, start)
             mark(run_dir, st, "failed", returncode=rc, **({"reason": why} if why else {}))
             raise RuntimeError(f"stage '{st.name}' failed with exit code {rc}" + (f": {why}" if why else "")
                                + f"; log: {log_file}")
@@ -294,6 +292,34 @@ def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: lis
         mark(run_dir, st, "done", seconds=round(time.time() - t0, 1))
         log(f"[{st.name}] done in {time.time() - t0:.0f}s")
         release_outputs(run_dir, st, log)
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, str]:
+    """Run ``cmd`` with its output appended to ``log_path`` (and shown, with SDTT_LOG_TO_CONSOLE=1);
+    returns its exit code and the job's one-line error (``error (rank r): ...``, the first rank's to
+    say it; trainer.jobs.common.entry), read from the stream itself: on a full disk the log file may
+    not take it."""
+    error = ""
+    log = open(log_path, "ab", buffering=0)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if _tee():
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+            if not log.closed:
+                try:
+                    log.write(line)
+                except OSError:  # a full disk: the stage goes on; its error line is kept below
+                    log.close()
+            at = line.find(b"error (rank ")  # after a progress bar's output, on the same line
+            if not error and at >= 0:
+                error = line[at:].decode(errors="replace").strip()
+        rc = proc.wait()
+    finally:
+        log.close()
+    return rc, error
 
 
 def _tee() -> bool:

@@ -4,6 +4,7 @@ A run folder (``<run>``)::
 
     config.yaml              the resolved config of the whole pipeline (written by the first stage)
     pipeline_state.json      finished stages and the sha256 of their products (cluster/pipeline.py)
+    run.lock.json            who writes the folder now: a process or a SLURM chain (trainer/runlock.py)
     logs/  tb/  metrics.jsonl
     data/                    prepared token data, data.json last (unless data.cache_dir moves it)
     teacher/                 model 0: checkpoints/ export/ eval/
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 EXIT_BAD_INPUT = 2  # the message names the key, file or shard (trainer.jobs.common.entry)
+EXIT_HUNG = 3  # a collective timed out: another rank hangs or died (trainer.jobs.common.entry); rerun resumes
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the work so far is checkpointed (trainer.runtime.preempt)
 
 CONTROL: Literal["control"] = "control"
@@ -45,6 +47,11 @@ class RunLayout:
     @property
     def state(self) -> Path:
         return self.root / "pipeline_state.json"
+
+    @property
+    def lock(self) -> Path:
+        """Who writes this run folder now (trainer/runlock.py): one writer at a time."""
+        return self.root / "run.lock.json"
 
     @property
     def logs(self) -> Path:

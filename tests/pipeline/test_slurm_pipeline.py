@@ -227,6 +227,7 @@ def test_every_stage_ran_as_its_own_slurm_job(slurm_run: SlurmRun) -> None:
     st = state(slurm_run.run)
     names = [s.name for s in stages_of(slurm_run.run)]
     assert sorted(st) == sorted(names)
+    assert not (slurm_run.run / "run.lock.json").exists(), "the chain's last job releases the run folder lock"
     ids = [str(st[n]["job_id"]) for n in names]
     assert len(set(ids)) == len(ids)
     assert set(sacct(ids).values()) == {"COMPLETED"}, sacct(ids)
@@ -238,7 +239,10 @@ def test_every_stage_ran_as_its_own_slurm_job(slurm_run: SlurmRun) -> None:
 @on_slurm
 def test_a_second_submission_is_refused_while_the_chain_is_queued(slurm_run: SlurmRun) -> None:
     assert slurm_run.refused.returncode == 2, slurm_run.refused.stdout + slurm_run.refused.stderr
-    assert "still has jobs in the queue" in slurm_run.refused.stderr and "prepare (job" in slurm_run.refused.stderr
+    # The run folder's lock (trainer/runlock.py) is the chain's: one line naming its jobs.
+    first = str(state(slurm_run.run)["prepare"]["job_id"])
+    lines = slurm_run.refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is in use by the SLURM chain of jobs " + first in lines[0], lines
 
 
 @on_slurm
@@ -469,6 +473,7 @@ def test_a_failing_stage_cancels_its_dependants(slurm_cluster: LocalSlurm, tmp_p
     while set(sacct(ids).values()) != {"CANCELLED"}:  # nothing left waiting in the queue
         assert time.monotonic() < deadline, sacct(ids)
         time.sleep(0.5)
+    assert not (run / "run.lock.json").exists(), "the failing job must release the chain's run folder lock"
     teacher_id = str(st["teacher"]["job_id"])
     deadline = time.monotonic() + 60
     while sacct([teacher_id]).get(teacher_id) != "FAILED":
