@@ -572,6 +572,9 @@ class StageJob(submitit.helpers.Checkpointable):
 # --------------------------------------------------------------------------------------------------
 # Submission
 # --------------------------------------------------------------------------------------------------
+KILL_ON_BAD_EXIT = "--kill-on-bad-exit=1"
+
+
 def executor_parameters(res: StageResources, cfg: RunConfig, code_dir: Path, dependency_ids: Sequence[str],
                         env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one stage: the resources ``--dry-run`` shows, with job
@@ -582,8 +585,11 @@ def executor_parameters(res: StageResources, cfg: RunConfig, code_dir: Path, dep
         "cpus_per_task": res.cpus_per_task, "mem": res.mem,
         "time": res.time_min, "signal_delay_s": cfg.slurm.signal_lead_s,
         "setup": setup_lines(cfg, code_dir, env or {}),
-        # srun options of the job step (containers: pyxis --container-image, ...), after submitit's own.
-        **({"srun_args": list(cfg.slurm.srun_args)} if cfg.slurm.srun_args else {}),
+        # srun options of the job step, after submitit's own: --kill-on-bad-exit ends every task once one
+        # fails (a rank that hit engine.collective_timeout_s exits 3 while a hung rank would hold the
+        # allocation until its time limit; measured in docs/reliability.md), then the site's
+        # (containers: pyxis --container-image, ...).
+        "srun_args": [KILL_ON_BAD_EXIT, *cfg.slurm.srun_args],
         # Held until the whole chain is recorded (submit_chain releases it).
         "additional_parameters": {"requeue": res.requeue, "hold": True,
                                   **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node > 0 else {}),

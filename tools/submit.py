@@ -237,8 +237,9 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
         print(f"job environment: {key}={value}")
     for line in cfg.slurm.setup:
         print(f"job setup: {line}")
-    if cfg.slurm.srun_args:
-        print(f"job step: srun ... {' '.join(cfg.slurm.srun_args)}")
+    from cluster.slurm import KILL_ON_BAD_EXIT
+
+    print(f"job step: srun ... {' '.join([KILL_ON_BAD_EXIT, *cfg.slurm.srun_args])}")
     for st in stages:
         res = stage_resources(st, cfg, spec, run_dir.name)
         state = "" if st.name in todo else "  (done: skipped)"

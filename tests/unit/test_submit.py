@@ -180,15 +180,16 @@ def test_srun_args_reach_the_job_step_of_the_script_submitit_writes(tmp_path: Pa
     ex.update_parameters(**executor_parameters(res, cfg, tmp_path, [], {}))
     script = ex._make_submission_file_text("python -u -m submitit.core._submit x", "uid").splitlines()
     srun = [line for line in script if line.startswith("srun ")]
-    assert len(srun) == 1 and srun[0].split()[-len(image) - 5:-5] == image, srun
+    assert len(srun) == 1 and srun[0].split()[-len(image) - 6:-5] == ["--kill-on-bad-exit=1", *image], srun
     assert script.index("module load nccl") < script.index(srun[0])
-    # without it the step is submitit's own
+    # without it the step is submitit's own plus --kill-on-bad-exit (a failed rank ends the step)
     plain = executor_parameters(res, load_config(TINY), tmp_path, [], {})
-    assert "srun_args" not in plain
+    assert plain["srun_args"] == ["--kill-on-bad-exit=1"]
     with pytest.raises(ConfigError, match=r"slurm.srun_args\[0\].*'container-image=x' is not an srun option"):
         load_config(TINY, ["slurm.srun_args=[container-image=x]"])
     proc = submit("--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--dry-run", override)
-    assert proc.returncode == 0 and f"job step: srun ... {' '.join(image)}" in proc.stdout, proc.stderr
+    step = f"job step: srun ... --kill-on-bad-exit=1 {' '.join(image)}"
+    assert proc.returncode == 0 and step in proc.stdout, proc.stderr
 
 
 # --------------------------------------------------------------------------------------------------
