@@ -140,15 +140,20 @@ def _micro(global_batch: int, micro: int, world: int) -> int:
 
 
 def eval_plan(cfg: RunConfig, stage: str) -> set[tuple[int, float]]:
-    """(step count, temperature) rows an evaluation stage samples: eval.steps at 1, plus the sweep
-    (trainer/jobs/evaluate.py sweep_plan: the teacher, eval_0, and the control at every round's
-    count; a student, and the control matched to round r (eval_control_r), at round r's own)."""
-    plan = {(int(s), 1.0) for s in cfg.eval.steps}
+    """(step count, temperature) rows an evaluation stage samples, as trainer/jobs/evaluate.py draws
+    them: at temperature 1 eval.steps and every count a round reaches (step_counts); the sweep
+    (sweep_plan) at every round's count for the teacher (eval_0) and the final control, at round r's
+    own for a student; the control matched to round r (eval_control_r) at round r's count only."""
+    d = cfg.distill
     which = stage.split("_", 1)[1] if "_" in stage else "0"
-    if which in ("0", "control"):
-        counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
+    if which.startswith("control_"):
+        n = d.start_steps // 2 ** int(which.removeprefix("control_"))
+        plan, counts = {(n, 1.0)}, [n]
     else:
-        counts = [cfg.distill.start_steps // 2 ** int(which.removeprefix("control_"))]
+        reached = {d.start_steps // 2**r for r in range(d.rounds + 1)}
+        plan = {(int(s), 1.0) for s in {*cfg.eval.steps, *reached}}
+        full = which in ("0", "control")
+        counts = [d.start_steps // 2**r for r in range(1, d.rounds + 1)] if full else [d.start_steps // 2 ** int(which)]
     return plan | {(n, float(t)) for n in counts for t in cfg.eval.temperatures}
 
 
@@ -225,18 +230,19 @@ def _n(x: float) -> str:
 
 def render(b: Budget, cfg: RunConfig, judge: JudgeSize | None = None) -> list[str]:
     """The budget table and totals, as printed by ``--dry-run``."""
+    w = max([13, *(len(s.stage) for s in b.stages)])  # eval_control_7 is longer than the header
     out = ["", "budget (one attempt of every stage; GPU-h reserved = nodes x GPUs x time limit):",
-           f"  {'stage':<13} {'nodes x tasks':>13} {'GPUs':>5} {'time':>11} {'GPU-h':>9} {'tokens':>9} "
+           f"  {'stage':<{w}} {'nodes x tasks':>13} {'GPUs':>5} {'time':>11} {'GPU-h':>9} {'tokens':>9} "
            f"{'FLOP':>9} {'mem/GPU (states + act.)':>26} {'targets':>9}"]
     for s in b.stages:
         r = s.res
         mem = f"{_b(s.memory_bytes)} ({_b(s.state_bytes)} + {_b(s.activation_bytes)})" if s.memory_bytes else "-"
-        out.append(f"  {s.stage:<13} {f'{r.nodes} x {r.tasks_per_node}':>13} {r.nodes * r.gpus_per_node:>5} "
+        out.append(f"  {s.stage:<{w}} {f'{r.nodes} x {r.tasks_per_node}':>13} {r.nodes * r.gpus_per_node:>5} "
                    f"{r.time_min // 60:>7d}h{r.time_min % 60:02d}m {s.gpu_hours:>9,.1f} "
                    f"{_n(s.tokens) if s.tokens else '-':>9} {f'{s.flop:.2e}' if s.flop else '-':>9} {mem:>26} "
                    f"{_b(s.target_bytes) if s.target_bytes else '-':>9}")
     need = gpu_hours_needed(b.flop)
-    out += [f"  {'total':<13} {'':>13} {'':>5} {'':>11} {b.gpu_hours:>9,.1f} {_n(b.tokens):>9} {b.flop:>9.2e}",
+    out += [f"  {'total':<{w}} {'':>13} {'':>5} {'':>11} {b.gpu_hours:>9,.1f} {_n(b.tokens):>9} {b.flop:>9.2e}",
             "",
             f"  GPU-hours reserved: {b.gpu_hours:,.1f} per attempt (requeues: up to slurm.max_requeues="
             f"{cfg.slurm.max_requeues} more per stage)",

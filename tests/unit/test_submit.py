@@ -112,6 +112,20 @@ def test_a_stage_of_its_own_name_wins_over_its_kind() -> None:
         load_config(TINY, ["slurm.stages.eval_0.time=1"])
 
 
+def test_eval_plans_follow_what_each_evaluation_samples() -> None:
+    """The teacher and the final control sweep every round's count, a student its own plus eval.steps,
+    the control matched to round r (eval_control_r) round r's count only (trainer/jobs/evaluate.py)."""
+    from cluster.budget import eval_plan
+
+    cfg = load_config(TINY, ["eval.steps=[8,64]", "eval.temperatures=[0.9]", "distill.start_steps=64",
+                             "distill.rounds=2", "distill.control=true"])
+    at_1 = {(8, 1.0), (16, 1.0), (32, 1.0), (64, 1.0)}  # eval.steps and every round's count
+    assert eval_plan(cfg, "eval_0") == eval_plan(cfg, "eval_control") == at_1 | {(32, 0.9), (16, 0.9)}
+    assert eval_plan(cfg, "eval_2") == at_1 | {(16, 0.9)}
+    assert eval_plan(cfg, "eval_control_1") == {(32, 1.0), (32, 0.9)}
+    assert {st.name for st in pipeline.build_chain(cfg)} >= {"eval_control_1", "eval_control"}
+
+
 def test_unquoted_times_keep_sbatchs_meaning(tmp_path: Path) -> None:
     """YAML 1.1 would read 30:00 as 1800 and 1:00:00 as 3600 (base 60): not here."""
     cfg_file = tmp_path / "site.yaml"
