@@ -34,6 +34,28 @@ def test_exact_likelihood_report_has_the_paired_tables():
     assert "## Per round" in text and "T_64" in text and "No likelihood" not in text
 
 
+def _with(report: dict, **est: tuple[float, float]) -> dict:
+    for c in report["comparisons"]:
+        c.update({k: {"value": v, "se": se} for k, (v, se) in est.items()})
+    return report
+
+
+def test_the_first_lines_say_what_the_run_shows_about_sdtt():
+    """An under-trained teacher (the control beats it by > 2 SE): the report opens by saying the
+    students' gains measure more training; a student beyond the control says so; level says level."""
+    text = markdown(_with(_report(2.5), control_minus_teacher=(-0.25, 0.02), student_minus_control=(0.14, 0.02)))
+    head = text.split("## Per round")[0]
+    assert "## In short" in head and "worse than the control, 0.140 ± 0.020" in head
+    assert "the teacher was still learning" in head
+    text = markdown(_with(_report(2.5), control_minus_teacher=(-0.003, 0.01), student_minus_control=(-0.066, 0.01)))
+    head = text.split("## Per round")[0]
+    assert "better than the control" in head and "beats the fair control at every round" in head
+    assert "still learning" not in head
+    head = markdown(_with(_report(2.5), control_minus_teacher=(0.0, 0.01), student_minus_control=(0.015, 0.01)))
+    assert "level with (within 2 SE) the control" in head and "beats" not in head.split("## Per round")[0]
+    assert "## In short" not in markdown(_report(None))
+
+
 def test_text_report_without_a_judge_leaves_out_the_tables_it_cannot_fill():
     text = markdown(_report(None))
     assert "No likelihood for these samples" in text and "## Every evaluation" in text
