@@ -69,6 +69,7 @@ from cluster.pipeline import Stage
 from cluster.resources import ClusterSpec, StageResources, job_environment, stage_resources
 from trainer.config import RunConfig
 from trainer.layout import EXIT_PREEMPTED
+from trainer.runlock import end_of_chain
 
 __all__ = ["submit_chain", "job_states", "StageJob", "snapshot_code", "sigterm_proof_requeue", "requeue_job",
            "downstream", "EXIT_PREEMPTED", "CODE_DIRS"]
@@ -487,6 +488,7 @@ class StageJob(submitit.helpers.Checkpointable):
         log = self._log_hint(task)
         self._mark(task, status, rank=task.rank, reason=why, **extra)
         cancelled = self._cancel_dependants(f"upstream stage {self.stage.name} {status}: {why}")
+        end_of_chain(self.run_dir, task.job_id, failed=True)  # the chain ends here
         msg = (f"stage '{self.stage.name}' {status}: {why} (job {task.job_id}, rank {task.rank}, log {log}); "
                + (f"cancelled its dependants: {', '.join(cancelled)}" if cancelled else "no dependant was queued"))
         _say(msg)
@@ -563,6 +565,8 @@ class StageJob(submitit.helpers.Checkpointable):
                 raise self._fail(task, f"exited 0 but did not write {run_dir / st.product}", returncode=rc)
             self._mark(task, "done", seconds=seconds)
             _say(f"stage {st.name}: done in {seconds:.0f} s")
+            if end_of_chain(run_dir, task.job_id, failed=False):
+                _say(f"stage {st.name}: the chain is done: released the run folder's lock")
             pipeline.release_outputs(run_dir, st, _say)
             return {"stage": st.name, "rank": 0, "status": "done", "returncode": 0}
 
@@ -609,9 +613,12 @@ def setup_lines(cfg: RunConfig, code_dir: Path, env: Mapping[str, str]) -> list[
 
 
 def submit_chain(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, run_dir: Path, repo: Path,
-                 log: Callable[[str], None] = print) -> dict[str, str]:
+                 log: Callable[[str], None] = print,
+                 on_recorded: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
     """Submit every pending stage of the run as a SLURM job; returns {stage: job id} (empty when
-    everything is done). See the module doc for the guarantees."""
+    everything is done). See the module doc for the guarantees. ``on_recorded`` gets {stage: job id}
+    once the whole chain is recorded, before any job can start (tools/submit.py hands the run
+    folder's lock to the chain there); if it raises, the held chain is cancelled."""
     run_dir = Path(run_dir).resolve()
     todo = pipeline.pending(run_dir, stages)
     if not todo:
@@ -639,6 +646,8 @@ def submit_chain(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, run_dir
             pipeline.mark(run_dir, st, "submitted", job_id=job.job_id, folder=str(folder), code=str(code_dir))
             rows.append((st.name, job.job_id, f"{res.nodes} x {res.tasks_per_node}",
                          ", ".join(f"{d} ({submitted[d]})" for d in st.depends if d in submitted) or "-"))
+        if on_recorded is not None:
+            on_recorded(dict(submitted))
     except Exception as e:
         scancel(submitted.values())  # all still held: none of them ran
         now = pipeline.read_state(run_dir)["stages"]

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from cluster import pipeline  # noqa: E402
 from cluster.budget import TargetSize, budget, render  # noqa: E402
 from cluster.resources import ClusterSpec, job_environment, stage_resources, validate_fit  # noqa: E402
+from trainer import runlock  # noqa: E402
 from trainer.config import (  # noqa: E402
     ConfigError,
     RunConfig,
@@ -262,18 +263,25 @@ def main(argv=None) -> int:
             return 0
         if problems:
             raise ConfigError("; ".join(problems) + " (paths are read against the directory you submit from)")
-        save_config(cfg, run_dir / "config.yaml") if not (run_dir / "config.yaml").exists() else None
-        stages = pipeline.build_chain(cfg)
-        if args.local:
-            t0 = time.time()
-            pipeline.run_local(stages, run_dir, nproc=args.nproc)
-            print(f"\npipeline finished in {time.time() - t0:.0f}s; report: {run_dir / 'report.md'}\n")
-            print((run_dir / "report.md").read_text())
-            return 0
-        from cluster.slurm import submit_chain
+        # One writer per run folder (trainer/runlock.py): a second submission is refused here, naming
+        # the holder; a holder that is gone (killed, crashed) is taken over with a message.
+        with runlock.held(run_dir, "tools/submit.py" + (" --local" if args.local else ""),
+                          log=lambda m: print(m, file=sys.stderr)) as lock:
+            save_config(cfg, run_dir / "config.yaml") if not (run_dir / "config.yaml").exists() else None
+            stages = pipeline.build_chain(cfg)
+            if args.local:
+                os.environ[runlock.TOKEN_ENV] = lock.mine["token"]  # the stages' jobs are this chain's
+                t0 = time.time()
+                pipeline.run_local(stages, run_dir, nproc=args.nproc)
+                print(f"\npipeline finished in {time.time() - t0:.0f}s; report: {run_dir / 'report.md'}\n")
+                print((run_dir / "report.md").read_text())
+                return 0
+            from cluster.slurm import submit_chain
 
-        submit_chain(stages, cfg, spec, run_dir, REPO)
-        return 0
+            # The chain's jobs hold the lock from before they can start until the last one ends.
+            submit_chain(stages, cfg, spec, run_dir, REPO,
+                         on_recorded=lambda ids: lock.hand_to_jobs(list(ids.values()), "tools/submit.py"))
+            return 0
     except (ConfigError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

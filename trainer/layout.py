@@ -4,6 +4,7 @@ A run folder (``<run>``)::
 
     config.yaml              the resolved config of the whole pipeline (written by the first stage)
     pipeline_state.json      finished stages and the sha256 of their products (cluster/pipeline.py)
+    run.lock.json            who writes the folder now: a process or a SLURM chain (trainer/runlock.py)
     logs/  tb/  metrics.jsonl
     data/                    prepared token data, data.json last (unless data.cache_dir moves it)
     teacher/                 model 0: checkpoints/ export/ eval/
@@ -44,6 +45,11 @@ class RunLayout:
     @property
     def state(self) -> Path:
         return self.root / "pipeline_state.json"
+
+    @property
+    def lock(self) -> Path:
+        """Who writes this run folder now (trainer/runlock.py): one writer at a time."""
+        return self.root / "run.lock.json"
 
     @property
     def logs(self) -> Path:

@@ -33,6 +33,7 @@ def test_every_stage_done_and_recorded(demo_run):
                 "eval_2", "report"]
     assert sorted(state) == sorted(expected)
     assert all(state[s]["status"] == "done" and len(state[s]["sha256"]) == 64 for s in expected)
+    assert not (demo_run / "run.lock.json").exists(), "the submission must release the run folder's lock"
 
 
 def test_report_puts_each_student_beside_the_teacher(demo_run):

@@ -15,7 +15,7 @@ PACKAGES = ("trainer", "cluster", "tools")
 IO_MODULES = ("trainer.runtime", "trainer.data", "trainer.targets.shards", "trainer.targets.reader",
               "trainer.targets.writer", "trainer.fileio", "trainer.distill", "trainer.evaluation", "trainer.jobs",
               "trainer.layout", "torch.distributed", "deepspeed")
-CLUSTER_MAY_IMPORT = ("trainer.config", "trainer.layout", "trainer.errors", "trainer.fileio")
+CLUSTER_MAY_IMPORT = ("trainer.config", "trainer.layout", "trainer.errors", "trainer.fileio", "trainer.runlock")
 
 
 def module_name(path: Path) -> str:
@@ -109,6 +109,16 @@ def test_layout_errors_and_fileio_are_standard_library_only():
         third_party = {d for d in GRAPH[mod] if d.split(".")[0] in ("torch", "numpy", "omegaconf", "deepspeed")}
         inside = {d for d in GRAPH[mod] if _under(d, "trainer") and not _under(d, ("trainer.errors",))}
         assert not third_party and not inside, (mod, third_party, inside)
+
+
+def test_the_run_lock_pulls_in_no_torch():
+    """cluster/ and tools/submit.py take the run folder's lock: standard library, filelock and the
+    three standard-library modules of trainer only."""
+    deps = GRAPH["trainer.runlock"]
+    third_party = {d for d in deps if d.split(".")[0] in ("torch", "numpy", "omegaconf", "deepspeed")}
+    inside = {d for d in deps
+              if _under(d, "trainer") and not _under(d, ("trainer.errors", "trainer.fileio", "trainer.layout"))}
+    assert not third_party and not inside, (third_party, inside)
 
 
 def test_tools_never_import_the_jobs():

@@ -3,12 +3,14 @@ the error exit."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from trainer import runlock
 from trainer.config import RunConfig, load_config, save_config
 from trainer.errors import BadInput
 from trainer.layout import EXIT_BAD_INPUT, RunLayout
@@ -60,12 +62,26 @@ def device() -> torch.device:  # noqa: F821
     return torch.device("cpu")
 
 
+def _run_dir(argv: list[str]) -> Path | None:
+    """The job's --run-dir, read before its own parser runs (that one reports a missing flag)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--run-dir", type=Path, default=None)
+    return p.parse_known_args(argv)[0].run_dir
+
+
 def entry(main) -> None:
-    """Run a job's main: bad input (config, data, checkpoint, shards: any ``trainer.errors.BadInput``,
-    or a missing file) ends with one line naming the key or file, ``error (rank r): ...``, and exit
-    code 2, not a traceback; any other code (``EXIT_PREEMPTED``) passes through."""
+    """Run a job's main under the run folder's lock (trainer/runlock.py: inside the chain that holds
+    it, or taking it when started by hand). Bad input (config, data, checkpoint, shards: any
+    ``trainer.errors.BadInput``, or a missing file) and a folder in use end with one line naming the
+    key, file or holder, ``error (rank r): ...``, and exit code 2, not a traceback; any other code
+    (``EXIT_PREEMPTED``) passes through."""
     try:
-        sys.exit(main())
+        run_dir = _run_dir(sys.argv[1:])
+        what = f"job trainer.jobs.{Path(sys.argv[0]).stem}"
+        with (runlock.for_job(run_dir, what, log=lambda m: print(m, file=sys.stderr)) if run_dir
+              else contextlib.nullcontext()):
+            code = main()
+        sys.exit(code)
     except (BadInput, FileNotFoundError) as e:
         rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/slurm.py)
         print(f"error (rank {rank}): {e}", file=sys.stderr)
