@@ -61,6 +61,7 @@ CHAOS_OVERRIDES = [
 # Keys of a JSON product that measure the machine, not the result: left out of the comparison.
 TIMING_KEYS = ("seconds", "time", "elapsed", "wall", "duration", "started", "finished", "timestamp", "host")
 POLL_S = 0.1
+TAKEOVER = ": taking over from"  # trainer/runlock.py's message when a submission takes over a stale lock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,6 +357,7 @@ def main(argv=None) -> int:
     overrides = ([] if args.no_chaos_overrides else CHAOS_OVERRIDES) + args.overrides
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()  # before the runs: the code they ran
     cfg = load_config(args.config, overrides)
     names = [s.name for s in pipeline.build_chain(cfg)]
 
@@ -379,13 +381,15 @@ def main(argv=None) -> int:
     landed, submissions, wall = chaos_run(submit_command(args.config, run, overrides, args.nproc), run, plan,
                                           durations, work / f"chaos-{args.seed}.log")
     diffs = compare(ref, run)
+    takeovers = (work / f"chaos-{args.seed}.log").read_text(errors="replace").count(TAKEOVER)
     per_stage = {n: sum(k.stage == n for k in landed) for n in names}
     unhit = [n for n in targets if per_stage[n] == 0]
     summary = {
-        "commit": git_commit(), "config": str(args.config), "overrides": overrides, "seed": args.seed,
+        "commit": commit, "config": str(args.config), "overrides": overrides, "seed": args.seed,
         "nproc": args.nproc, "kills_planned": len(plan), "kills": len(landed), "kills_per_stage": per_stage,
         "stages_not_hit": unhit, "submissions": submissions, "resubmissions": submissions - 1,
-        "wall_s": round(wall, 1), "reference_wall_s": None if ref_wall is None else round(ref_wall, 1),
+        "stale_lock_takeovers": takeovers, "wall_s": round(wall, 1),
+        "reference_wall_s": None if ref_wall is None else round(ref_wall, 1),
         "reference_stage_s": durations, "products_compared": products(ref), "identical": not diffs,
         "differences": diffs, "landed": [asdict(k) for k in landed]}
     out = args.summary or work / f"chaos-{args.seed}.json"
@@ -393,6 +397,7 @@ def main(argv=None) -> int:
     print(f"\nkills per stage: {' '.join(f'{n}={c}' for n, c in per_stage.items())}")
     print(f"kills: {len(landed)} of {len(plan)} planned; submissions: {submissions} ({submissions - 1} after kills); "
           f"wall time {wall:.0f}s" + (f" (uninterrupted: {ref_wall:.0f}s)" if ref_wall else ""))
+    print(f"stale run-folder locks taken over: {takeovers}")
     print(f"products compared: {len(summary['products_compared'])}; identical: {'yes' if not diffs else 'NO'}")
     for name, lines in diffs.items():
         for line in lines[:20]:
