@@ -250,6 +250,174 @@ def chaos_run(cmd: list[str], run_dir: Path, plan: list[Kill], durations: dict[s
 
 
 # --------------------------------------------------------------------------------------------------
+# A lost node on the local SLURM cluster (cluster/local/)
+# --------------------------------------------------------------------------------------------------
+# What tests/pipeline/test_slurm_pipeline.py submits: 2 nodes x 1 task (the --local run's world size).
+SLURM_FLAGS = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--partition", "debug",
+               "--time", "60"]
+SLURM_FIT = ["slurm.cpus_per_task=1", "slurm.mem_gb_per_task=1"]  # what an emulated node offers
+
+
+def node_processes(state_dir: Path, node: str) -> list[int]:
+    """Every process of an emulated node: its slurmd runs in a private mount namespace (recorded by
+    cluster/local/up.sh) that its job steps inherit; nothing else shares it."""
+    ns = (state_dir / "pids" / f"slurmd-{node}.mntns").read_text().strip()
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
+                    out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def _job_of(pid: int) -> str | None:
+    """The SLURM job a process belongs to (its SLURM_JOB_ID, or slurmstepd's ``[JOB.STEP]``)."""
+    cmd = _cmdline(pid)
+    if cmd.startswith("slurmstepd: ["):
+        return cmd.split("[", 1)[1].split(".", 1)[0].split("]", 1)[0]
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"SLURM_JOB_ID=")), None)
+
+
+def kill_node(state_dir: Path, node: str) -> int:
+    """SIGKILL the node's slurmd and every job process on it (frozen first, until none is left)."""
+    killed: set[int] = set()
+    for _ in range(50):
+        pids = [p for p in node_processes(state_dir, node) if p != os.getpid()]
+        if not pids:
+            break
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        killed |= set(pids)
+        time.sleep(0.2)
+    return len(killed)
+
+
+def _out(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return proc.stdout.strip() if proc.returncode == 0 else f"({' '.join(cmd[:2])} failed: {proc.stderr.strip()})"
+
+
+def node_state(node: str) -> str:
+    return _out(["sinfo", "-h", "-n", node, "-o", "%T"]).split("\n")[0]
+
+
+def job_history(job_ids: str) -> str:
+    """Every record sacct keeps of the jobs (a requeued job has one per start)."""
+    return _out(["sacct", "-D", "-X", "-n", "-P", "-j", job_ids, "-o", "JobID,JobName,State,NodeList,ExitCode"])
+
+
+def live_jobs(run_dir: Path) -> list[str]:
+    ids = [str(e["job_id"]) for e in pipeline.read_state(run_dir)["stages"].values() if "job_id" in e]
+    if not ids:
+        return []
+    text = _out(["squeue", "-h", "-j", ",".join(ids), "-o", "%i"])
+    return [] if text.startswith("(") else text.split()
+
+
+def slurm_chaos(args, cfg_overrides: list[str], names: list[str], durations: dict[str, float],
+                run: Path, log: Path, say=print) -> dict:
+    """Submit the chain to the local cluster, kill one node (slurmd and its job processes) while
+    ``args.node_stage`` runs on it, watch what SLURM does, restart the node (cluster/local/up.sh,
+    as an administrator would after a reboot), and see the chain through: resubmitting if SLURM
+    leaves it stopped. Returns the events, with seconds since the kill."""
+    state_dir = Path(os.environ.get("SDTT_SLURM_STATE", "/tmp/sdtt-slurm"))
+    rng = random.Random(args.seed)
+    cmd = [sys.executable, str(REPO / "tools" / "submit.py"), "--config", str(args.config), "--run-dir", str(run),
+           *SLURM_FLAGS, *cfg_overrides, *SLURM_FIT]
+    events: list[dict] = []
+    t0 = time.monotonic()
+
+    def event(what: str, t_ref: float | None = None, **extra) -> None:
+        e = {"t_s": round(time.monotonic() - (t_ref or t0), 1), "what": what, **extra}
+        events.append(e)
+        say(f"  [{e['t_s']:>6.1f}s] {what}" + "".join(f"; {k}: {v}" for k, v in extra.items()))
+
+    def submit() -> None:
+        with open(log, "ab") as out:
+            rc = subprocess.call(cmd, cwd=REPO, env=job_env(), stdout=out, stderr=subprocess.STDOUT)
+        if rc != 0:
+            raise SystemExit(f"the SLURM submission exited {rc}; see {log}")
+
+    node, candidates = args.node, [c for c in args.node_stage.split(",") if c]
+    submit()
+    event("chain submitted")
+    submissions = 1
+    # Wait for a candidate stage's job process on the node, with no other user's job there (the
+    # cluster is shared: killing a node kills every job on it), then a random moment into it.
+    stage, seen, delay = None, None, 0.0
+    while True:
+        if time.monotonic() - t0 > args.timeout:
+            raise SystemExit(f"none of {', '.join(candidates)} ran alone on {node} within {args.timeout}s")
+        st = pipeline.read_state(run)["stages"]
+        mine = {str(e["job_id"]) for e in st.values() if "job_id" in e}
+        procs = node_processes(state_dir, node)
+        foreign = {j for p in procs if (j := _job_of(p)) and j not in mine}
+        running = [c for c in candidates if st.get(c, {}).get("status") == "running"
+                   and any("trainer.jobs." in _cmdline(p) and _job_of(p) == str(st[c].get("job_id")) for p in procs)]
+        if stage is not None and (stage not in running or foreign):
+            stage, seen = None, None  # it ended, or someone else's job arrived: wait for the next chance
+        if stage is None and running and not foreign:
+            stage, seen = running[0], time.monotonic()
+            delay = rng.uniform(0.2, 0.6) * durations[stage]
+        if stage is not None and time.monotonic() - seen >= delay:
+            break
+        if all(st.get(c, {}).get("status") == "done" for c in candidates):
+            raise SystemExit(f"{', '.join(candidates)} finished before they ran alone on {node}")
+        time.sleep(POLL_S)
+    job_id = str(pipeline.read_state(run)["stages"][stage]["job_id"])
+    n = kill_node(state_dir, node)
+    t_kill = time.monotonic()
+    event(f"killed node {node}: slurmd and its job processes", t_ref=t0, processes=n, stage=stage, job=job_id,
+          seconds_into_stage=round(time.monotonic() - seen, 1))
+    restarted = False
+    last = (None, None)
+    try:
+        while True:
+            now = time.monotonic()
+            if now - t0 > args.timeout:
+                raise SystemExit(f"the chain did not finish within {args.timeout}s; see {run}")
+            ids = sorted({str(e["job_id"]) for e in pipeline.read_state(run)["stages"].values() if "job_id" in e
+                          and e.get("status") != "done"} | {job_id}, key=int)
+            ns, hist = node_state(node), job_history(",".join(ids))
+            if (ns, hist) != last:
+                event("SLURM", t_ref=t_kill, node=ns, job=hist.replace("\n", " | "))
+                last = (ns, hist)
+            if not restarted and ("down" in ns or now - t_kill > args.node_down_s):
+                up = subprocess.run(["bash", str(REPO / "cluster" / "local" / "up.sh"), str(state_dir)],
+                                    capture_output=True, text=True, timeout=600)
+                restarted = True
+                event(f"node {node} restarted (cluster/local/up.sh exit {up.returncode})", t_ref=t_kill,
+                      started=up.stdout.strip().splitlines()[-1] if up.stdout.strip() else "")
+            st = pipeline.read_state(run)["stages"]
+            if st.get("report", {}).get("status") == "done":
+                event("chain finished", t_ref=t_kill)
+                break
+            stuck = [k for k, v in st.items() if v.get("status") in ("failed", "cancelled", "stopped")]
+            if restarted and stuck and not live_jobs(run):
+                event("chain stopped: resubmitting", t_ref=t_kill, stages=",".join(sorted(stuck)))
+                submit()
+                submissions += 1
+            time.sleep(2)
+    finally:
+        if not restarted:  # leave the shared cluster usable, whatever happened
+            subprocess.run(["bash", str(REPO / "cluster" / "local" / "up.sh"), str(state_dir)],
+                           capture_output=True, text=True, timeout=600)
+    return {"node": node, "stage": stage, "job_id": job_id, "events": events, "submissions": submissions,
+            "wall_s": round(time.monotonic() - t0, 1)}
+
+
+# --------------------------------------------------------------------------------------------------
 # Comparing
 # --------------------------------------------------------------------------------------------------
 def products(run_dir: Path) -> list[str]:
@@ -352,6 +520,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-chaos-overrides", action="store_true",
                    help="use only the command line's overrides, not CHAOS_OVERRIDES")
     p.add_argument("--summary", type=Path, default=None)
+    p.add_argument("--slurm", action="store_true",
+                   help="instead: submit to the local SLURM cluster (source its env.sh) and kill one node mid-job")
+    p.add_argument("--node", default="n2", help="--slurm: the node to kill")
+    p.add_argument("--node-stage", default="teacher,ar,distill_1,control",
+                   help="--slurm: the stages to kill it in (the first one seen running alone on the node)")
+    p.add_argument("--node-down-s", type=float, default=420.0,
+                   help="--slurm: restart the node when SLURM marks it down, or after this many seconds")
+    p.add_argument("--timeout", type=float, default=3600.0, help="--slurm: give up after this many seconds")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (after CHAOS_OVERRIDES)")
     args = p.parse_args(argv)
     overrides = ([] if args.no_chaos_overrides else CHAOS_OVERRIDES) + args.overrides
@@ -369,6 +545,8 @@ def main(argv=None) -> int:
         print(f"  done in {ref_wall:.0f}s")
     durations = stage_durations(ref, names)
 
+    if args.slurm:
+        return slurm_main(args, overrides, names, durations, ref, work, commit)
     targets = [s for s in args.stages.split(",") if s] or names
     unknown = [s for s in targets if s not in names]
     if unknown:
@@ -407,6 +585,29 @@ def main(argv=None) -> int:
     print(f"summary: {out}")
     ok = not diffs and not unhit and len(landed) >= args.kills
     return 0 if ok else 1
+
+
+def slurm_main(args, overrides: list[str], names: list[str], durations: dict[str, float], ref: Path,
+               work: Path, commit: str) -> int:
+    run = work / f"slurm-{args.seed}"
+    if run.exists():
+        raise SystemExit(f"{run} exists: a chaos run starts from an empty folder")
+    print(f"SLURM chaos run: {run}; node {args.node} killed during {args.node_stage}")
+    result = slurm_chaos(args, overrides, names, durations, run, work / f"slurm-{args.seed}.log")
+    diffs = compare(ref, run)
+    summary = {"commit": commit, "config": str(args.config), "overrides": overrides, "slurm_flags": SLURM_FLAGS,
+               "slurm_fit": SLURM_FIT, "seed": args.seed, **result, "resubmissions": result["submissions"] - 1,
+               "products_compared": products(ref), "identical": not diffs, "differences": diffs}
+    out = args.summary or work / f"slurm-{args.seed}.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"\nnode {args.node} killed in {args.node_stage}; submissions: {result['submissions']}; "
+          f"wall time {result['wall_s']:.0f}s")
+    print(f"products compared: {len(summary['products_compared'])}; identical: {'yes' if not diffs else 'NO'}")
+    for name, lines in diffs.items():
+        for line in lines[:20]:
+            print(f"  DIFFERS {name}: {line}")
+    print(f"summary: {out}")
+    return 0 if not diffs else 1
 
 
 if __name__ == "__main__":
