@@ -241,18 +241,45 @@ def run_local(stages: list[Stage], run_dir: Path, nproc: int = 2, overrides: lis
         log(f"[{st.name}] {' '.join(cmd)}" + ("" if _tee() else f"\n    log: {logs / (st.name + '.log')}"))
         t0 = time.time()
         mark(run_dir, st, "running")
-        with open(logs / f"{st.name}.log", "ab") as out:
-            rc = subprocess.call(cmd, env=env, stdout=out if not _tee() else None,
-                                 stderr=subprocess.STDOUT if not _tee() else None)
+        rc, error = _run_logged(cmd, env, logs / f"{st.name}.log")
         if rc != 0:
-            mark(run_dir, st, "failed", returncode=rc)
-            raise RuntimeError(f"stage '{st.name}' failed with exit code {rc}; see {logs / (st.name + '.log')}")
+            mark(run_dir, st, "failed", returncode=rc, **({"reason": error} if error else {}))
+            raise RuntimeError(f"stage '{st.name}' failed with exit code {rc}"
+                               + (f": {error}" if error else "") + f"; see {logs / (st.name + '.log')}")
         if not (run_dir / st.product).exists():
             mark(run_dir, st, "failed", returncode=rc)
             raise RuntimeError(f"stage '{st.name}' exited 0 but did not write {run_dir / st.product}")
         mark(run_dir, st, "done", seconds=round(time.time() - t0, 1))
         log(f"[{st.name}] done in {time.time() - t0:.0f}s")
         release_outputs(run_dir, st, log)
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, str]:
+    """Run ``cmd`` with its output appended to ``log_path`` (and shown, with SDTT_LOG_TO_CONSOLE=1);
+    returns its exit code and the job's one-line error (``error (rank r): ...``, the first rank's to
+    say it; trainer.jobs.common.entry), read from the stream itself: on a full disk the log file may
+    not take it."""
+    error = ""
+    log = open(log_path, "ab", buffering=0)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if _tee():
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+            if not log.closed:
+                try:
+                    log.write(line)
+                except OSError:  # a full disk: the stage goes on; its error line is kept below
+                    log.close()
+            at = line.find(b"error (rank ")  # after a progress bar's output, on the same line
+            if not error and at >= 0:
+                error = line[at:].decode(errors="replace").strip()
+        rc = proc.wait()
+    finally:
+        log.close()
+    return rc, error
 
 
 def _tee() -> bool:

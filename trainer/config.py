@@ -121,6 +121,11 @@ class EngineConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     global_batch_size: int = 512
     micro_batch_size: int = 0  # per rank; 0 = global / world (no accumulation)
+    # How long any rank waits in one collective (all-reduce, barrier, broadcast) before the job ends
+    # with an error: a rank that hangs (stopped, dead node, deadlock) then ends the job instead of
+    # holding the allocation until its time limit (torch's default: 30 min). It must exceed rank 0's
+    # longest solo phase (an export, the samples of an evaluation); 10 min is Megatron-LM's default.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -430,6 +435,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _choice(e.precision, ("auto", "fp32", "bf16"), source, "engine.precision")
     _check(e.global_batch_size >= 1, source, "engine.global_batch_size", "must be positive")
     _check(e.micro_batch_size >= 0, source, "engine.micro_batch_size", "must be >= 0")
+    _check(e.collective_timeout_s > 0, source, "engine.collective_timeout_s", "must be positive (seconds)")
 
     t = cfg.train
     for key in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_batches"):

@@ -8,12 +8,14 @@ Standard library only.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +72,86 @@ def replace_dir(tmp: str | Path, out_dir: str | Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder + fsync + os.replace: never half a file."""
+# --------------------------------------------------------------------------------------------------
+# A full disk
+# --------------------------------------------------------------------------------------------------
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFull(BadInput, OSError):
+    """A write failed because its file system is full (or the user's quota is used up). The message
+    names the file; what was being written is not published (temporary names, removed), so after
+    space is freed a rerun resumes and ends as an uninterrupted run would."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full(path: str | Path, cause: BaseException | None = None) -> DiskFull:
+    """The one-line error of a write to ``path`` that found its file system full."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    free = _free_bytes(path)
+    why = getattr(cause, "strerror", None) or "No space left on device"
+    room = f"{free / 2**20:.1f} MiB free there now" if free is not None else "free space unknown"
+    return DiskFull(f"the disk is full: writing {path} failed ({why}; {room}); nothing half-written was "
+                    "published: free space and run it again, finished work is kept")
+
+
+def is_disk_full(e: BaseException, path: str | Path | None = None) -> bool:
+    """``e`` is a write that failed for lack of space: an OSError with ENOSPC/EDQUOT, or torch.save's
+    RuntimeError ("file write failed": PyTorch's zip writer drops the errno) while ``path``'s file
+    system has less than 1 MiB free."""
+    if isinstance(e, DiskFull):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in DISK_FULL_ERRNOS
+    if isinstance(e, RuntimeError) and path is not None and "write failed" in str(e):
+        free = _free_bytes(Path(path))
+        return free is not None and free < 2**20
+    return False
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Inside the block, a write that fails for lack of space becomes ``DiskFull`` naming ``path``
+    (a write() or fsync on an open file raises ENOSPC without a file name)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except DiskFull:
         raise
+    except (OSError, RuntimeError) as e:
+        if is_disk_full(e, path):
+            raise disk_full(getattr(e, "filename", None) or path, e) from e
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temporary file in the same folder + fsync + os.replace: never half a file. A full
+    disk raises ``DiskFull`` naming ``path`` (the temporary file is removed)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``atomic_write_text`` for bytes."""
+    path = Path(path)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            publish_mode(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     fsync_dir(path.parent)
 
 

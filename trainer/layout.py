@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 EXIT_BAD_INPUT = 2  # the message names the key, file or shard (trainer.jobs.common.entry)
+EXIT_HUNG = 3  # a collective timed out: another rank hangs or died (trainer.jobs.common.entry); rerun resumes
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the work so far is checkpointed (trainer.runtime.preempt)
 
 CONTROL: Literal["control"] = "control"

@@ -37,7 +37,7 @@ from trainer.data.errors import DataError
 from trainer.data.packing import BATCH_DOCS, Packer, bos_id, encode_docs, pack_stream, token_dtype
 from trainer.data.synthetic import DENSE_MAX_VOCAB, MarkovSource  # noqa: F401 (re-exported)
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
-from trainer.fileio import atomic_write_json
+from trainer.fileio import atomic_write_json, writing
 
 # bump when the meaning of prepared files or of their inputs changes. 2: uint16 tokens when the vocabulary
 # fits, data.wrap, plain-text/parquet/arrow/save_to_disk inputs.
@@ -188,7 +188,7 @@ def _prepare_text(cfg: DataConfig, tokenizer: Tokenizer, out: Path, progress: bo
     stats: dict = {}
     t0 = time.perf_counter()
     try:
-        with scratch.open("wb") as f:
+        with writing(scratch), scratch.open("wb") as f:
             for block in pack_stream(docs, cfg.tokenizer, tokenizer, cfg.seq_len, wrap=cfg.wrap, workers=workers,
                                      max_rows=max_rows, dtype=dtype, progress=progress, stats=stats):
                 f.write(block.tobytes())
@@ -243,22 +243,33 @@ def _write_splits(out: Path, seq_len: int, splits: dict[str, tuple[int, Iterable
     """Write each split to a temporary .npy, hashing the rows as they go, then rename all of them.
     Returns the digest: sha256 over (name, shape, dtype, C-order bytes) of each split in order."""
     digest = hashlib.sha256()
-    tmp_paths = {}
-    for split, (n, blocks) in splits.items():
-        tmp = out / f".{split}.{os.getpid()}.tmp"
-        tmp_paths[split] = tmp
-        digest.update(f"{split}:{n}x{seq_len}:{dtype.name};".encode())
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, seq_len))
-        row = 0
-        for block in blocks:
-            block = np.ascontiguousarray(block, dtype=dtype)
-            arr[row:row + block.shape[0]] = block
-            digest.update(block.tobytes())
-            row += block.shape[0]
-        if row != n:
-            raise RuntimeError(f"{tmp}: wrote {row} rows, expected {n}")
-        arr.flush()
-        del arr
+    tmp_paths: dict[str, Path] = {}
+    try:
+        for split, (n, blocks) in splits.items():
+            tmp = out / f".{split}.{os.getpid()}.tmp"
+            tmp_paths[split] = tmp
+            digest.update(f"{split}:{n}x{seq_len}:{dtype.name};".encode())
+            with writing(out / f"{split}.npy"):
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, seq_len))
+                # Reserve the file's blocks now: a store into a memory map of a full file system
+                # is a SIGBUS that kills the process, where fallocate raises ENOSPC.
+                with open(tmp, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            row = 0
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=dtype)
+                arr[row:row + block.shape[0]] = block
+                digest.update(block.tobytes())
+                row += block.shape[0]
+            if row != n:
+                raise RuntimeError(f"{tmp}: wrote {row} rows, expected {n}")
+            with writing(out / f"{split}.npy"):
+                arr.flush()
+            del arr
+    except BaseException:
+        for tmp in tmp_paths.values():  # never leave a partial split taking the space
+            tmp.unlink(missing_ok=True)
+        raise
     for split, tmp in tmp_paths.items():
         os.replace(tmp, out / f"{split}.npy")
     return digest.hexdigest()

@@ -4,11 +4,13 @@ sweep), the plots and the markdown. Assembled by trainer.jobs.report.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from trainer.evaluation import compare, paired
 from trainer.evaluation.sweep import format_table
+from trainer.fileio import atomic_write_bytes
 from trainer.layout import CONTROL, RunLayout
 
 ROW_KEYS = ("model", "round", "steps", "temperature", "nll", "nll_se", "nll_gap", "gen_ppl", "gen_nll", "entropy",
@@ -116,7 +118,9 @@ def plot(report: dict, path: Path):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    atomic_write_bytes(path, buf.getvalue())  # never half a picture, even on a full disk
     return fig
 
 
@@ -157,7 +161,9 @@ def plot_frontiers(report: dict, path: Path):
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    atomic_write_bytes(path, buf.getvalue())  # never half a picture, even on a full disk
     return fig
 
 

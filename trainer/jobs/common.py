@@ -13,7 +13,8 @@ from pathlib import Path
 from trainer import runlock
 from trainer.config import RunConfig, load_config, save_config
 from trainer.errors import BadInput
-from trainer.layout import EXIT_BAD_INPUT, RunLayout
+from trainer.fileio import disk_full, is_disk_full
+from trainer.layout import EXIT_BAD_INPUT, EXIT_HUNG, RunLayout
 
 log = logging.getLogger("sdtt")
 
@@ -71,10 +72,17 @@ def _run_dir(argv: list[str]) -> Path | None:
 
 def entry(main) -> None:
     """Run a job's main under the run folder's lock (trainer/runlock.py: inside the chain that holds
-    it, or taking it when started by hand). Bad input (config, data, checkpoint, shards: any
-    ``trainer.errors.BadInput``, or a missing file) and a folder in use end with one line naming the
-    key, file or holder, ``error (rank r): ...``, and exit code 2, not a traceback; any other code
-    (``EXIT_PREEMPTED``) passes through."""
+    it, or taking it when started by hand). Each of these ends with one line on stderr,
+    ``error (rank r): ...``, not a traceback:
+
+    * bad input (config, data, checkpoint, shards: any ``trainer.errors.BadInput``, or a missing
+      file), a folder in use, or a full disk (``trainer.fileio.DiskFull``, naming the file; an
+      ENOSPC that no write site named names the run folder): exit code 2;
+    * a collective that waited longer than ``engine.collective_timeout_s`` (another rank hangs or
+      died): ``EXIT_HUNG``.
+
+    Any other code (``EXIT_PREEMPTED``) passes through."""
+    run_dir = None
     try:
         run_dir = _run_dir(sys.argv[1:])
         what = f"job trainer.jobs.{Path(sys.argv[0]).stem}"
@@ -83,6 +91,24 @@ def entry(main) -> None:
             code = main()
         sys.exit(code)
     except (BadInput, FileNotFoundError) as e:
-        rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/slurm.py)
-        print(f"error (rank {rank}): {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        _one_line(e, EXIT_BAD_INPUT)
+    except (OSError, RuntimeError) as e:
+        if is_disk_full(e, run_dir):
+            _one_line(disk_full(getattr(e, "filename", None) or run_dir or Path.cwd(), e), EXIT_BAD_INPUT)
+        from trainer.runtime import dist
+
+        if dist.is_collective_timeout(e):
+            _one_line(f"a collective operation waited longer than engine.collective_timeout_s="
+                      f"{dist.collective_timeout_s():g} s: another rank hangs or died (stopped, lost node, "
+                      f"deadlock); stopping this job so it can be rerun (it resumes from its last checkpoint) "
+                      f"[{str(e).splitlines()[0][:200]}]", EXIT_HUNG)
+        raise
+
+
+def _one_line(message: object, code: int) -> None:
+    rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/slurm.py)
+    try:
+        print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    except OSError:  # stderr is a log file on the full disk: the exit code still says it
+        pass
+    sys.exit(code)

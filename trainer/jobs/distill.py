@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv)
     cfg = common.run_config(args)
-    info = dist.init_distributed()
+    info = dist.init_distributed(cfg.engine.collective_timeout_s)
     try:
         return run(cfg, RunLayout(args.run_dir), args.round, info)
     finally:

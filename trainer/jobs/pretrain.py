@@ -21,6 +21,7 @@ AR baseline of ``tools/bench.py sampling``.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
     args = common.parse_args(__doc__.splitlines()[1], argv=argv, flags={
         "--control": "train the control instead: the teacher continued with its own loss for the students' budget",
         "--ar": "train the autoregressive baseline (causal DiT, next-token loss) into <run>/ar instead"})
-    info = dist.init_distributed()
-    cfg = common.run_config(args, write=info.is_main)
+    cfg = common.run_config(args, write=dist.read_env(os.environ).rank == 0)
+    info = dist.init_distributed(cfg.engine.collective_timeout_s)
     if args.ar and args.control:
         raise SystemExit("--ar and --control train different models: pass one")
     model_ref, setup, total_steps = stage(cfg, args.control)  # --ar: the teacher's setup and steps

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = common.parse_args(__doc__.split("\n")[0], with_round=True, argv=argv)
     common.setup_logging()
     cfg = common.run_config(args)
-    info = dist.init_distributed()
+    info = dist.init_distributed(cfg.engine.collective_timeout_s)
     try:
         run(cfg, RunLayout(args.run_dir), args.round, info)
     finally:

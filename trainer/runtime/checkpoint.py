@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from trainer import fileio
 from trainer.config import ModelConfig, RunConfig, load_config, save_config, to_dict
 from trainer.errors import BadInput
-from trainer.fileio import atomic_write_json, fsync_dir, publish_mode, replace_dir, sha256_file
+from trainer.fileio import atomic_write_json, fsync_dir, publish_mode, replace_dir, sha256_file, writing
 
 EXPORT_FORMAT = 1
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
@@ -125,6 +125,13 @@ def export_weights(out_dir: str | Path, raw_state_dict: Mapping[str, torch.Tenso
         raise ValueError("export_weights: the raw and EMA state dicts have different keys or shapes")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):  # a full disk: DiskFull naming the export; the old export stays whole
+        _write_export(out_dir, raw, ema, cfg, step)
+    return out_dir
+
+
+def _write_export(out_dir: Path, raw: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], cfg: RunConfig,
+                  step: int) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
     try:
         meta = {"format": "sdtt-export"}
@@ -152,7 +159,6 @@ def export_weights(out_dir: str | Path, raw_state_dict: Mapping[str, torch.Tenso
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def model_mismatch(stored: ModelConfig | Mapping[str, Any], expected: ModelConfig | Mapping[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,29 @@ def read_env(env: Mapping[str, str]) -> EnvRanks:
     return EnvRanks(rank, local, world, max(1, local_world), addr, port, "torchrun")
 
 
-def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
-    """Initialise the default process group (idempotent) and return where this process sits."""
+_TIMEOUT_S: list[float] = []  # the timeout the process group was made with (collective_timeout_s)
+
+
+def collective_timeout_s() -> float | None:
+    """The collective timeout of this process's group (None before ``init_distributed``)."""
+    return _TIMEOUT_S[-1] if _TIMEOUT_S else None
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """``e`` is a collective that waited longer than the group's timeout: gloo raises RuntimeError
+    "Timed out waiting <ms>ms for recv operation to complete" (measured, torch 2.13), NCCL a
+    DistBackendError (a RuntimeError) naming the watchdog's timeout."""
+    if not isinstance(e, RuntimeError) or not _TIMEOUT_S:
+        return False
+    text = str(e)
+    return "Timed out waiting" in text or ("timeout" in text.lower() and "Watchdog" in text) or \
+        (isinstance(e, getattr(dist, "DistBackendError", ())) and "time" in text.lower())
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the default process group (idempotent) and return where this process sits.
+    ``timeout_s`` (``engine.collective_timeout_s``) bounds every collective: a rank that hangs makes
+    the others fail after it rather than wait for the allocation to end."""
     r = read_env(os.environ)
     os.environ.update(RANK=str(r.rank), WORLD_SIZE=str(r.world_size), LOCAL_RANK=str(r.local_rank))
 
@@ -92,6 +114,12 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
+        _TIMEOUT_S.append(float(timeout_s))
+        # Groups made later take torch's module default (30 min), not the default group's timeout:
+        # DeepSpeed's data-parallel group is such a group (new_group without a timeout; measured: a
+        # stopped rank then held ZeRO-2 training past 130 s with a 10 s timeout). Make ours theirs.
+        c10d.default_pg_timeout = timeout
+        c10d.default_pg_nccl_timeout = timeout
         if r.world_size == 1 and not (r.master_addr and r.master_port):
             # A private in-memory store: no port to pick, nothing to collide with other jobs.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

@@ -50,6 +50,7 @@ import warnings
 from argparse import Namespace
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from trainer.config import EngineConfig, ModelConfig, RunConfig, TrainSetup, batch_geometry, save_config, to_dict
-from trainer.fileio import atomic_write_json, atomic_write_text, publish_mode, sha256_file
+from trainer.fileio import atomic_write_json, atomic_write_text, publish_mode, sha256_file, writing
 from trainer.runtime import dist
 from trainer.runtime.checkpoint import (
     CLIENT,
@@ -301,7 +302,16 @@ class Engine:
     def save(self, ckpt_root: str | Path, tag: str, client_state: Mapping[str, Any] | None = None, *,
              config: RunConfig | None = None, keep: int = 0) -> Path:
         """Save a checkpoint; call on EVERY rank. ``client_state`` must be JSON-serialisable.
-        ``keep`` > 0 deletes all but the newest ``keep`` checkpoints (never the latest)."""
+        ``keep`` > 0 deletes all but the newest ``keep`` checkpoints (never the latest).
+
+        A full disk on a rank raises ``DiskFull`` naming the checkpoint: the partial save is only in
+        ``.tmp-<tag>`` (nothing reads it; the next save of the tag or ``_sweep`` removes it) and
+        ``latest`` still names the previous complete checkpoint."""
+        with writing(Path(ckpt_root) / tag):
+            return self._save(ckpt_root, tag, client_state, config=config, keep=keep)
+
+    def _save(self, ckpt_root: str | Path, tag: str, client_state: Mapping[str, Any] | None, *,
+              config: RunConfig | None, keep: int) -> Path:
         root = Path(ckpt_root)
         _check_tag(tag)
         client = dict(client_state or {})
@@ -511,7 +521,9 @@ def build_engine(model: nn.Module, setup: TrainSetup, engine: EngineConfig, tota
     optim = setup.optim
     schedule = Schedule(base_lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total_steps,
                         kind=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
-    deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
+    # A no-op when the group exists (dist.init_distributed made it with the same timeout).
+    deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False,
+                               timeout=timedelta(seconds=engine.collective_timeout_s))
     with _quiet():
         ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     ema = EMA(setup.ema) if setup.ema else None

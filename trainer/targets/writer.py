@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from trainer.errors import StageError
+from trainer.fileio import writing
 from trainer.method import sdtt
 from trainer.runtime import dist
 from trainer.targets import shards
@@ -26,7 +27,8 @@ def write_shard(out: Path, plan: shards.ShardPlan, shard: int, rank: int, digest
     (``x0_of(indices)`` gives their clean rows on the teacher's device); ``on_sample`` runs after
     each sample is written. Shared with tools/bench.py targets, so the bench times this loop.
     """
-    with shards.ShardWriter(out, plan, shard, rank, digest) as writer:
+    # A full disk: DiskFull naming the shard; the writer has removed its temporary file by then.
+    with writing(out / plan.shard_name(rank, shard)), shards.ShardWriter(out, plan, shard, rank, digest) as writer:
         for batch in plan.batches(shard, batch_size):
             for ex in sdtt.make_examples(denoise, x0_of(batch), list(batch), spec):
                 writer.add(ex.index, ex.xt, ex.fields, ex.meta(), ex.stats)
