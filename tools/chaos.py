@@ -500,6 +500,14 @@ def stage_durations(run_dir: Path, names: list[str]) -> dict[str, float]:
     return {n: float(stages[n].get("seconds") or 1.0) for n in names}
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repository where it is inside it (summaries travel into docs/results)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def git_commit() -> str:
     proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
@@ -563,7 +571,7 @@ def main(argv=None) -> int:
     per_stage = {n: sum(k.stage == n for k in landed) for n in names}
     unhit = [n for n in targets if per_stage[n] == 0]
     summary = {
-        "commit": commit, "config": str(args.config), "overrides": overrides, "seed": args.seed,
+        "commit": commit, "config": shown(args.config), "overrides": overrides, "seed": args.seed,
         "nproc": args.nproc, "kills_planned": len(plan), "kills": len(landed), "kills_per_stage": per_stage,
         "stages_not_hit": unhit, "submissions": submissions, "resubmissions": submissions - 1,
         "stale_lock_takeovers": takeovers, "wall_s": round(wall, 1),
@@ -595,7 +603,7 @@ def slurm_main(args, overrides: list[str], names: list[str], durations: dict[str
     print(f"SLURM chaos run: {run}; node {args.node} killed during {args.node_stage}")
     result = slurm_chaos(args, overrides, names, durations, run, work / f"slurm-{args.seed}.log")
     diffs = compare(ref, run)
-    summary = {"commit": commit, "config": str(args.config), "overrides": overrides, "slurm_flags": SLURM_FLAGS,
+    summary = {"commit": commit, "config": shown(args.config), "overrides": overrides, "slurm_flags": SLURM_FLAGS,
                "slurm_fit": SLURM_FIT, "seed": args.seed, **result, "resubmissions": result["submissions"] - 1,
                "products_compared": products(ref), "identical": not diffs, "differences": diffs}
     out = args.summary or work / f"slurm-{args.seed}.json"
