@@ -10,11 +10,12 @@
 2. The chaos run into ``DIR/chaos-<seed>``: the same submission, killed ``--kills`` times. The plan
    (:func:`plan_kills`, seeded) gives every stage of the chain at least one kill and spreads the rest
    over the stages in proportion to their reference duration; each kill falls at a random fraction of
-   its stage's reference duration, counted from the moment the stage's job process is up. A kill is
+   its stage's reference duration, counted from the moment the stage's job process is up (a kill whose
+   stage ends first is a leftover, applied in a later stage after that stage's own kills). A kill is
    SIGKILL to the whole process tree: the submission, torchrun and every worker (torchrun starts its
    workers in their own sessions, so a process group would miss them): the tree is frozen with SIGSTOP
    first, so nothing forks while it is walked. After each kill the same submission is started again,
-   until one exits 0. A kill whose stage ends before its moment moves to the stage then running.
+   until one exits 0.
 3. Every product is compared with the reference: each export's safetensors (teacher, AR, students,
    control), each targets manifest (its shards' digests), each evaluation's metrics.json,
    report.json (minus timings) and the prepared data. Bit-identical, or the differences are printed
@@ -76,8 +77,9 @@ class Kill:
 def plan_kills(durations: dict[str, float], n: int, rng: random.Random) -> list[Kill]:
     """``n`` kills in chain order (``durations`` is ordered like the chain): one per stage, the rest
     drawn in proportion to the stages' reference durations. The first kill of a stage falls in the
-    first 70% of its reference duration (so it lands in the stage even on a loaded machine); later
-    ones anywhere in the first 90% (a resumed stage is shorter: a late one may move on)."""
+    first half of its reference duration (so it lands in the stage even when the stage runs faster
+    than in the reference); later ones anywhere in the first 90% (a resumed stage is shorter: a late
+    one may outlive it and becomes a leftover for the next stage, see :func:`next_kill`)."""
     stages = list(durations)
     if n < len(stages):
         raise ValueError(f"--kills {n}: every one of the {len(stages)} stages needs one")
@@ -87,7 +89,7 @@ def plan_kills(durations: dict[str, float], n: int, rng: random.Random) -> list[
         counts[s] += 1
     plan = []
     for s in stages:
-        plan.append(Kill(s, rng.uniform(0.05, 0.7)))
+        plan.append(Kill(s, rng.uniform(0.05, 0.5)))
         plan += [Kill(s, rng.uniform(0.05, 0.9)) for _ in range(counts[s] - 1)]
     return plan
 
@@ -185,6 +187,16 @@ def run_reference(cmd: list[str], log: Path) -> float:
     return time.monotonic() - t0
 
 
+def next_kill(todo: list[Kill], stage: str, names: list[str]) -> int | None:
+    """Which planned kill applies while ``stage`` runs: its own next one; else a leftover, planned for
+    a stage that ended before its moment came; else none. A leftover never waits in front of a later
+    stage's own kills, so a stage that outlives its kill moves nothing but that kill."""
+    own = next((i for i, k in enumerate(todo) if k.stage == stage), None)
+    if own is not None:
+        return own
+    return next((i for i, k in enumerate(todo) if names.index(k.stage) < names.index(stage)), None)
+
+
 @dataclass
 class Landed:
     planned: str  # the stage the kill was planned for
@@ -224,18 +236,16 @@ def chaos_run(cmd: list[str], run_dir: Path, plan: list[Kill], durations: dict[s
                     continue
                 if seen is None or seen[0] != stage:
                     seen = (stage, time.monotonic())
-                kill = todo[0]
-                if names.index(kill.stage) > names.index(stage):
+                i = next_kill(todo, stage, names)
+                if i is None:
                     continue
-                # A kill whose stage ended first (or that this stage just outlived) lands here.
-                target = stage
-                after = time.monotonic() - seen[1]
-                if after < kill.fraction * durations[target]:
+                kill, after = todo[i], time.monotonic() - seen[1]
+                if after < kill.fraction * durations[stage]:
                     continue
                 stage_now = current_stage(run_dir, names) or stage
                 n = kill_tree(proc.pid)
                 proc.wait()
-                todo.pop(0)
+                todo.pop(i)
                 landed.append(Landed(kill.stage, stage_now, round(after, 2), n, submissions))
                 say(f"  kill {len(landed):>2}: {stage_now:<13} {after:6.1f}s into the stage "
                     f"({n} processes, submission {submissions})")
