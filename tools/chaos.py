@@ -410,12 +410,15 @@ def slurm_chaos(args, cfg_overrides: list[str], names: list[str], durations: dic
                 event(f"node {node} restarted (cluster/local/up.sh exit {up.returncode})", t_ref=t_kill,
                       started=up.stdout.strip().splitlines()[-1] if up.stdout.strip() else "")
             st = pipeline.read_state(run)["stages"]
-            if st.get("report", {}).get("status") == "done":
+            # Finished means every stage done: the report does not wait for a stage nothing reads
+            # (the AR model without eval.judge=ar), so a chain can end with the report and a stage lost.
+            todo = [n for n in names if st.get(n, {}).get("status") != "done"]
+            if not todo:
                 event("chain finished", t_ref=t_kill)
                 break
-            stuck = [k for k, v in st.items() if v.get("status") in ("failed", "cancelled", "stopped")]
-            if restarted and stuck and not live_jobs(run):
-                event("chain stopped: resubmitting", t_ref=t_kill, stages=",".join(sorted(stuck)))
+            if restarted and not live_jobs(run):
+                event("chain stopped: resubmitting", t_ref=t_kill,
+                      stages=", ".join(f"{n} {st.get(n, {}).get('status', 'pending')}" for n in todo))
                 submit()
                 submissions += 1
             time.sleep(2)
