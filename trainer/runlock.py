@@ -8,8 +8,9 @@ the same checkpoints, shards and state file. So every writer takes the run folde
   their own chain's.
 * ``tools/submit.py`` for SLURM takes it as its process while it submits, then, before the held jobs
   are released, hands it to the chain: the holder becomes the chain's job ids. A job recognises it as
-  its own by ``SLURM_JOB_ID``. The chain's last job releases it when it is done, a failing job when
-  it fails (its dependants are cancelled with it).
+  its own by ``SLURM_JOB_ID``. The chain's last job releases it when it is done. A failing job does
+  not (SLURM may still requeue it: a lost node's job fails in its surviving tasks, then is requeued
+  NODE_FAIL): once none of the chain's jobs is pending or running, the lock is stale.
 * every job (``trainer.jobs.common.entry``) checks the lock; a job started outside any chain (by
   hand) takes it itself, on rank 0, for its lifetime.
 
