@@ -489,7 +489,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self._mark(task, status, rank=task.rank, reason=why, **extra)
         cancelled = self._cancel_dependants(f"upstream stage {self.stage.name} {status}: {why}")
         # The lock stays with the chain: a failed task need not end its job. When a node is lost,
-        # the surviving ranks fail at once (their peer's sockets close), but SLURM then ends the job
+        # the surviving ranks fail (their peer's sockets close), but SLURM then ends the job
         # NODE_FAIL and requeues it, and its dependants still run (tools/chaos.py --slurm, measured in
         # docs/reliability.md). Released here, the requeued chain's parallel stages took the lock
         # each for itself and refused one another. Once none of the chain's jobs is pending or
