@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import RunConfig
-from trainer.fileio import sha256_file
+from trainer.fileio import atomic_write_text, sha256_file
 from trainer.layout import CONTROL, RunLayout
 
 STATE_FILE = RunLayout(Path()).state.name
@@ -112,9 +112,7 @@ def _locked_state(run_dir: Path) -> Iterator[dict]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = read_state(run_dir)
         yield state
-        tmp = run_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, run_dir / STATE_FILE)
+        atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
 
 def read_state(run_dir: Path) -> dict:

@@ -69,7 +69,7 @@ from cluster.pipeline import Stage
 from cluster.resources import ClusterSpec, StageResources, job_environment, stage_resources
 from trainer.config import RunConfig
 from trainer.layout import EXIT_PREEMPTED
-from trainer.runlock import end_of_chain
+from trainer.runlock import CHAIN_JOB_ENV, end_of_chain
 
 __all__ = ["submit_chain", "job_states", "StageJob", "snapshot_code", "sigterm_proof_requeue", "requeue_job",
            "downstream", "EXIT_PREEMPTED", "CODE_DIRS"]
@@ -373,6 +373,7 @@ class StageJob(submitit.helpers.Checkpointable):
         env = dict(environ)
         rdzv = task_rendezvous()
         env.update(rdzv.torchrun_env())
+        env[CHAIN_JOB_ENV] = str(submitit.JobEnvironment().job_id)  # its chain's run folder lock is its own
         env["PYTHONPATH"] = self.code_dir
         env.setdefault("PYTHONUNBUFFERED", "1")
         # torch would otherwise start one thread per core of the node in every task.

@@ -46,6 +46,8 @@ from trainer.config import (  # noqa: E402
     save_config,
     to_yaml,
 )
+from trainer.errors import BadInput  # noqa: E402
+from trainer.fileio import disk_full, is_disk_full  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -282,8 +284,13 @@ def main(argv=None) -> int:
             submit_chain(stages, cfg, spec, run_dir, REPO,
                          on_recorded=lambda ids: lock.hand_to_jobs(list(ids.values()), "tools/submit.py"))
             return 0
-    except (ConfigError, RuntimeError, FileNotFoundError) as e:
+    except (ConfigError, RuntimeError, FileNotFoundError, BadInput) as e:  # BadInput: a folder in use, a full disk
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"error: {disk_full(e.filename or Path.cwd(), e)}", file=sys.stderr)
         return 2
 
 

@@ -103,15 +103,26 @@ def disk_full(path: str | Path, cause: BaseException | None = None) -> DiskFull:
                     "published: free space and run it again, finished work is kept")
 
 
+# What the libraries that write for us raise on a full disk (measured on a full tmpfs, torch 2.13):
+# safetensors: SafetensorError "... I/O error: No space left on device (os error 28)"; torch.save
+# (DeepSpeed's checkpoint shards): RuntimeError "basic_ios::clear: iostream error" and then
+# "[enforce fail at inline_container.cc] unexpected pos ..." or "file write failed", without errno.
+_NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_TORCH_WRITE_TEXT = ("iostream error", "unexpected pos", "write failed")
+
+
 def is_disk_full(e: BaseException, path: str | Path | None = None) -> bool:
-    """``e`` is a write that failed for lack of space: an OSError with ENOSPC/EDQUOT, or torch.save's
-    RuntimeError ("file write failed": PyTorch's zip writer drops the errno) while ``path``'s file
-    system has less than 1 MiB free."""
+    """``e`` is a write that failed for lack of space: an OSError with ENOSPC/EDQUOT, an error that
+    says so (safetensors), or torch.save's errno-less write failure while ``path``'s file system has
+    less than 1 MiB free."""
     if isinstance(e, DiskFull):
         return True
-    if isinstance(e, OSError):
+    if isinstance(e, OSError) and e.errno is not None:
         return e.errno in DISK_FULL_ERRNOS
-    if isinstance(e, RuntimeError) and path is not None and "write failed" in str(e):
+    text = str(e)
+    if any(t in text for t in _NO_SPACE_TEXT):
+        return True
+    if isinstance(e, RuntimeError) and path is not None and any(t in text for t in _TORCH_WRITE_TEXT):
         free = _free_bytes(Path(path))
         return free is not None and free < 2**20
     return False
@@ -125,7 +136,7 @@ def writing(path: str | Path) -> Iterator[None]:
         yield
     except DiskFull:
         raise
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         if is_disk_full(e, path):
             raise disk_full(getattr(e, "filename", None) or path, e) from e
         raise

@@ -8,9 +8,10 @@ the same checkpoints, shards and state file. So every writer takes the run folde
   their own chain's.
 * ``tools/submit.py`` for SLURM takes it as its process while it submits, then, before the held jobs
   are released, hands it to the chain: the holder becomes the chain's job ids. A job recognises it as
-  its own by ``SLURM_JOB_ID``. The chain's last job releases it when it is done. A failing job does
-  not (SLURM may still requeue it: a lost node's job fails in its surviving tasks, then is requeued
-  NODE_FAIL): once none of the chain's jobs is pending or running, the lock is stale.
+  its own by its job id (``SDTT_SLURM_JOB``, set by the job wrapper in cluster/slurm.py). The
+  chain's last job releases it when it is done. A failing job does not (SLURM may still requeue it:
+  a lost node's job fails in its surviving tasks, then is requeued NODE_FAIL, docs/reliability.md):
+  once none of the chain's jobs is pending or running, the lock is stale.
 * every job (``trainer.jobs.common.entry``) checks the lock; a job started outside any chain (by
   hand) takes it itself, on rank 0, for its lifetime.
 
@@ -46,6 +47,7 @@ from trainer.fileio import atomic_write_json
 from trainer.layout import RunLayout
 
 TOKEN_ENV = "SDTT_RUN_LOCK"  # the holder's token, inherited by the processes of a --local chain
+CHAIN_JOB_ENV = "SDTT_SLURM_JOB"  # the SLURM job id of a stage's process (cluster/slurm.py sets it)
 # squeue states of a job that may still run (everything else is final or unknown).
 LIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
                          "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
@@ -148,7 +150,7 @@ def _is_own_chain(holder: Mapping[str, Any], env: Mapping[str, str]) -> bool:
     SLURM jobs."""
     if env.get(TOKEN_ENV) and env.get(TOKEN_ENV) == holder.get("token"):
         return True
-    job = env.get("SLURM_JOB_ID")
+    job = env.get(CHAIN_JOB_ENV)
     return bool(job) and holder.get("kind") == "slurm" and job in map(str, holder.get("job_ids", []))
 
 

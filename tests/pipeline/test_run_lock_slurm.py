@@ -1,7 +1,8 @@
 """The run folder's lock held by a SLURM chain (trainer/runlock.py), against the real local cluster:
 while one of the chain's jobs is queued or running a second writer is refused naming the job ids,
-the chain's own jobs (SLURM_JOB_ID) go on under it, and once SLURM no longer runs any of them the
-lock is stale and taken over with a message. The chain's last job (or a failing one) releases it."""
+the chain's own jobs (their job id, set by the job wrapper) go on under it, and once SLURM no longer
+runs any of them the lock is stale and taken over with a message. The chain's last job (or a
+failing one) releases it."""
 from __future__ import annotations
 
 import subprocess
@@ -33,7 +34,7 @@ def test_a_chain_holds_the_lock_while_its_jobs_live(slurm_cluster: LocalSlurm, t
         with pytest.raises(runlock.RunInUse) as e:
             runlock.RunLock(run).acquire("second submission")
         assert f"the SLURM chain of jobs 999999, {job}" in str(e.value)
-        with runlock.for_job(run, "job of the chain", env={"SLURM_JOB_ID": job, "RANK": "0"}):
+        with runlock.for_job(run, "job of the chain", env={runlock.CHAIN_JOB_ENV: job, "RANK": "0"}):
             assert runlock.RunLock(run).holder()["job_ids"] == ["999999", job]
     finally:
         subprocess.run(["scancel", job], check=False, timeout=60)

@@ -38,6 +38,7 @@ from cluster.slurm import CODE_DIRS, StageJob, downstream, snapshot_code
 from tests.conftest import LocalPipeline, LocalSlurm
 from tests.helpers import PIPELINE_OVERRIDES as OVERRIDES
 from tests.helpers import REPO, TINY, env
+from trainer import runlock
 from trainer.config import load_config, parse_slurm_time
 
 
@@ -227,6 +228,7 @@ def test_every_stage_ran_as_its_own_slurm_job(slurm_run: SlurmRun) -> None:
     st = state(slurm_run.run)
     names = [s.name for s in stages_of(slurm_run.run)]
     assert sorted(st) == sorted(names)
+    assert not (slurm_run.run / "run.lock.json").exists(), "the chain's last job releases the run folder lock"
     ids = [str(st[n]["job_id"]) for n in names]
     assert len(set(ids)) == len(ids)
     assert set(sacct(ids).values()) == {"COMPLETED"}, sacct(ids)
@@ -238,7 +240,10 @@ def test_every_stage_ran_as_its_own_slurm_job(slurm_run: SlurmRun) -> None:
 @on_slurm
 def test_a_second_submission_is_refused_while_the_chain_is_queued(slurm_run: SlurmRun) -> None:
     assert slurm_run.refused.returncode == 2, slurm_run.refused.stdout + slurm_run.refused.stderr
-    assert "still has jobs in the queue" in slurm_run.refused.stderr and "prepare (job" in slurm_run.refused.stderr
+    # The run folder's lock (trainer/runlock.py) is the chain's: one line naming its jobs.
+    first = str(state(slurm_run.run)["prepare"]["job_id"])
+    lines = slurm_run.refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is in use by the SLURM chain of jobs " + first in lines[0], lines
 
 
 @on_slurm
@@ -474,6 +479,11 @@ def test_a_failing_stage_cancels_its_dependants(slurm_cluster: LocalSlurm, tmp_p
     while sacct([teacher_id]).get(teacher_id) != "FAILED":
         assert time.monotonic() < deadline, sacct([teacher_id])
         time.sleep(0.5)
+    # The failing job leaves the lock with its chain (SLURM may still requeue a failed job: a lost
+    # node's, docs/reliability.md); with none of the chain's jobs pending or running it is stale, so
+    # the next submission takes it over.
+    holder = runlock.RunLock(run).holder()
+    assert holder is not None and holder["kind"] == "slurm" and runlock.gone(holder), holder
     log = task_logs(run, "teacher")[0]
     assert "no-such-mdlm" in log
     assert re.search(r"stage 'teacher' failed: exit code \d+ \(error \(rank 0\): .*no-such-mdlm.*\) "

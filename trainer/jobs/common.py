@@ -92,7 +92,7 @@ def entry(main) -> None:
         sys.exit(code)
     except (BadInput, FileNotFoundError) as e:
         _one_line(e, EXIT_BAD_INPUT)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         if is_disk_full(e, run_dir):
             _one_line(disk_full(getattr(e, "filename", None) or run_dir or Path.cwd(), e), EXIT_BAD_INPUT)
         from trainer.runtime import dist
