@@ -9,8 +9,9 @@ the same checkpoints, shards and state file. So every writer takes the run folde
 * ``tools/submit.py`` for SLURM takes it as its process while it submits, then, before the held jobs
   are released, hands it to the chain: the holder becomes the chain's job ids. A job recognises it as
   its own by its job id (``SDTT_SLURM_JOB``, set by the job wrapper in cluster/slurm.py). The
-  chain's last job releases it when it is done, a failing job when it fails (its dependants are
-  cancelled with it).
+  chain's last job releases it when it is done. A failing job does not (SLURM may still requeue it:
+  a lost node's job fails in its surviving tasks, then is requeued NODE_FAIL, docs/reliability.md):
+  once none of the chain's jobs is pending or running, the lock is stale.
 * every job (``trainer.jobs.common.entry``) checks the lock; a job started outside any chain (by
   hand) takes it itself, on rank 0, for its lifetime.
 
