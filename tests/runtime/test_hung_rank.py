@@ -49,6 +49,7 @@ def test_a_stopped_rank_ends_the_job_with_one_line(tmp_path: Path) -> None:
            "train.log_every=1", f"engine.collective_timeout_s={TIMEOUT_S}"]
     err = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    ranks: dict[int, int] = {}
     try:
         metrics = run / "metrics.jsonl"
         deadline = time.monotonic() + 300
@@ -66,6 +67,9 @@ def test_a_stopped_rank_ends_the_job_with_one_line(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pid in ranks.values():  # a failed test leaves no stopped rank behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
     err.seek(0)
     text = err.read()
     # (tqdm's progress bar ends without a newline: the line follows it)
