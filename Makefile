@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SLURM_STATE ?= /tmp/sdtt-slurm
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 export OMP_NUM_THREADS ?= 1
 # DeepSpeed's CPU accelerator only where there is no NVIDIA GPU: on a GPU machine DeepSpeed must pick
 # CUDA itself (a cpu accelerator there fails against the NCCL/cuda process group).

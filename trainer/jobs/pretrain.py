@@ -27,10 +27,11 @@ import os
 
 import torch
 
+from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
 from trainer.distill.control import control_stream, round_ends, stage
 from trainer.distill.rounds import fresh_start, round_teacher
-from trainer.errors import StageError
+from trainer.errors import BadInput, StageError
 from trainer.evaluation.ar_report import AR_DIR, autoregressive_report
 from trainer.evaluation.samples import sample_report
 from trainer.evaluation.validation import validate
@@ -54,9 +55,18 @@ def main(argv=None) -> int:
         "--control": "train the control instead: the teacher continued with its own loss for the students' budget",
         "--ar": "train the autoregressive baseline (causal DiT, next-token loss) into <run>/ar instead"})
     cfg = common.run_config(args, write=dist.read_env(os.environ).rank == 0)
-    info = dist.init_distributed(cfg.engine.collective_timeout_s)
     if args.ar and args.control:
-        raise SystemExit("--ar and --control train different models: pass one")
+        raise BadInput("--ar and --control train different models: pass one")
+    info = dist.init_distributed(cfg.engine.collective_timeout_s)
+    try:  # also when stopped early (preempted): a process group left up at exit can abort the rank
+        return _train(cfg, args, info)
+    finally:
+        dist.cleanup()
+
+
+def _train(cfg: RunConfig, args, info: dist.DistInfo) -> int:
+    """Build the data, model and engine of the stage (teacher, control or AR) and train it, exporting
+    at every end (the control: every round's update count); EXIT_PREEMPTED when stopped early."""
     model_ref, setup, total_steps = stage(cfg, args.control)  # --ar: the teacher's setup and steps
     data_offset, noise_seed = control_stream(cfg, args.control)
     layout = RunLayout(args.run_dir)
@@ -136,7 +146,6 @@ def main(argv=None) -> int:
         dist.barrier()
     metrics.close()
     dist.barrier()
-    dist.cleanup()
     return 0
 
 
