@@ -35,7 +35,8 @@ demo: $(STAMP)
 	$(BIN)/python tools/submit.py --config configs/tiny.yaml --local --run-dir runs/demo
 
 # A small text pipeline (configs/tiny-text.yaml) on the Python standard library's own sources, with a
-# BPE tokenizer trained on them (runs/tiny-text/report.md): 8.6 minutes on 2 idle CPU cores (docs/results/tiny-text.md).
+# BPE tokenizer trained on them (runs/tiny-text/report.md): 24.5 minutes on 2 cores shared with the test suite
+# at e6b848d (docs/results/tiny-text.md).
 STDLIB = $(shell $(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 text-demo: $(STAMP)
 	$(BIN)/python tools/train_tokenizer.py --out runs/tiny-text-tokenizer --vocab-size 4096 '$(STDLIB)/*.py'
