@@ -195,3 +195,21 @@ def write_checkpoint(directory, sd, prefix="backbone.", config=None):
 def hf_config(time_conditioning=False):
     return {"vocab_size": V1, "model_length": LENGTH, "hidden_dim": D, "cond_dim": COND, "n_blocks": LAYERS,
             "n_heads": HEADS, "dropout": 0.1, "time_conditioning": time_conditioning}
+
+
+def random_weights(model: DiT, seed: int = 0, scale: float = 0.2) -> DiT:
+    """``model`` with seeded normal weights of std ``scale`` (a fixed, untrained net whose outputs are
+    not near uniform), in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    model.load_state_dict({k: scale * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()})
+    return model.eval()
+
+
+def byte_ar_judge(seed: int = 0):
+    """A small random causal DiT over bytes as a text judge (trainer.evaluation.text.OwnARTextJudge)."""
+    from trainer.config import ModelConfig
+    from trainer.data.tokenizers import ByteTokenizer
+    from trainer.evaluation.text import OwnARTextJudge
+
+    cfg = ModelConfig(vocab_size=257, n_layers=2, d_model=32, n_heads=4, cond_dim=16, max_seq_len=64)
+    return OwnARTextJudge(random_weights(DiT(cfg, causal=True), seed), ByteTokenizer())

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ModelConfig, load_config
+from tests.helpers import byte_ar_judge, random_weights
+from trainer.config import load_config
 from trainer.data.tokenizers import ByteTokenizer
 from trainer.evaluation import text as T
 from trainer.evaluation.quality import JudgeError
@@ -16,16 +17,9 @@ from trainer.model.dit import DiT
 EOS = ByteTokenizer.eos_id
 
 
-def _random(model: DiT, seed: int = 0, scale: float = 0.2) -> DiT:
-    g = torch.Generator().manual_seed(seed)
-    model.load_state_dict({k: scale * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()})
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def judge() -> T.OwnARTextJudge:
-    cfg = ModelConfig(vocab_size=257, n_layers=2, d_model=32, n_heads=4, cond_dim=16, max_seq_len=64)
-    return T.OwnARTextJudge(_random(DiT(cfg, causal=True)), ByteTokenizer())
+    return byte_ar_judge()
 
 
 def test_cut_at_eos():
@@ -199,7 +193,7 @@ def test_conditioned_samples_follow_the_rows_temperature():
     cfg = load_config(None, ["data.seq_len=16", "model.max_seq_len=16", "model.vocab_size=257",
                              "data.synthetic.vocab_size=257", "model.d_model=32", "model.n_layers=1",
                              "model.cond_dim=16", "eval.batch_size=4"])
-    model = _random(DiT(cfg.model), scale=0.02)  # small logits: temperature 1 is near uniform, 0.05 is not
+    model = random_weights(DiT(cfg.model), scale=0.02)  # small logits: temperature 1 is near uniform, 0.05 is not
     rows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
     cont = {t: T.conditioned_samples(model, cfg, rows, 8, 4, 7, torch.device("cpu"), temperature=t)
             for t in (1.0, 0.05)}

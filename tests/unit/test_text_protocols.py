@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import byte_ar_judge, random_weights
 from trainer.config import ConfigError, ModelConfig, load_config
 from trainer.data.tokenizers import ByteTokenizer
+from trainer.errors import BadInput
 from trainer.evaluation import lambada as LB
 from trainer.evaluation import mauve_protocol as MP
 from trainer.evaluation import text as T
@@ -44,16 +46,9 @@ def mdlm_rule(x: torch.Tensor) -> torch.Tensor:
     return first_eos[..., 1:] + token_mask[..., 1:]
 
 
-def _random(model: DiT, seed: int = 0, scale: float = 0.2) -> DiT:
-    g = torch.Generator().manual_seed(seed)
-    model.load_state_dict({k: scale * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()})
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def judge() -> T.OwnARTextJudge:
-    cfg = ModelConfig(vocab_size=257, n_layers=2, d_model=32, n_heads=4, cond_dim=16, max_seq_len=64)
-    return T.OwnARTextJudge(_random(DiT(cfg, causal=True)), ByteTokenizer())
+    return byte_ar_judge()
 
 
 def _token_nll(judge: T.OwnARTextJudge, ids: list[int]) -> np.ndarray:
@@ -172,7 +167,7 @@ def test_sdtt_prompts_are_the_first_long_documents_cut(tmp_path):
         MP.load_prompts(path, ByteTokenizer(), n=4, min_tokens=10, keep=8)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
-    with pytest.raises(JudgeError, match=r"bad.jsonl:2"):
+    with pytest.raises(BadInput, match=r"bad.jsonl:2: no field 'text' \(eval.mauve_prompts\)"):
         MP.load_prompts(bad, ByteTokenizer(), n=2, min_tokens=1, keep=1)
 
 
@@ -189,7 +184,7 @@ def test_sdtt_mauve_end_to_end(tmp_path, judge):
                              f"eval.mauve_prompts={prompts}", "eval.mauve_samples=40", "eval.mauve_prompt_tokens=6",
                              "eval.mauve_gen_tokens=6", "eval.mauve_min_doc_tokens=12", "eval.mauve_continuations=3",
                              "eval.mauve_seeds=2", "eval.elbo_rows=4"])
-    model = _random(DiT(cfg.model), scale=0.02)
+    model = random_weights(DiT(cfg.model), scale=0.02)
     docs_ids = MP.load_prompts(prompts, ByteTokenizer(), 40, 12, 12)
     cont = T.conditioned_samples(model, cfg, docs_ids, 4, 6, 3, torch.device("cpu"), length=12)
     assert cont.shape == (40, 12) and torch.equal(cont[:, :6], docs_ids[:, :6])

@@ -60,7 +60,7 @@ def iter_text_documents(files: Sequence[Path], text_field: str, split: str = "tr
         if path.is_dir():
             yield from _saved_dataset(path, text_field, split)
         elif path.suffix == ".jsonl":
-            yield from _jsonl(path, text_field)
+            yield from jsonl_texts(path, text_field)
         elif path.suffix == ".parquet":
             yield from _parquet(path, text_field)
         elif path.suffix == ".arrow":
@@ -72,23 +72,25 @@ def iter_text_documents(files: Sequence[Path], text_field: str, split: str = "tr
                 raise DataError(f"{path}: not UTF-8 text: {e}") from None
 
 
-def _jsonl(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_texts(path: Path, text_field: str, key: str = "data.text_field") -> Iterator[str]:
+    """The ``text_field`` of every non-empty line of a jsonl file (a corpus, LAMBADA, MAUVE's prompts);
+    a bad line is a DataError naming ``path:line`` and the config ``key`` that chose the field."""
     try:
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    yield _jsonl_text(line, text_field, f"{path}:{lineno}")
+                    yield _jsonl_text(line, text_field, f"{path}:{lineno}", key)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text: {e}") from None
 
 
-def _jsonl_text(line: str, text_field: str, where: str) -> str:
+def _jsonl_text(line: str, text_field: str, where: str, key: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON: {e}") from None
     if not isinstance(record, dict) or text_field not in record:
-        raise DataError(f"{where}: no field '{text_field}' (data.text_field)")
+        raise DataError(f"{where}: no field '{text_field}' ({key})")
     text = record[text_field]
     if not isinstance(text, str):
         raise DataError(f"{where}: field '{text_field}' is {type(text).__name__}, not a string")

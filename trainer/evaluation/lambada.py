@@ -19,7 +19,6 @@ downloads; ``EleutherAI/lambada_openai``'s test split has the same field).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.data.corpus import jsonl_texts
 from trainer.data.tokenizers import Tokenizer
 from trainer.evaluation.quality import JudgeError
 from trainer.method import diffusion
@@ -48,18 +48,11 @@ def load_examples(path: str | Path, tokenizer: Tokenizer, bos_id: int | None = N
         raise JudgeError(f"eval.lambada: {path} is not a file (a jsonl with a 'text' field per line)")
     bos = tokenizer.eos_id if bos_id is None else bos_id
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise JudgeError(f"eval.lambada: {path}:{n} is not a JSON object with a 'text' field") from None
-            prefix, target = split_last_word(str(text))
-            out.append(([bos, *tokenizer.encode(prefix)], [*tokenizer.encode(target), tokenizer.eos_id]))
-            if limit and len(out) >= limit:
-                break
+    for text in jsonl_texts(path, "text", key="eval.lambada"):
+        prefix, target = split_last_word(text)
+        out.append(([bos, *tokenizer.encode(prefix)], [*tokenizer.encode(target), tokenizer.eos_id]))
+        if limit and len(out) >= limit:
+            break
     if not out:
         raise JudgeError(f"eval.lambada: {path} holds no examples")
     return out

@@ -15,12 +15,12 @@ SDTT (``configs/config.yaml:119-124``, ``configs/parameterization/multi-round-sd
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from trainer.data.corpus import jsonl_texts
 from trainer.data.tokenizers import Tokenizer
 from trainer.evaluation.quality import JudgeError
 
@@ -32,21 +32,13 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, n: int, min_tokens: int
     if not path.is_file():
         raise JudgeError(f"eval.mauve_prompts: {path} is not a file (a jsonl with a 'text' field per line)")
     rows, seen = [], 0
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise JudgeError(f"eval.mauve_prompts: {path}:{line_no} is not a JSON object with a 'text' "
-                                 f"field") from None
-            seen += 1
-            ids = tokenizer.encode(str(text))
-            if len(ids) >= min_tokens:
-                rows.append(ids[:keep])
-                if len(rows) == n:
-                    return torch.tensor(rows, dtype=torch.long)
+    for text in jsonl_texts(path, "text", key="eval.mauve_prompts"):
+        seen += 1
+        ids = tokenizer.encode(text)
+        if len(ids) >= min_tokens:
+            rows.append(ids[:keep])
+            if len(rows) == n:
+                return torch.tensor(rows, dtype=torch.long)
     raise JudgeError(f"eval.mauve_prompts: {path} has {len(rows)} documents of at least {min_tokens} tokens "
                      f"(of {seen}); eval.mauve_samples={n} asks for {n}: lower it or eval.mauve_min_doc_tokens")
 
