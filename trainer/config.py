@@ -274,7 +274,7 @@ class EvalConfig:
     # Which judge tokens gen-PPL scores (trainer/evaluation/protocols.py): mdlm (MDLM's and Duo's
     # mask: every non-EOS token and the first EOS, positions 1..T-1 of the whole retokenised sample),
     # sdtt (every position 1..T-1; the sample's own ids when the judge shares its vocabulary) or
-    # first_doc (up to the first EOS, this project's rule before issue 18).
+    # first_doc (up to the first EOS, this project's earlier rule).
     gen_ppl: str = "mdlm"
     # MAUVE's protocol: "heldout" (the cheap default above: continuations of held-out rows after
     # prefix_tokens, one per row, compared without the prefix) or "sdtt" (SDTT's: prompts from the
