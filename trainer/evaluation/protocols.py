@@ -11,7 +11,7 @@ The three protocols (``eval.gen_ppl``), each stated from its reference code:
 * ``sdtt`` (SDTT ``run_eval.py:227-258``): every position 1..T-1 of the sample, EOS included, no
   retokenisation (the judge shares the model's GPT-2 vocabulary); each sample's mean NLL, then the
   mean over samples, then exp.
-* ``first_doc`` (this project before issue 18): the retokenised sample cut after its first EOS
+* ``first_doc`` (this project's earlier rule): the retokenised sample cut after its first EOS
   (one leading EOS kept as unscored context, nothing after the first EOS scored); a judge with its
   own BOS also scores position 0. Token-weighted like ``mdlm``.
 """
