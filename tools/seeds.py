@@ -12,6 +12,9 @@ to ``<run-dir>/seeds.json`` and ``seeds.md``, where a matched-entropy read that 
 extrapolation beyond its sweep is marked ``*``. A per-seed paired SE measures sampling noise only; the
 interval over seeds covers training and evaluation noise, conditional on the one source chain (run
 several ``data.synthetic.seed`` values for the chain's share).
+
+An override may name the seed as ``{seed}``: ``teacher.init_from=runs/regime/seed-{seed}/teacher/export``
+distils seed s from the exact teacher, starting from the trained teacher of the same seed.
 """
 from __future__ import annotations
 
@@ -58,7 +61,14 @@ def eval_seed(config: str, overrides: list[str], seed: int) -> int:
     return load_config(config, overrides).eval.seed + seed
 
 
+def seed_overrides(overrides: list[str], seed: int) -> list[str]:
+    """``overrides`` with ``{seed}`` replaced by the training seed (only that placeholder: a value may
+    hold other braces, e.g. a list of samplers)."""
+    return [o.replace("{seed}", str(seed)) for o in overrides]
+
+
 def run_seed(config: str, run_dir: Path, seed: int, overrides: list[str], nproc: int | None) -> float:
+    overrides = seed_overrides(overrides, seed)
     cmd = [sys.executable, str(ROOT / "tools" / "submit.py"), "--config", config, "--local", "--run-dir",
            str(run_dir), f"seed={seed}", f"train.seed={seed}", f"data.seed={seed}", *overrides,
            f"eval.seed={eval_seed(config, overrides, seed)}"]

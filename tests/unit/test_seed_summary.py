@@ -51,3 +51,9 @@ def test_every_training_seed_gets_its_own_evaluation_seed():
     base = seeds.eval_seed(cfg, [], 0)
     assert [seeds.eval_seed(cfg, [], s) for s in range(4)] == [base, base + 1, base + 2, base + 3]
     assert seeds.eval_seed(cfg, ["eval.seed=40"], 2) == 42
+
+
+def test_an_override_names_its_training_seed():
+    got = seeds.seed_overrides(["teacher.init_from=runs/r/seed-{seed}/teacher/export",
+                                "eval.samplers=[{name: c, grid: cosine}]"], 3)
+    assert got == ["teacher.init_from=runs/r/seed-3/teacher/export", "eval.samplers=[{name: c, grid: cosine}]"]
