@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trainer.config import RunConfig
-from trainer.data.prepared import MarkovSource
+from trainer.data.synthetic import MarkovSource
 from trainer.data.tokenizers import render_samples
 from trainer.evaluation.quality import markov_quality
 from trainer.method import sampling

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from trainer.config import RunConfig, round_steps
-from trainer.data.prepared import MarkovSource
+from trainer.data.synthetic import MarkovSource
 from trainer.evaluation.quality import JudgeFn
 from trainer.evaluation.sweep import draw_with, quality_row
 from trainer.method import sampling

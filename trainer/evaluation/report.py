@@ -44,7 +44,7 @@ def reference(cfg, run_dir: Path) -> dict | None:
     """The reference row: true source samples (synthetic data), or None for text."""
     if cfg.data.source != "synthetic" or cfg.eval.reference_samples == 0:
         return None
-    from trainer.data.prepared import MarkovSource
+    from trainer.data.synthetic import MarkovSource
     from trainer.evaluation.sweep import reference_row
 
     return reference_row(MarkovSource(cfg.data.synthetic), cfg.eval.reference_samples, cfg.data.seq_len,

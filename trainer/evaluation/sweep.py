@@ -17,7 +17,7 @@ from torch import nn
 
 from trainer.config import PLAIN_SAMPLER as PLAIN
 from trainer.config import RunConfig, SamplerConfig
-from trainer.data.prepared import MarkovSource
+from trainer.data.synthetic import MarkovSource
 from trainer.evaluation.quality import JudgeFn, bigram_kl, gen_ppl, markov_quality, sequence_entropies
 from trainer.method import sampling
 

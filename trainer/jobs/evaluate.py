@@ -21,7 +21,7 @@ import logging
 import time
 
 from trainer.config import RunConfig
-from trainer.data.prepared import MarkovSource
+from trainer.data.synthetic import MarkovSource
 from trainer.errors import StageError
 from trainer.evaluation.ideal import ideal_rows, taught_round
 from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table

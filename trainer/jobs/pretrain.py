@@ -28,7 +28,8 @@ import os
 import torch
 
 from trainer.config import RunConfig
-from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
+from trainer.data.prepared import batches, data_dir, load_split, prepare_data
+from trainer.data.synthetic import MarkovSource
 from trainer.distill.control import control_stream, round_ends, stage
 from trainer.distill.rounds import fresh_start, round_teacher
 from trainer.errors import BadInput, StageError
