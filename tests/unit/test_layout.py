@@ -8,7 +8,7 @@ import pytest
 from cluster.pipeline import build_chain
 from tests.helpers import TINY
 from trainer.config import load_config
-from trainer.layout import CONTROL, EXIT_PREEMPTED, RunLayout
+from trainer.layout import AR, CONTROL, EXIT_PREEMPTED, RunLayout
 
 
 def test_model_folders_exports_and_evaluations():
@@ -21,6 +21,12 @@ def test_model_folders_exports_and_evaluations():
     # the teacher's metrics stay in the run folder, a student's and the control's in their own
     assert at.metrics(0) == Path("/run") and at.metrics(1) == Path("/run/round_1/student")
     assert at.metrics(CONTROL) == Path("/run/control")
+    # the AR model (pretrain --ar): its checkpoints, export and metrics in <run>/ar, and no evaluation
+    assert at.checkpoints(AR) == Path("/run/ar/checkpoints") and at.export(AR) == Path("/run/ar/export")
+    assert at.metrics(AR) == Path("/run/ar")
+    assert at.control_eval_metrics(1, 2) == Path("/run/control/round_1/eval/metrics.json")
+    with pytest.raises(ValueError, match="no evaluation folder"):
+        at.eval(AR)
 
 
 def test_round_r_distils_from_model_r_minus_1():
@@ -52,6 +58,20 @@ def test_pipeline_products_are_the_layouts():
     assert products["eval_0"] == "teacher/eval/metrics.json" and products["eval_2"] == "round_2/eval/metrics.json"
     assert products["control"] == "control/export/export.json"
     assert products["eval_control"] == "control/eval/metrics.json" and products["report"] == "report.json"
+
+
+def test_the_ar_stage_follows_the_teacher_and_judges_the_evaluations():
+    """teacher.train_ar: the AR stage comes right after the teacher, its product is the layout's, and
+    with eval.judge=ar (no eval.ar_path) every evaluation waits for it."""
+    cfg = load_config(TINY, ["teacher.train_ar=true", "eval.judge=ar"])
+    chain = build_chain(cfg)
+    assert [s.name for s in chain][:4] == ["prepare", "teacher", "ar", "eval_0"]
+    ar = next(s for s in chain if s.name == "ar")
+    assert ar.product == "ar/export/export.json" == str(RunLayout(Path()).export_manifest(AR))
+    evals = [s for s in chain if s.module == "trainer.jobs.evaluate"]
+    assert evals and all(s.depends[-1] == "ar" and len(s.depends) == 2 for s in evals)
+    own = load_config(TINY, ["teacher.train_ar=true", "eval.judge=ar", "eval.ar_path=/elsewhere"])
+    assert all("ar" not in s.depends for s in build_chain(own))
 
 
 def test_the_preemption_code_is_one_constant():

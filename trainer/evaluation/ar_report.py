@@ -12,8 +12,6 @@ from trainer.method import sampling
 from trainer.method.autoregressive import ar_loss
 from trainer.runtime import dist
 
-AR_DIR = "ar"  # <run>/ar/{checkpoints,export,tb,metrics.jsonl}
-
 
 def autoregressive_report(engine, valid: torch.Tensor, cfg: RunConfig, source: MarkovSource | None, metrics,
                           step: int, rank: int, world: int) -> dict[str, float]:

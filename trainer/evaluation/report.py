@@ -34,7 +34,7 @@ def load_evals(run_dir: Path, rounds: int, control: bool = False) -> list[dict]:
     # control@r (r < rounds): the control after round r's update count. A run from before the control
     # was exported per round has none; its rounds are then compared with the last control (marked).
     for r in range(1, rounds) if control else ():
-        path = layout.control_eval(r, rounds) / "metrics.json"
+        path = layout.control_eval_metrics(r, rounds)
         if path.exists():
             evals.append(json.loads(path.read_text()))
     return evals

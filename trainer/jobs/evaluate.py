@@ -28,7 +28,7 @@ from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
-from trainer.layout import RunLayout
+from trainer.layout import AR, EVAL_METRICS, RunLayout
 from trainer.runtime.checkpoint import load_model
 from trainer.runtime.metrics import MetricsWriter
 
@@ -71,11 +71,11 @@ def main(argv=None) -> None:
     args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv,
                              flags={"--control": "evaluate the control (trainer.jobs.pretrain --control)"})
     cfg = common.run_config(args)
+    layout = RunLayout(args.run_dir)
     if cfg.eval.judge == "ar" and not cfg.eval.ar_path:  # the run's own AR stage (pretrain --ar)
-        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ar_path=str(args.run_dir / "ar" / "export")))
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ar_path=str(layout.export(AR))))
     r = args.round
     device = common.device()
-    layout = RunLayout(args.run_dir)
     if args.control and not 1 <= r <= cfg.distill.rounds:
         raise StageError(f"--control --round {r}: the control is exported after rounds 1..{cfg.distill.rounds}")
     # The control after round r's update count (control@r), the match of round r's student.
@@ -126,9 +126,9 @@ def main(argv=None) -> None:
                     for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}
             mw.scalars(r, vals)
         mw.text(r, f"eval/{name}/samples", "\n\n".join(samples_txt[:3]))
-    atomic_write_json(out / "metrics.json", result)  # last: its presence means the stage is done
+    atomic_write_json(out / EVAL_METRICS, result)  # last: its presence means the stage is done
     print(format_table(rows + [dict(row, model="ideal", round=taught) for row in (ideal or {}).get("rows", [])]))
-    log.info("wrote %s", out / "metrics.json")
+    log.info("wrote %s", out / EVAL_METRICS)
 
 
 if __name__ == "__main__":
