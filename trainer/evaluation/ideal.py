@@ -33,15 +33,6 @@ from trainer.targets.header import example_spec
 ROLLOUT_DOMAIN = 0x1DEA  # separates the rollout streams from the evaluation's sampling noise
 
 
-def taught_round(cfg: RunConfig, model_round: int, control: bool = False) -> int | None:
-    """The round whose ideal student model ``model_round`` teaches (model_round + 1), or None: no
-    ideal rows asked for, the last round's student, or the control (it teaches no round)."""
-    r = model_round + 1
-    if control or cfg.eval.ideal_rollouts == 0 or r > cfg.distill.rounds:
-        return None
-    return r
-
-
 def rollout_seed(eval_seed: int, round_idx: int, repeat: int) -> int:
     return int(np.random.SeedSequence([ROLLOUT_DOMAIN, eval_seed, round_idx, repeat]).generate_state(1)[0])
 

@@ -22,6 +22,36 @@ from trainer.evaluation.quality import JudgeFn, bigram_kl, gen_ppl, markov_quali
 from trainer.method import sampling
 
 
+# ---- the plan: which step counts and temperatures each model's evaluation samples ------------------
+def step_counts(cfg: RunConfig) -> list[int]:
+    reached = [cfg.distill.start_steps // 2**r for r in range(cfg.distill.rounds + 1)]
+    return sorted(set(cfg.eval.steps) | set(reached))
+
+
+def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[float]]:
+    """The step counts to sweep ``eval.temperatures`` at: the teacher (round 0) and the control at
+    every round's student count (each student is compared with them there at matched entropy), a
+    student and a control before the last round (control@r, compared with round r only) at their own
+    count. Sampling dominates the evaluation's cost, so nothing else is swept."""
+    temps = [float(x) for x in cfg.eval.temperatures]
+    if (control and round_idx == cfg.distill.rounds) or round_idx == 0:
+        counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
+    else:
+        counts = [cfg.distill.start_steps // 2**round_idx]
+        if taught_round(cfg, round_idx) is not None:  # also where it teaches: beside its ideal student
+            counts.append(cfg.distill.start_steps // 2**(round_idx + 1))
+    return {n: temps for n in counts}
+
+
+def taught_round(cfg: RunConfig, model_round: int, control: bool = False) -> int | None:
+    """The round whose ideal student model ``model_round`` teaches (model_round + 1), or None: no
+    ideal rows asked for, the last round's student, or the control (it teaches no round)."""
+    r = model_round + 1
+    if control or cfg.eval.ideal_rollouts == 0 or r > cfg.distill.rounds:
+        return None
+    return r
+
+
 def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int, seed: int,
                  device: torch.device, progress: bool = False, temperature: float = 1.0,
                  sampler: SamplerConfig | None = None) -> tuple[torch.Tensor, int]:

@@ -23,8 +23,8 @@ import time
 from trainer.config import RunConfig
 from trainer.data.synthetic import MarkovSource
 from trainer.errors import StageError
-from trainer.evaluation.ideal import ideal_rows, taught_round
-from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table
+from trainer.evaluation.ideal import ideal_rows
+from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table, step_counts, sweep_plan, taught_round
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
@@ -33,26 +33,6 @@ from trainer.runtime.checkpoint import load_model
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
-
-
-def step_counts(cfg: RunConfig) -> list[int]:
-    reached = [cfg.distill.start_steps // 2**r for r in range(cfg.distill.rounds + 1)]
-    return sorted(set(cfg.eval.steps) | set(reached))
-
-
-def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[float]]:
-    """The step counts to sweep ``eval.temperatures`` at: the teacher (round 0) and the control at
-    every round's student count (each student is compared with them there at matched entropy), a
-    student and a control before the last round (control@r, compared with round r only) at their own
-    count. Sampling dominates the evaluation's cost, so nothing else is swept."""
-    temps = [float(x) for x in cfg.eval.temperatures]
-    if (control and round_idx == cfg.distill.rounds) or round_idx == 0:
-        counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
-    else:
-        counts = [cfg.distill.start_steps // 2**round_idx]
-        if taught_round(cfg, round_idx) is not None:  # also where it teaches: beside its ideal student
-            counts.append(cfg.distill.start_steps // 2**(round_idx + 1))
-    return {n: temps for n in counts}
 
 
 def build_judge(cfg: RunConfig, device):
