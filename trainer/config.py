@@ -854,7 +854,8 @@ def distill_setup(cfg: RunConfig) -> TrainSetup:
 
 
 def round_steps(cfg: RunConfig, round_idx: int) -> int:
-    """Sampling steps of the student after round ``round_idx`` (1-based): start / 2**round."""
+    """Sampling steps of the student after round ``round_idx`` (1-based; 0: the teacher's
+    ``distill.start_steps``): start / 2**round. The one home of this rule."""
     return cfg.distill.start_steps // (2 ** round_idx)
 
 

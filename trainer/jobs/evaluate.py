@@ -20,11 +20,11 @@ import dataclasses
 import logging
 import time
 
-from trainer.config import RunConfig
+from trainer.config import RunConfig, round_steps
 from trainer.data.synthetic import MarkovSource
 from trainer.errors import StageError
 from trainer.evaluation.ideal import ideal_rows
-from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table, step_counts, sweep_plan, taught_round
+from trainer.evaluation.sweep import PLAIN, eval_counts, evaluate_model, format_table, sweep_plan, taught_round
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
@@ -71,9 +71,8 @@ def main(argv=None) -> None:
     # The teacher's training-free samplers (eval.samplers), at the counts and temperatures it is swept at.
     samplers = cfg.eval.samplers if r == 0 and not args.control else []
     # control@r before the last round is compared with round r's student only: its count alone.
-    counts = [cfg.distill.start_steps // 2**r] if args.control and r < cfg.distill.rounds else step_counts(cfg)
-    rows = evaluate_model(model, cfg, counts, source, judge, device, progress=True, keep_samples=True,
-                          sweep=sweep_plan(cfg, r, args.control), samplers=samplers)
+    rows = evaluate_model(model, cfg, eval_counts(cfg, r, args.control), source, judge, device, progress=True,
+                          keep_samples=True, sweep=sweep_plan(cfg, r, args.control), samplers=samplers)
     text_result = text.measure(model, rows) if text else {}
     taught = taught_round(cfg, r, args.control)
     ideal = ideal_rows(model, cfg, taught, source, judge, device, progress=True) if taught is not None else None
@@ -89,7 +88,7 @@ def main(argv=None) -> None:
     out = layout.control_eval(r, cfg.distill.rounds) if args.control else layout.eval(r)
     result = {
         "model": name, "round": r, "weights": cfg.eval.weights,
-        "round_steps": cfg.distill.start_steps // 2**r,
+        "round_steps": round_steps(cfg, r),
         "entropy_rate": source.entropy_rate if source else None,
         "nll_floor": source.sequence_entropy_per_token(cfg.data.seq_len) if source else None,
         "rows": rows, "seconds": round(time.time() - t0, 1), **text_result,
