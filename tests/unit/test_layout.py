@@ -60,20 +60,6 @@ def test_pipeline_products_are_the_layouts():
     assert products["eval_control"] == "control/eval/metrics.json" and products["report"] == "report.json"
 
 
-def test_the_ar_stage_follows_the_teacher_and_judges_the_evaluations():
-    """teacher.train_ar: the AR stage comes right after the teacher, its product is the layout's, and
-    with eval.judge=ar (no eval.ar_path) every evaluation waits for it."""
-    cfg = load_config(TINY, ["teacher.train_ar=true", "eval.judge=ar"])
-    chain = build_chain(cfg)
-    assert [s.name for s in chain][:4] == ["prepare", "teacher", "ar", "eval_0"]
-    ar = next(s for s in chain if s.name == "ar")
-    assert ar.product == "ar/export/export.json" == str(RunLayout(Path()).export_manifest(AR))
-    evals = [s for s in chain if s.module == "trainer.jobs.evaluate"]
-    assert evals and all(s.depends[-1] == "ar" and len(s.depends) == 2 for s in evals)
-    own = load_config(TINY, ["teacher.train_ar=true", "eval.judge=ar", "eval.ar_path=/elsewhere"])
-    assert all("ar" not in s.depends for s in build_chain(own))
-
-
 def test_the_preemption_code_is_one_constant():
     import cluster.slurm
 

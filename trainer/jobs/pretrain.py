@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     args = common.parse_args(__doc__.splitlines()[1], argv=argv, flags={
         "--control": "train the control instead: the teacher continued with its own loss for the students' budget",
         "--ar": "train the autoregressive baseline (causal DiT, next-token loss) into <run>/ar instead"})
-    cfg = common.run_config(args, write=dist.read_env(os.environ).rank == 0)
-    if args.ar and args.control:
+    if args.ar and args.control:  # before the run's config is written: bad flags leave the folder as it was
         raise BadInput("--ar and --control train different models: pass one")
+    cfg = common.run_config(args, write=dist.read_env(os.environ).rank == 0)
     info = dist.init_distributed(cfg.engine.collective_timeout_s)
     try:  # also when stopped early (preempted): a process group left up at exit can abort the rank
         return _train(cfg, args, info)
