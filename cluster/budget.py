@@ -23,18 +23,20 @@ Per stage and in total:
   asks for them all). Estimates: the allocator, NCCL buffers and fragmentation come on top.
 * an evaluation samples every (step count, temperature) of its plan: ``eval.steps`` at temperature
   1, plus ``eval.temperatures`` at each round's count for the teacher and the control and at its own
-  count for a student (trainer/jobs/evaluate.py ``sweep_plan``); the judge reads every sample once
-  per row.
+  count for a student (``eval_plan`` of trainer/evaluation/sweep.py, passed in); the judge reads
+  every sample once per row.
 * **target bytes** per round and for all rounds (offline mode), from the codec's bytes per masked
   position (half the positions are masked on average: t ~ U(0, 1)) plus the int32 noised sequence
   and the tar/npy headers. With ``targets.keep: false`` a round's shards are removed once its distill
   stage is recorded done, so the disk holds one round at a time.
 
 This module is arithmetic only. What it needs of the trainer (parameter count, bytes of a target
-sample) is passed in by ``tools/submit.py`` (cluster/ imports nothing of trainer/ but the config).
+sample, the evaluations' sampling plan) is passed in by ``tools/submit.py`` (cluster/ imports nothing
+of trainer/ but the config).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.pipeline import Stage
@@ -139,26 +141,19 @@ def _micro(global_batch: int, micro: int, world: int) -> int:
     return micro or per_rank
 
 
-def eval_plan(cfg: RunConfig, stage: str) -> set[tuple[int, float]]:
-    """(step count, temperature) rows an evaluation stage samples, as trainer/jobs/evaluate.py draws
-    them: at temperature 1 eval.steps and every count a round reaches (step_counts); the sweep
-    (sweep_plan) at every round's count for the teacher (eval_0) and the final control, at round r's
-    own for a student; the control matched to round r (eval_control_r) at round r's count only."""
-    d = cfg.distill
-    which = stage.split("_", 1)[1] if "_" in stage else "0"
-    if which.startswith("control_"):
-        n = d.start_steps // 2 ** int(which.removeprefix("control_"))
-        plan, counts = {(n, 1.0)}, [n]
-    else:
-        reached = {d.start_steps // 2**r for r in range(d.rounds + 1)}
-        plan = {(int(s), 1.0) for s in {*cfg.eval.steps, *reached}}
-        full = which in ("0", "control")
-        counts = [d.start_steps // 2**r for r in range(1, d.rounds + 1)] if full else [d.start_steps // 2 ** int(which)]
-    return plan | {(n, float(t)) for n in counts for t in cfg.eval.temperatures}
+# (config, round, control) -> the (step count, temperature) rows that evaluation samples:
+# trainer/evaluation/sweep.py eval_plan, what trainer/jobs/evaluate.py draws.
+EvalPlan = Callable[[RunConfig, int, bool], set[tuple[int, float]]]
+
+
+def evaluated_model(st: Stage) -> tuple[int, bool]:
+    """(round, control) of an evaluation stage, read from its arguments (pipeline.build_chain):
+    ``--round R`` and ``--control``."""
+    return int(st.args[st.args.index("--round") + 1]), "--control" in st.args
 
 
 def stage_budget(st: Stage, cfg: RunConfig, res: StageResources, n: int, size: TargetSize,
-                 judge: JudgeSize | None = None) -> StageBudget:
+                 eval_plan: EvalPlan, judge: JudgeSize | None = None) -> StageBudget:
     kind, L, W = stage_kind(st.name), cfg.data.seq_len, res.world_size
     judge_bytes = 0.0
     bf16 = res.gpus_per_node > 0 and cfg.engine.precision != "fp32" or cfg.engine.precision == "bf16"
@@ -185,7 +180,7 @@ def stage_budget(st: Stage, cfg: RunConfig, res: StageResources, n: int, size: T
         act = activation_bytes(cfg, cfg.targets.batch_size, bf16, train=False)
         targets = cfg.targets.num_samples * size.expected
     elif kind == "eval":
-        plan = eval_plan(cfg, st.name)
+        plan = eval_plan(cfg, *evaluated_model(st))
         tokens = float(cfg.eval.num_samples) * L * sum(s for s, _ in plan)  # every step a full forward (no cache)
         flop = 2.0 * n * tokens
         state = (2 if bf16 else 4) * n
@@ -201,8 +196,8 @@ def stage_budget(st: Stage, cfg: RunConfig, res: StageResources, n: int, size: T
 
 
 def budget(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, n_params: int, size: TargetSize,
-           run_name: str = "sdtt", judge: JudgeSize | None = None) -> Budget:
-    rows = [stage_budget(st, cfg, stage_resources(st, cfg, spec, run_name), n_params, size, judge)
+           run_name: str = "sdtt", judge: JudgeSize | None = None, *, eval_plan: EvalPlan) -> Budget:
+    rows = [stage_budget(st, cfg, stage_resources(st, cfg, spec, run_name), n_params, size, eval_plan, judge)
             for st in stages]
     per_round = cfg.targets.num_samples * size.expected if cfg.distill.mode == "offline" else 0.0
     rounds = cfg.distill.rounds
@@ -271,5 +266,5 @@ def render(b: Budget, cfg: RunConfig, judge: JudgeSize | None = None) -> list[st
     return out
 
 
-__all__ = ["Budget", "JudgeSize", "StageBudget", "TargetSize", "eval_plan", "budget", "render",
+__all__ = ["Budget", "EvalPlan", "JudgeSize", "StageBudget", "TargetSize", "evaluated_model", "budget", "render",
            "model_state_bytes", "activation_bytes", "gpu_hours_needed", "PEAK_BF16_FLOPS"]

@@ -11,7 +11,6 @@ the file helpers (sha256).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from trainer.config import RunConfig
 from trainer.fileio import atomic_write_text, sha256_file
-from trainer.layout import CONTROL, RunLayout
+from trainer.layout import AR, CONTROL, RunLayout
 
 STATE_FILE = RunLayout(Path()).state.name
 
@@ -49,7 +48,8 @@ class Stage:
 
 
 def build_chain(cfg: RunConfig) -> list[Stage]:
-    """prepare -> teacher (-> eval_0) -> for each round: targets -> distill -> eval; then the report.
+    """prepare -> teacher (-> ar) (-> eval_0) -> for each round: targets -> distill -> eval; then the
+    control and its evaluations, and the report: built in this order (the order stages are submitted).
 
     Round r's targets need round r-1's student (the teacher for r = 1); eval_r runs beside the next
     round's targets since both only read student r. eval_0 evaluates the teacher.
@@ -68,8 +68,16 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
     else:
         stages.append(Stage("teacher", "trainer.jobs.pretrain", distributed=True,
                             product=str(at.export_manifest(0)), depends=("prepare",)))
-    stages.append(Stage("eval_0", "trainer.jobs.evaluate", ("--round", "0"),
-                        product=str(at.eval_metrics(0)), depends=("teacher",)))
+    if cfg.teacher.train_ar:  # the optional AR stage: the judge of eval.judge=ar and the AR baseline
+        stages.append(Stage("ar", "trainer.jobs.pretrain", ("--ar",), distributed=True,
+                            product=str(at.export_manifest(AR)), depends=("prepare",)))
+    # The evaluations read <run>/ar/export when the run's own AR model is their judge.
+    judge_dep = ("ar",) if cfg.teacher.train_ar and cfg.eval.judge == "ar" and not cfg.eval.ar_path else ()
+
+    def evaluation(name: str, args: tuple[str, ...], product: Path, model_stage: str) -> Stage:
+        return Stage(name, "trainer.jobs.evaluate", args, product=str(product), depends=(model_stage, *judge_dep))
+
+    stages.append(evaluation("eval_0", ("--round", "0"), at.eval_metrics(0), "teacher"))
     prev = "teacher"
     evals = ["eval_0"]
     for r in range(1, cfg.distill.rounds + 1):
@@ -83,29 +91,20 @@ def build_chain(cfg: RunConfig) -> list[Stage]:
         releases = (str(at.targets(r)),) if cfg.distill.mode == "offline" and not cfg.targets.keep else ()
         stages.append(Stage(f"distill_{r}", "trainer.jobs.distill", rr, distributed=True,
                             product=str(at.export_manifest(r)), depends=distill_dep, releases=releases))
-        stages.append(Stage(f"eval_{r}", "trainer.jobs.evaluate", rr,
-                            product=str(at.eval_metrics(r)), depends=(f"distill_{r}",)))
+        stages.append(evaluation(f"eval_{r}", rr, at.eval_metrics(r), f"distill_{r}"))
         evals.append(f"eval_{r}")
         prev = f"distill_{r}"
     if cfg.distill.control:
         last = ("--round", str(cfg.distill.rounds))
         stages.append(Stage("control", "trainer.jobs.pretrain", ("--control",), distributed=True,
                             product=str(at.export_manifest(CONTROL)), depends=("teacher",)))
-        stages.append(Stage("eval_control", "trainer.jobs.evaluate", (*last, "--control"),
-                            product=str(at.eval_metrics(CONTROL)), depends=("control",)))
+        stages.append(evaluation("eval_control", (*last, "--control"), at.eval_metrics(CONTROL), "control"))
         evals.append("eval_control")
         # control@r: the control after round r's update count, the match of round r's student.
         for r in range(1, cfg.distill.rounds):
-            stages.append(Stage(f"eval_control_{r}", "trainer.jobs.evaluate", ("--round", str(r), "--control"),
-                                product=str(at.control_eval(r, cfg.distill.rounds) / "metrics.json"),
-                                depends=("control",)))
+            stages.append(evaluation(f"eval_control_{r}", ("--round", str(r), "--control"),
+                                     at.control_eval_metrics(r, cfg.distill.rounds), "control"))
             evals.append(f"eval_control_{r}")
-    if cfg.teacher.train_ar:  # the optional AR stage: the judge of eval.judge=ar and the AR baseline
-        stages.insert(2, Stage("ar", "trainer.jobs.pretrain", ("--ar",), distributed=True,
-                               product="ar/export/export.json", depends=("prepare",)))
-        if cfg.eval.judge == "ar" and not cfg.eval.ar_path:  # the evaluations read <run>/ar/export
-            stages = [dataclasses.replace(s, depends=(*s.depends, "ar")) if s.module == "trainer.jobs.evaluate"
-                      else s for s in stages]
     stages.append(Stage("report", "trainer.jobs.report", product=str(at.report), depends=tuple(evals)))
     return stages
 

@@ -45,6 +45,7 @@ from trainer.config import (  # noqa: E402
     load_config,
     parse_slurm_time,
     resolve_paths,
+    round_steps,
     save_config,
     to_yaml,
 )
@@ -232,7 +233,7 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
         return
     print(f"allocation: {spec.nodes} nodes x {spec.tasks_per_node} tasks = world size {spec.world_size}; "
           f"rounds: {cfg.distill.rounds} ({cfg.distill.start_steps} -> "
-          f"{cfg.distill.start_steps // 2 ** cfg.distill.rounds} steps), mode {cfg.distill.mode}")
+          f"{round_steps(cfg, cfg.distill.rounds)} steps), mode {cfg.distill.mode}")
     for key, value in job_environment(cfg, os.environ).items():
         print(f"job environment: {key}={value}")
     for line in cfg.slurm.setup:
@@ -249,8 +250,11 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
               f"time {res.time_min // 60}h{res.time_min % 60:02d}m{state}")
         print(f"  python -m {st.module} --run-dir {run_dir} {' '.join(st.args)}".rstrip())
         print(f"  #SBATCH {' '.join(res.sbatch_lines())}")
+    from trainer.evaluation.sweep import eval_plan
+
     judge = judge_size(cfg, n)
-    for line in render(budget(stages, cfg, spec, n, target_size(cfg), run_dir.name, judge), cfg, judge):
+    for line in render(budget(stages, cfg, spec, n, target_size(cfg), run_dir.name, judge, eval_plan=eval_plan), cfg,
+                       judge):
         print(line)
 
 

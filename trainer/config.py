@@ -552,7 +552,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
 
     ds = cfg.distill
     _check(ds.rounds >= 1, source, "distill.rounds", "must be at least 1")
-    _check(ds.start_steps >= 2 ** ds.rounds, source, "distill.start_steps",
+    _check(round_steps(cfg, ds.rounds) >= 1, source, "distill.start_steps",
            f"{ds.start_steps} cannot halve distill.rounds={ds.rounds} times to at least one step")
     _check(ds.steps_per_round >= 1, source, "distill.steps_per_round", "must be positive")
     _choice(ds.divergence, ("rkl", "fkl", "mse", "tvd"), source, "distill.divergence")
@@ -854,7 +854,8 @@ def distill_setup(cfg: RunConfig) -> TrainSetup:
 
 
 def round_steps(cfg: RunConfig, round_idx: int) -> int:
-    """Sampling steps of the student after round ``round_idx`` (1-based): start / 2**round."""
+    """Sampling steps of the student after round ``round_idx`` (1-based; 0: the teacher's
+    ``distill.start_steps``): start / 2**round. The one home of this rule."""
     return cfg.distill.start_steps // (2 ** round_idx)
 
 

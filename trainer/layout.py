@@ -13,10 +13,12 @@ A run folder (``<run>``)::
     round_<r>/eval/          model r's evaluation (metrics.json, samples.txt, plot.png)
     control/                 the control run: checkpoints/ export/ eval/ tb/ (after all rounds' updates)
     control/round_<r>/       the control after round r's update count (r < rounds): export/ eval/
+    ar/                      the AR model (pretrain --ar): checkpoints/ export/ tb/ metrics.jsonl
     report.json  report.md  quality_vs_steps.png
 
 Models are named by a ``ModelRef``: ``0`` the teacher, ``r >= 1`` the student of round r,
-``"control"`` the control run. Round r distils from model ``r - 1`` (``teacher_of``).
+``"control"`` the control run, ``"ar"`` the autoregressive model (the text judge and AR baseline; it is
+not evaluated: no eval folder). Round r distils from model ``r - 1`` (``teacher_of``).
 
 Standard library only: cluster/ imports it next to trainer.config. Paths are built from ``root``;
 ``RunLayout(Path())`` gives run-relative paths (the pipeline's product strings).
@@ -32,7 +34,11 @@ EXIT_HUNG = 3  # a collective timed out: another rank hangs or died (trainer.job
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the work so far is checkpointed (trainer.runtime.preempt)
 
 CONTROL: Literal["control"] = "control"
-ModelRef = int | Literal["control"]  # 0 = teacher, r = round r's student, "control"
+AR: Literal["ar"] = "ar"
+ModelRef = int | Literal["control", "ar"]  # 0 = teacher, r = round r's student, "control", "ar"
+
+EXPORT_MANIFEST = "export.json"  # written last in an export folder (trainer/runtime/checkpoint.py)
+EVAL_METRICS = "metrics.json"  # written last in an evaluation folder (trainer/jobs/evaluate.py)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class RunLayout:
         """Where a model's checkpoints and export live (and its metrics, for students and control)."""
         if m == CONTROL:
             return self.root / "control"
+        if m == AR:
+            return self.root / "ar"
         r = _round(m)
         return self.root / "teacher" if r == 0 else self.round(r) / "student"
 
@@ -97,10 +105,12 @@ class RunLayout:
 
     def export_manifest(self, m: ModelRef) -> Path:
         """Written last in an export: its presence means the export is complete."""
-        return self.export(m) / "export.json"
+        return self.export(m) / EXPORT_MANIFEST
 
     def eval(self, m: ModelRef) -> Path:
         """The model's evaluation folder (metrics.json, samples.txt, plot.png)."""
+        if m == AR:
+            raise ValueError("the AR model has no evaluation folder (trainer.jobs.evaluate evaluates diffusion models)")
         if m == CONTROL:
             return self.root / "control" / "eval"
         r = _round(m)
@@ -116,7 +126,10 @@ class RunLayout:
         return self.eval(CONTROL) if r == rounds else self.model_dir(CONTROL) / f"round_{_round(r)}" / "eval"
 
     def eval_metrics(self, m: ModelRef) -> Path:
-        return self.eval(m) / "metrics.json"
+        return self.eval(m) / EVAL_METRICS
+
+    def control_eval_metrics(self, r: int, rounds: int) -> Path:
+        return self.control_eval(r, rounds) / EVAL_METRICS
 
     def metrics(self, m: ModelRef) -> Path:
         """Where a model's training metrics go (tb/, metrics.jsonl): the run folder for the teacher,

@@ -8,7 +8,7 @@ import pytest
 from cluster.pipeline import build_chain
 from tests.helpers import TINY
 from trainer.config import load_config
-from trainer.layout import CONTROL, EXIT_PREEMPTED, RunLayout
+from trainer.layout import AR, CONTROL, EXIT_PREEMPTED, RunLayout
 
 
 def test_model_folders_exports_and_evaluations():
@@ -21,6 +21,12 @@ def test_model_folders_exports_and_evaluations():
     # the teacher's metrics stay in the run folder, a student's and the control's in their own
     assert at.metrics(0) == Path("/run") and at.metrics(1) == Path("/run/round_1/student")
     assert at.metrics(CONTROL) == Path("/run/control")
+    # the AR model (pretrain --ar): its checkpoints, export and metrics in <run>/ar, and no evaluation
+    assert at.checkpoints(AR) == Path("/run/ar/checkpoints") and at.export(AR) == Path("/run/ar/export")
+    assert at.metrics(AR) == Path("/run/ar")
+    assert at.control_eval_metrics(1, 2) == Path("/run/control/round_1/eval/metrics.json")
+    with pytest.raises(ValueError, match="no evaluation folder"):
+        at.eval(AR)
 
 
 def test_round_r_distils_from_model_r_minus_1():

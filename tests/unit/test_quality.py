@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from trainer.config import ModelConfig, SyntheticConfig
-from trainer.data.prepared import MarkovSource
+from trainer.data.synthetic import MarkovSource
 from trainer.data.tokenizers import HFTokenizer, TokenizerError, load_tokenizer
 from trainer.evaluation.quality import (
     HFJudge,

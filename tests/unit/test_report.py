@@ -85,6 +85,38 @@ def _text_row(rng, steps: int, temperature: float, level: float, entropy: float,
             "gen_nll_sum_per_sample": sums.tolist(), "judge_tokens_per_sample": tokens.tolist()}
 
 
+def test_the_text_section_reads_the_layouts_evaluations_without_control_at_r(tmp_path):
+    """text_report finds evaluations where RunLayout puts them (report.load_evals): each model at its
+    own step count, the final control's values in final/control (control@1, matched to round 1 only,
+    left out); a model not evaluated yet is left out, not an error."""
+    import json
+
+    from trainer.evaluation import text_report
+    from trainer.evaluation.report import load_evals
+    from trainer.layout import CONTROL, RunLayout
+
+    at = RunLayout(tmp_path)
+
+    def write(path, model, rnd, round_steps, ppl):
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({
+            "model": model, "round": rnd, "round_steps": round_steps, "judge": "ar", "tokenizer": "byte",
+            "elbo_nll": 3.0, "elbo_nll_se": 0.1, "elbo_ppl": 20.0, "elbo_rows": 8,
+            "rows": [{"steps": round_steps, "gen_ppl": ppl, "entropy": 4.0, "samples": 16}]}))
+
+    write(at.eval_metrics(0), "teacher", 0, 8, 50.0)
+    write(at.eval_metrics(1), "student", 1, 4, 60.0)
+    write(at.eval_metrics(CONTROL), "control", 2, 2, 70.0)
+    write(at.control_eval_metrics(1, 2), "control", 1, 4, 99.0)
+    final = text_report.final_metrics(tmp_path, rounds=2, control=True)  # round 2 not evaluated yet
+    assert final["final/teacher/gen_ppl"] == 50.0 and final["final/round_1/gen_ppl"] == 60.0
+    assert final["final/control/gen_ppl"] == 70.0 and "final/round_2/gen_ppl" not in final
+    md = text_report.markdown_section(tmp_path, rounds=2, control=True)
+    assert "70.0" in md and "99.0" not in md
+    write(at.eval_metrics(2), "student", 2, 2, 65.0)
+    assert [ev["round"] for ev in load_evals(tmp_path, 2, control=True)] == [0, 1, 2, 2, 1]  # control@1 last
+
+
 def test_text_report_compares_models_by_the_judges_nll_at_matched_entropy(tmp_path):
     """A text run with a judge gets the same paired tables as a synthetic one, in log gen-PPL: the
     student - teacher difference is the difference of the ratios of sums, and every model's value at

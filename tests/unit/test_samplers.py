@@ -316,7 +316,7 @@ def test_tools_samplers_tabulates_the_teachers_samplers_without_a_student():
 def test_the_evaluation_draws_each_named_sampler_at_its_temperatures_paired_with_plain():
     """trainer/evaluation/sweep.py with a real (untrained) DiT: the plan, and a named sampler with the
     defaults (top_p = 1, min_p = 0) gives the plain rows' samples bit for bit."""
-    from trainer.data.prepared import MarkovSource
+    from trainer.data.synthetic import MarkovSource
     from trainer.evaluation.sweep import evaluate_model
     from trainer.model.dit import DiT
 

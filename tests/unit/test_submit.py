@@ -17,6 +17,7 @@ from cluster.budget import budget, model_state_bytes
 from cluster.resources import ClusterSpec, stage_resources
 from tests.helpers import REPO, TINY, env
 from trainer.config import ConfigError, load_config, parse_slurm_time, resolve_paths
+from trainer.evaluation.sweep import eval_plan
 
 SMALL = REPO / "configs" / "small.yaml"
 
@@ -114,16 +115,22 @@ def test_a_stage_of_its_own_name_wins_over_its_kind() -> None:
 
 def test_eval_plans_follow_what_each_evaluation_samples() -> None:
     """The teacher and the final control sweep every round's count, a student its own plus eval.steps,
-    the control matched to round r (eval_control_r) round r's count only (trainer/jobs/evaluate.py)."""
-    from cluster.budget import eval_plan
+    the control matched to round r (eval_control_r) round r's count only (trainer/evaluation/sweep.py,
+    what trainer/jobs/evaluate.py draws); the budget reads each stage's (round, control) off its arguments."""
+    from cluster.budget import evaluated_model
 
     cfg = load_config(TINY, ["eval.steps=[8,64]", "eval.temperatures=[0.9]", "distill.start_steps=64",
                              "distill.rounds=2", "distill.control=true"])
+    plans = {st.name: eval_plan(cfg, *evaluated_model(st)) for st in pipeline.build_chain(cfg)
+             if st.module == "trainer.jobs.evaluate"}
     at_1 = {(8, 1.0), (16, 1.0), (32, 1.0), (64, 1.0)}  # eval.steps and every round's count
-    assert eval_plan(cfg, "eval_0") == eval_plan(cfg, "eval_control") == at_1 | {(32, 0.9), (16, 0.9)}
-    assert eval_plan(cfg, "eval_2") == at_1 | {(16, 0.9)}
-    assert eval_plan(cfg, "eval_control_1") == {(32, 1.0), (32, 0.9)}
-    assert {st.name for st in pipeline.build_chain(cfg)} >= {"eval_control_1", "eval_control"}
+    assert plans["eval_0"] == plans["eval_control"] == at_1 | {(32, 0.9), (16, 0.9)}
+    assert plans["eval_2"] == at_1 | {(16, 0.9)}
+    assert plans["eval_control_1"] == {(32, 1.0), (32, 0.9)}
+    # a model that teaches the next round's ideal student (eval.ideal_rollouts) also sweeps that count
+    ideal = load_config(TINY, ["eval.steps=[8,64]", "eval.temperatures=[0.9]", "distill.start_steps=64",
+                               "distill.rounds=2", "eval.ideal_rollouts=2"])
+    assert eval_plan(ideal, 1, False) == at_1 | {(32, 0.9), (16, 0.9)} and eval_plan(ideal, 2, False) == plans["eval_2"]
 
 
 def test_unquoted_times_keep_sbatchs_meaning(tmp_path: Path) -> None:
@@ -326,7 +333,7 @@ def test_budget_matches_a_hand_computation() -> None:
     spec = ClusterSpec(nodes=2, gpus_per_node=4, time_min=60)
     stages = pipeline.build_chain(cfg)
     n = tool.parameter_count(cfg)
-    b = {s.stage: s for s in budget(stages, cfg, spec, n, tool.target_size(cfg)).stages}
+    b = {s.stage: s for s in budget(stages, cfg, spec, n, tool.target_size(cfg), eval_plan=eval_plan).stages}
     # GPU-hours: teacher, 3 targets, 3 distill and the control (distill.control: true) on 8 GPUs for
     # 1 h; eval_0..eval_3, eval_control and control@1, control@2 (eval_control_1, _2) on 1 GPU for 1 h;
     # prepare and report hold no GPU.
@@ -357,7 +364,8 @@ def test_targets_keep_false_budget_holds_one_round() -> None:
     tool = _tool()
     for keep, peak_rounds in (("true", 3), ("false", 1)):
         cfg = load_config(TINY, [f"targets.keep={keep}"])
-        b = budget(pipeline.build_chain(cfg), cfg, ClusterSpec(nodes=1, gpus_per_node=1), 1000, tool.target_size(cfg))
+        b = budget(pipeline.build_chain(cfg), cfg, ClusterSpec(nodes=1, gpus_per_node=1), 1000, tool.target_size(cfg),
+                   eval_plan=eval_plan)
         assert b.target_bytes_all_rounds == 3 * b.target_bytes_per_round
         assert b.target_bytes_peak == peak_rounds * b.target_bytes_per_round
 

@@ -69,7 +69,7 @@ def x0_rows(cfg: RunConfig, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """n clean sequences: the synthetic source's when the config has one, else uniform token ids
     (timing only: speed does not depend on which tokens they are)."""
     if cfg.data.source == "synthetic":
-        from trainer.data.prepared import MarkovSource
+        from trainer.data.synthetic import MarkovSource
 
         src = MarkovSource(cfg.data.synthetic)
         return torch.from_numpy(src.sample(n, seq_len, np.random.default_rng(seed)))

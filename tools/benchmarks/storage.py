@@ -36,7 +36,7 @@ from trainer.targets import codecs, shards
 
 
 def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
-    from trainer.data.prepared import MarkovSource
+    from trainer.data.synthetic import MarkovSource
     from trainer.evaluation.quality import markov_quality
 
     cfg = load_config(args.config, args.overrides)

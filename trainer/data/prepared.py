@@ -40,7 +40,7 @@ from trainer.config import DataConfig
 from trainer.data.corpus import count_documents, documents, expand_paths, iter_hf_documents, iter_text_documents  # noqa: F401
 from trainer.data.errors import DataError
 from trainer.data.packing import Part, bos_id, pack_parts, token_dtype
-from trainer.data.synthetic import DENSE_MAX_VOCAB, MarkovSource  # noqa: F401 (re-exported)
+from trainer.data.synthetic import MarkovSource
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
 from trainer.fileio import atomic_write_json, writing
 

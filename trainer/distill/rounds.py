@@ -21,7 +21,7 @@ from pathlib import Path
 
 from trainer.config import RunConfig
 from trainer.errors import StageError
-from trainer.layout import RunLayout
+from trainer.layout import EXPORT_MANIFEST, RunLayout
 from trainer.model.oracle import KIND as ORACLE
 from trainer.runtime import dist
 from trainer.runtime.checkpoint import WEIGHT_FILES, CheckpointDir, export_kind, read_json, verify_file
@@ -51,7 +51,7 @@ class TeacherRef:
 
     def verify(self) -> None:
         """Size and sha256 of the weight file against export.json (a CheckpointError names it)."""
-        verify_file(self.file, read_json(self.export / "export.json")["files"][WEIGHT_FILES[self.weights]])
+        verify_file(self.file, read_json(self.export / EXPORT_MANIFEST)["files"][WEIGHT_FILES[self.weights]])
 
     def id(self, layout: RunLayout) -> TeacherId:
         """What a target-set header records of the teacher."""
@@ -63,7 +63,7 @@ def round_teacher(layout: RunLayout, cfg: RunConfig, round_idx: int) -> TeacherR
     an error naming the folder."""
     export = layout.export(layout.teacher_of(round_idx))
     weights = teacher_weights(cfg, round_idx)
-    info_path = export / "export.json"
+    info_path = layout.export_manifest(layout.teacher_of(round_idx))
     if not info_path.is_file():
         raise StageError(f"no teacher export at {export} (export.json missing): round 1 needs the pretrained or "
                          "imported teacher, round r the student export of round r - 1")
@@ -96,7 +96,7 @@ def fresh_start(cfg: RunConfig, layout: RunLayout, teacher_file: Path) -> Init:
         return Init("export", str(teacher_file), 0, {"from": "export", "path": layout.rel(teacher_file), "step": 0})
     if cfg.teacher.init_from:
         file = Path(cfg.teacher.init_from) / WEIGHT_FILES[teacher_weights(cfg, 1)]
-        if not (file.parent / "export.json").is_file():
+        if not (file.parent / EXPORT_MANIFEST).is_file():
             raise StageError(f"bad config key 'teacher.init_from': {file.parent} is not an export (no export.json)")
         if export_kind(file.parent) == ORACLE:
             raise StageError(f"bad config key 'teacher.init_from': {file.parent} is an exact teacher, not network "

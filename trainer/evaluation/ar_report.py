@@ -5,35 +5,27 @@ from __future__ import annotations
 import torch
 
 from trainer.config import RunConfig
-from trainer.data.prepared import MarkovSource
+from trainer.data.synthetic import MarkovSource
 from trainer.data.tokenizers import render_samples
 from trainer.evaluation.quality import markov_quality
+from trainer.evaluation.validation import valid_mean
 from trainer.method import sampling
 from trainer.method.autoregressive import ar_loss
-from trainer.runtime import dist
-
-AR_DIR = "ar"  # <run>/ar/{checkpoints,export,tb,metrics.jsonl}
 
 
 def autoregressive_report(engine, valid: torch.Tensor, cfg: RunConfig, source: MarkovSource | None, metrics,
                           step: int, rank: int, world: int) -> dict[str, float]:
     """``val/nll`` (nats/token, exact: a collective mean over ranks of ``train.eval_batches`` batches)
     and, with a synthetic source, the samples' exact NLL; 4 samples go to TensorBoard as text."""
+    scalars = {"val/nll": valid_mean(engine, valid, cfg, rank, world,
+                                     lambda b, x0: ar_loss(engine, x0, cfg.model.vocab_size))}
     engine.eval()
-    n = cfg.engine.global_batch_size // world
-    total, count = 0.0, 0
     with torch.no_grad():
-        for b in range(cfg.train.eval_batches):
-            x0 = valid[((b * world + rank) * n) % len(valid):][:n].to(engine.device)
-            if len(x0):
-                total += float(ar_loss(engine, x0, cfg.model.vocab_size)) * len(x0)
-                count += len(x0)
         zero3 = cfg.engine.zero_stage == 3
         x = sampling.sample_ar(engine if zero3 else engine.module, 4, cfg.data.seq_len, cfg.model.vocab_size,
                                generator=torch.Generator().manual_seed(cfg.sampling.seed), device=engine.device,
                                use_cache=not zero3)
     engine.train()
-    scalars = {"val/nll": dist.all_reduce_mean(total / max(count, 1))}
     if source is not None:
         scalars["sample/nll"] = markov_quality(source, x.cpu())["nll"]
     metrics.text(step, "samples", "\n\n".join(render_samples(cfg.data, x.cpu())))

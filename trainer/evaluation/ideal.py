@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from trainer.config import RunConfig, round_steps
-from trainer.data.prepared import MarkovSource
+from trainer.data.synthetic import MarkovSource
 from trainer.evaluation.quality import JudgeFn
 from trainer.evaluation.sweep import draw_with, quality_row
 from trainer.method import sampling
@@ -31,15 +31,6 @@ from trainer.method.ideal import ideal_denoiser
 from trainer.targets.header import example_spec
 
 ROLLOUT_DOMAIN = 0x1DEA  # separates the rollout streams from the evaluation's sampling noise
-
-
-def taught_round(cfg: RunConfig, model_round: int, control: bool = False) -> int | None:
-    """The round whose ideal student model ``model_round`` teaches (model_round + 1), or None: no
-    ideal rows asked for, the last round's student, or the control (it teaches no round)."""
-    r = model_round + 1
-    if control or cfg.eval.ideal_rollouts == 0 or r > cfg.distill.rounds:
-        return None
-    return r
 
 
 def rollout_seed(eval_seed: int, round_idx: int, repeat: int) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.data.prepared import DENSE_MAX_VOCAB, MarkovSource
+from trainer.data.synthetic import DENSE_MAX_VOCAB, MarkovSource
 from trainer.errors import BadInput
 
 # A judge maps token ids Long[B, L] to the log-probabilities of the tokens it scores, Float[B, T]

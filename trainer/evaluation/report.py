@@ -22,19 +22,24 @@ EXACT = "exact NLL of samples under the source (nats/token)"
 JUDGED = "judge NLL of samples (nats per judge token, = log gen-PPL)"
 
 
-def load_evals(run_dir: Path, rounds: int, control: bool = False) -> list[dict]:
-    """Every evaluation's metrics.json (teacher, each round's student, the control when trained)."""
+def load_evals(run_dir: Path, rounds: int, control: bool = False, *, matched: bool = True,
+               missing_ok: bool = False) -> list[dict]:
+    """Every evaluation's metrics.json (teacher, each round's student, the control when trained), then
+    with ``matched`` the control@r that exist. ``missing_ok``: leave out a model not evaluated (yet)
+    instead of failing."""
     layout = RunLayout(run_dir)
     paths = [layout.eval_metrics(m) for m in [*range(rounds + 1), *([CONTROL] if control else [])]]
     evals = []
     for path in paths:
         if not path.exists():
+            if missing_ok:
+                continue
             raise FileNotFoundError(f"missing evaluation {path}: run trainer.jobs.evaluate first")
         evals.append(json.loads(path.read_text()))
     # control@r (r < rounds): the control after round r's update count. A run from before the control
     # was exported per round has none; its rounds are then compared with the last control (marked).
-    for r in range(1, rounds) if control else ():
-        path = layout.control_eval(r, rounds) / "metrics.json"
+    for r in range(1, rounds) if control and matched else ():
+        path = layout.control_eval_metrics(r, rounds)
         if path.exists():
             evals.append(json.loads(path.read_text()))
     return evals
@@ -44,7 +49,7 @@ def reference(cfg, run_dir: Path) -> dict | None:
     """The reference row: true source samples (synthetic data), or None for text."""
     if cfg.data.source != "synthetic" or cfg.eval.reference_samples == 0:
         return None
-    from trainer.data.prepared import MarkovSource
+    from trainer.data.synthetic import MarkovSource
     from trainer.evaluation.sweep import reference_row
 
     return reference_row(MarkovSource(cfg.data.synthetic), cfg.eval.reference_samples, cfg.data.seq_len,

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from trainer.config import RunConfig
-from trainer.data.prepared import MarkovSource
+from trainer.data.synthetic import MarkovSource
 from trainer.data.tokenizers import render_samples
 from trainer.evaluation.quality import markov_quality
 from trainer.method import sampling

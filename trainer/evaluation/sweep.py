@@ -16,10 +16,57 @@ import torch
 from torch import nn
 
 from trainer.config import PLAIN_SAMPLER as PLAIN
-from trainer.config import RunConfig, SamplerConfig
-from trainer.data.prepared import MarkovSource
+from trainer.config import RunConfig, SamplerConfig, round_steps
+from trainer.data.synthetic import MarkovSource
 from trainer.evaluation.quality import JudgeFn, bigram_kl, gen_ppl, markov_quality, sequence_entropies
 from trainer.method import sampling
+
+
+# ---- the plan: which step counts and temperatures each model's evaluation samples ------------------
+# One rule for the counts, config.round_steps; trainer/jobs/evaluate.py samples this plan and the
+# budget of tools/submit.py --dry-run prices it (eval_plan).
+def step_counts(cfg: RunConfig) -> list[int]:
+    """``eval.steps`` and every count a round reaches (``round_steps`` of rounds 0..R: start, start/2, ...)."""
+    return sorted(set(cfg.eval.steps) | {round_steps(cfg, r) for r in range(cfg.distill.rounds + 1)})
+
+
+def eval_counts(cfg: RunConfig, round_idx: int, control: bool) -> list[int]:
+    """The counts a model is sampled at with temperature 1: ``step_counts``, except control@r before
+    the last round (compared with round r's student only), at round r's count alone."""
+    if control and round_idx < cfg.distill.rounds:
+        return [round_steps(cfg, round_idx)]
+    return step_counts(cfg)
+
+
+def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[float]]:
+    """The step counts to sweep ``eval.temperatures`` at: the teacher (round 0) and the control at
+    every round's student count (each student is compared with them there at matched entropy), a
+    student and a control before the last round (control@r, compared with round r only) at their own
+    count. Sampling dominates the evaluation's cost, so nothing else is swept."""
+    temps = [float(x) for x in cfg.eval.temperatures]
+    if (control and round_idx == cfg.distill.rounds) or round_idx == 0:
+        counts = [round_steps(cfg, r) for r in range(1, cfg.distill.rounds + 1)]
+    else:
+        counts = [round_steps(cfg, round_idx)]
+        if taught_round(cfg, round_idx) is not None:  # also where it teaches: beside its ideal student
+            counts.append(round_steps(cfg, round_idx + 1))
+    return {n: temps for n in counts}
+
+
+def eval_plan(cfg: RunConfig, round_idx: int, control: bool) -> set[tuple[int, float]]:
+    """Every (step count, temperature) the evaluation of this model samples with the plain sampler:
+    ``eval_counts`` at temperature 1 and the ``sweep_plan``."""
+    return {(int(n), 1.0) for n in eval_counts(cfg, round_idx, control)} | \
+        {(n, float(t)) for n, temps in sweep_plan(cfg, round_idx, control).items() for t in temps}
+
+
+def taught_round(cfg: RunConfig, model_round: int, control: bool = False) -> int | None:
+    """The round whose ideal student model ``model_round`` teaches (model_round + 1), or None: no
+    ideal rows asked for, the last round's student, or the control (it teaches no round)."""
+    r = model_round + 1
+    if control or cfg.eval.ideal_rollouts == 0 or r > cfg.distill.rounds:
+        return None
+    return r
 
 
 def draw_samples(model: nn.Module, cfg: RunConfig, steps: int, num_samples: int, seed: int,

@@ -8,10 +8,10 @@ final metrics an hparams summary shows (each model at its own step count).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from trainer.config import RunConfig
+from trainer.evaluation.report import load_evals
 from trainer.evaluation.sweep import format_table
 
 TEXT_KEYS = ("model", "round", "steps", "temperature", "sampler", "gen_ppl", "entropy", "gen_entropy", "mauve",
@@ -34,11 +34,9 @@ MAUVE_WORDS = {
 
 
 def _evals(run_dir: Path, rounds: int, control: bool) -> list[dict]:
-    paths = [run_dir / "teacher" / "eval" / "metrics.json"]
-    paths += [run_dir / f"round_{r}" / "eval" / "metrics.json" for r in range(1, rounds + 1)]
-    if control:
-        paths.append(run_dir / "control" / "eval" / "metrics.json")
-    return [json.loads(p.read_text()) for p in paths if p.is_file()]
+    """The evaluations that exist of the teacher, each round's student and the final control (not
+    control@r: its match is in the report's comparisons)."""
+    return load_evals(run_dir, rounds, control, matched=False, missing_ok=True)
 
 
 def markdown_section(run_dir: Path, rounds: int, control: bool = False) -> str:

@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from trainer.config import RunConfig, round_steps
-from trainer.data.prepared import MarkovSource, data_dir, load_data_info
+from trainer.data.prepared import data_dir, load_data_info
+from trainer.data.synthetic import MarkovSource
 from trainer.distill import rounds
 from trainer.distill.batches import check_round_data, distill_loss, probe_loss, round_source
 from trainer.distill.consumed import ConsumedLog

@@ -20,39 +20,19 @@ import dataclasses
 import logging
 import time
 
-from trainer.config import RunConfig
-from trainer.data.prepared import MarkovSource
+from trainer.config import RunConfig, round_steps
+from trainer.data.synthetic import MarkovSource
 from trainer.errors import StageError
-from trainer.evaluation.ideal import ideal_rows, taught_round
-from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table
+from trainer.evaluation.ideal import ideal_rows
+from trainer.evaluation.sweep import PLAIN, eval_counts, evaluate_model, format_table, sweep_plan, taught_round
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
 from trainer.jobs import common
-from trainer.layout import RunLayout
+from trainer.layout import AR, EVAL_METRICS, RunLayout
 from trainer.runtime.checkpoint import load_model
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
-
-
-def step_counts(cfg: RunConfig) -> list[int]:
-    reached = [cfg.distill.start_steps // 2**r for r in range(cfg.distill.rounds + 1)]
-    return sorted(set(cfg.eval.steps) | set(reached))
-
-
-def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[float]]:
-    """The step counts to sweep ``eval.temperatures`` at: the teacher (round 0) and the control at
-    every round's student count (each student is compared with them there at matched entropy), a
-    student and a control before the last round (control@r, compared with round r only) at their own
-    count. Sampling dominates the evaluation's cost, so nothing else is swept."""
-    temps = [float(x) for x in cfg.eval.temperatures]
-    if (control and round_idx == cfg.distill.rounds) or round_idx == 0:
-        counts = [cfg.distill.start_steps // 2**r for r in range(1, cfg.distill.rounds + 1)]
-    else:
-        counts = [cfg.distill.start_steps // 2**round_idx]
-        if taught_round(cfg, round_idx) is not None:  # also where it teaches: beside its ideal student
-            counts.append(cfg.distill.start_steps // 2**(round_idx + 1))
-    return {n: temps for n in counts}
 
 
 def build_judge(cfg: RunConfig, device):
@@ -71,11 +51,11 @@ def main(argv=None) -> None:
     args = common.parse_args(__doc__.splitlines()[1], with_round=True, argv=argv,
                              flags={"--control": "evaluate the control (trainer.jobs.pretrain --control)"})
     cfg = common.run_config(args)
+    layout = RunLayout(args.run_dir)
     if cfg.eval.judge == "ar" and not cfg.eval.ar_path:  # the run's own AR stage (pretrain --ar)
-        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ar_path=str(args.run_dir / "ar" / "export")))
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ar_path=str(layout.export(AR))))
     r = args.round
     device = common.device()
-    layout = RunLayout(args.run_dir)
     if args.control and not 1 <= r <= cfg.distill.rounds:
         raise StageError(f"--control --round {r}: the control is exported after rounds 1..{cfg.distill.rounds}")
     # The control after round r's update count (control@r), the match of round r's student.
@@ -91,9 +71,8 @@ def main(argv=None) -> None:
     # The teacher's training-free samplers (eval.samplers), at the counts and temperatures it is swept at.
     samplers = cfg.eval.samplers if r == 0 and not args.control else []
     # control@r before the last round is compared with round r's student only: its count alone.
-    counts = [cfg.distill.start_steps // 2**r] if args.control and r < cfg.distill.rounds else step_counts(cfg)
-    rows = evaluate_model(model, cfg, counts, source, judge, device, progress=True, keep_samples=True,
-                          sweep=sweep_plan(cfg, r, args.control), samplers=samplers)
+    rows = evaluate_model(model, cfg, eval_counts(cfg, r, args.control), source, judge, device, progress=True,
+                          keep_samples=True, sweep=sweep_plan(cfg, r, args.control), samplers=samplers)
     text_result = text.measure(model, rows) if text else {}
     taught = taught_round(cfg, r, args.control)
     ideal = ideal_rows(model, cfg, taught, source, judge, device, progress=True) if taught is not None else None
@@ -109,7 +88,7 @@ def main(argv=None) -> None:
     out = layout.control_eval(r, cfg.distill.rounds) if args.control else layout.eval(r)
     result = {
         "model": name, "round": r, "weights": cfg.eval.weights,
-        "round_steps": cfg.distill.start_steps // 2**r,
+        "round_steps": round_steps(cfg, r),
         "entropy_rate": source.entropy_rate if source else None,
         "nll_floor": source.sequence_entropy_per_token(cfg.data.seq_len) if source else None,
         "rows": rows, "seconds": round(time.time() - t0, 1), **text_result,
@@ -126,9 +105,9 @@ def main(argv=None) -> None:
                     for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}
             mw.scalars(r, vals)
         mw.text(r, f"eval/{name}/samples", "\n\n".join(samples_txt[:3]))
-    atomic_write_json(out / "metrics.json", result)  # last: its presence means the stage is done
+    atomic_write_json(out / EVAL_METRICS, result)  # last: its presence means the stage is done
     print(format_table(rows + [dict(row, model="ideal", round=taught) for row in (ideal or {}).get("rows", [])]))
-    log.info("wrote %s", out / "metrics.json")
+    log.info("wrote %s", out / EVAL_METRICS)
 
 
 if __name__ == "__main__":

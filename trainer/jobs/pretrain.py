@@ -28,15 +28,16 @@ import os
 import torch
 
 from trainer.config import RunConfig
-from trainer.data.prepared import MarkovSource, batches, data_dir, load_split, prepare_data
+from trainer.data.prepared import batches, data_dir, load_split, prepare_data
+from trainer.data.synthetic import MarkovSource
 from trainer.distill.control import control_stream, round_ends, stage
 from trainer.distill.rounds import fresh_start, round_teacher
 from trainer.errors import BadInput, StageError
-from trainer.evaluation.ar_report import AR_DIR, autoregressive_report
+from trainer.evaluation.ar_report import autoregressive_report
 from trainer.evaluation.samples import sample_report
 from trainer.evaluation.validation import validate
 from trainer.jobs import common
-from trainer.layout import EXIT_PREEMPTED, RunLayout
+from trainer.layout import AR, EXIT_PREEMPTED, EXPORT_MANIFEST, RunLayout
 from trainer.method.autoregressive import ar_loss
 from trainer.method.losses import mdlm_loss
 from trainer.model.dit import DiT, count_parameters
@@ -54,9 +55,9 @@ def main(argv=None) -> int:
     args = common.parse_args(__doc__.splitlines()[1], argv=argv, flags={
         "--control": "train the control instead: the teacher continued with its own loss for the students' budget",
         "--ar": "train the autoregressive baseline (causal DiT, next-token loss) into <run>/ar instead"})
-    cfg = common.run_config(args, write=dist.read_env(os.environ).rank == 0)
-    if args.ar and args.control:
+    if args.ar and args.control:  # before the run's config is written: bad flags leave the folder as it was
         raise BadInput("--ar and --control train different models: pass one")
+    cfg = common.run_config(args, write=dist.read_env(os.environ).rank == 0)
     info = dist.init_distributed(cfg.engine.collective_timeout_s)
     try:  # also when stopped early (preempted): a process group left up at exit can abort the rank
         return _train(cfg, args, info)
@@ -68,6 +69,7 @@ def _train(cfg: RunConfig, args, info: dist.DistInfo) -> int:
     """Build the data, model and engine of the stage (teacher, control or AR) and train it, exporting
     at every end (the control: every round's update count); EXIT_PREEMPTED when stopped early."""
     model_ref, setup, total_steps = stage(cfg, args.control)  # --ar: the teacher's setup and steps
+    model_ref = AR if args.ar else model_ref
     data_offset, noise_seed = control_stream(cfg, args.control)
     layout = RunLayout(args.run_dir)
     name = "control" if args.control else "ar" if args.ar else "teacher"
@@ -89,9 +91,9 @@ def _train(cfg: RunConfig, args, info: dist.DistInfo) -> int:
         if start.kind == "export":
             model.load_state_dict(load_weight_file(start.path, cfg.model))
     engine = build_engine(model, setup, cfg.engine, total_steps, info.world_size)
-    ckpt_root = args.run_dir / AR_DIR / "checkpoints" if args.ar else layout.checkpoints(model_ref)
+    ckpt_root = layout.checkpoints(model_ref)
     engine.load(ckpt_root, expect_model=cfg.model)
-    metrics = MetricsWriter(args.run_dir / AR_DIR if args.ar else layout.metrics(model_ref))
+    metrics = MetricsWriter(layout.metrics(model_ref))
     if engine.step == 0:
         metrics.config(cfg)
     log.info("%s: %d parameters, world %d, micro-batch %d x %d accumulation, from step %d of %d", name,
@@ -128,9 +130,8 @@ def _train(cfg: RunConfig, args, info: dist.DistInfo) -> int:
     # student's match); the teacher and the AR model run in one piece.
     ends = round_ends(cfg) if args.control else [total_steps]
     for r, end in enumerate(ends, start=1):
-        export = (args.run_dir / AR_DIR / "export" if args.ar else
-                  layout.control_export(r, cfg.distill.rounds) if args.control else layout.export(model_ref))
-        if end < total_steps and (export / "export.json").exists():
+        export = layout.control_export(r, cfg.distill.rounds) if args.control else layout.export(model_ref)
+        if end < total_steps and (export / EXPORT_MANIFEST).exists():
             continue  # a resumed control: this round's export was written before
         if engine.step > end:
             raise StageError(f"{ckpt_root}: resumed at step {engine.step}, past round {r}'s {end} updates, but "
