@@ -24,6 +24,7 @@ from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
 from trainer.errors import StageError
 from trainer.evaluation.ideal import ideal_rows, taught_round
+from trainer.evaluation.judges import build_judge
 from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
@@ -53,17 +54,6 @@ def sweep_plan(cfg: RunConfig, round_idx: int, control: bool) -> dict[int, list[
         if taught_round(cfg, round_idx) is not None:  # also where it teaches: beside its ideal student
             counts.append(cfg.distill.start_steps // 2**(round_idx + 1))
     return {n: temps for n in counts}
-
-
-def build_judge(cfg: RunConfig, device):
-    from trainer.evaluation import quality as mq
-
-    if not cfg.eval.judge:
-        return None
-    if cfg.eval.judge == "ar":
-        model, _ = load_model(cfg.eval.ar_path, "ema", causal=True)
-        return mq.OwnARJudge(model.to(device), batch_size=cfg.eval.batch_size)
-    return mq.HFJudge(cfg.eval.judge, device=device, batch_size=cfg.eval.batch_size)
 
 
 def main(argv=None) -> None:
