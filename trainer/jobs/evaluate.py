@@ -23,6 +23,7 @@ import time
 from trainer.config import RunConfig
 from trainer.data.prepared import MarkovSource
 from trainer.errors import StageError
+from trainer.evaluation import metrics
 from trainer.evaluation.ideal import ideal_rows, taught_round
 from trainer.evaluation.judges import build_judge
 from trainer.evaluation.sweep import PLAIN, evaluate_model, format_table
@@ -112,9 +113,7 @@ def main(argv=None) -> None:
         for row in rows:
             if row["temperature"] != 1.0 or row["sampler"] != PLAIN:
                 continue
-            vals = {f"eval/{name}/{k}@{row['steps']}": row[k]
-                    for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}
-            mw.scalars(r, vals)
+            mw.scalars(r, metrics.tensorboard_scalars(name, row))
         mw.text(r, f"eval/{name}/samples", "\n\n".join(samples_txt[:3]))
     atomic_write_json(out / "metrics.json", result)  # last: its presence means the stage is done
     print(format_table(rows + [dict(row, model="ideal", round=taught) for row in (ideal or {}).get("rows", [])]))
