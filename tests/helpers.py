@@ -206,10 +206,10 @@ def random_weights(model: DiT, seed: int = 0, scale: float = 0.2) -> DiT:
 
 
 def byte_ar_judge(seed: int = 0):
-    """A small random causal DiT over bytes as a text judge (trainer.evaluation.text.OwnARTextJudge)."""
+    """A small random causal DiT over bytes as a text judge (trainer.evaluation.judges.ARJudge)."""
     from trainer.config import ModelConfig
     from trainer.data.tokenizers import ByteTokenizer
-    from trainer.evaluation.text import OwnARTextJudge
+    from trainer.evaluation.judges import ARJudge
 
     cfg = ModelConfig(vocab_size=257, n_layers=2, d_model=32, n_heads=4, cond_dim=16, max_seq_len=64)
-    return OwnARTextJudge(random_weights(DiT(cfg, causal=True), seed), ByteTokenizer())
+    return ARJudge(random_weights(DiT(cfg, causal=True), seed), ByteTokenizer())

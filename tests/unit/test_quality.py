@@ -1,5 +1,6 @@
-"""trainer/evaluation/quality.py and the Hugging Face side of trainer/data/tokenizers.py, on tiny models and
-tokenizers built in the test (nothing is downloaded)."""
+"""trainer/evaluation/quality.py, the judges' ids route (trainer/evaluation/judges.py) and the Hugging
+Face side of trainer/data/tokenizers.py, on tiny models and tokenizers built in the test (nothing is
+downloaded)."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,9 @@ import torch.nn as nn
 from trainer.config import ModelConfig, SyntheticConfig
 from trainer.data.synthetic import MarkovSource
 from trainer.data.tokenizers import HFTokenizer, TokenizerError, load_tokenizer
+from trainer.evaluation.judges import ARJudge, HFJudge
 from trainer.evaluation.quality import (
-    HFJudge,
     JudgeError,
-    OwnARJudge,
     bigram_kl,
     exact_nll,
     gen_ppl,
@@ -156,7 +156,7 @@ class _MarkovAR(nn.Module):
 def test_own_ar_judge_reproduces_the_exact_likelihood(source):
     x = source.sample(6, 20, np.random.default_rng(3))
     model = _MarkovAR(source).train()
-    judge = OwnARJudge(model, batch_size=4)
+    judge = ARJudge(model, batch_size=4)
     logp = judge(torch.from_numpy(x))
     assert logp.shape == (6, 20)
     np.testing.assert_allclose(logp.sum(1).numpy(), source.log_prob(x), rtol=1e-5)
@@ -169,9 +169,9 @@ def test_own_ar_judge_with_the_project_dit():
 
     cfg = ModelConfig(vocab_size=32, n_layers=1, d_model=32, n_heads=2, cond_dim=16, max_seq_len=16)
     with pytest.raises(JudgeError, match="causal"):
-        OwnARJudge(DiT(cfg, causal=False))
+        ARJudge(DiT(cfg, causal=False))
     x = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(0))
-    logp = OwnARJudge(DiT(cfg, causal=True))(x)
+    logp = ARJudge(DiT(cfg, causal=True))(x)
     assert logp.shape == (3, 16) and bool((logp < 0).all())
 
 

@@ -11,6 +11,7 @@ from tests.helpers import byte_ar_judge, random_weights
 from trainer.config import load_config
 from trainer.data.tokenizers import ByteTokenizer
 from trainer.evaluation import text as T
+from trainer.evaluation.judges import ARJudge, build_judge
 from trainer.evaluation.quality import JudgeError
 from trainer.model.dit import DiT
 
@@ -18,7 +19,7 @@ EOS = ByteTokenizer.eos_id
 
 
 @pytest.fixture(scope="module")
-def judge() -> T.OwnARTextJudge:
+def judge() -> ARJudge:
     return byte_ar_judge()
 
 
@@ -28,7 +29,7 @@ def test_cut_at_eos():
     assert T.cut_at_eos([EOS, EOS], EOS) == [EOS]
 
 
-def _direct_nll(judge: T.OwnARTextJudge, ids: list[int]) -> float:
+def _direct_nll(judge: ARJudge, ids: list[int]) -> float:
     """One sequence alone (no batch, no padding): BOS, then -sum log p(token | before)."""
     x = torch.tensor([[judge.vocab_size, *ids]])
     with torch.no_grad():
@@ -106,7 +107,8 @@ def test_hf_judge_skips_the_first_token(tmp_path):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=bpe.get_vocab_size(), n_layer=1, n_embd=32, n_head=2,
                                n_positions=64)).save_pretrained(tmp_path, safe_serialization=True)
-    judge = T.HFTextJudge(tmp_path)
+    judge = build_judge(load_config(None, [f"eval.judge={tmp_path}"]), "cpu", ByteTokenizer())  # the text route
+    assert judge.tokenizer.name != ByteTokenizer().name  # its own tokenizer, not the run's
     texts = ["the lazy fox<|endoftext|>tail", "pack my box"]
     seqs = T.retokenise(texts, judge)
     assert seqs[0][-1] == judge.tokenizer.eos_id and judge.tokenizer.eos_id not in seqs[1]

@@ -18,6 +18,7 @@ from trainer.errors import BadInput
 from trainer.evaluation import lambada as LB
 from trainer.evaluation import mauve_protocol as MP
 from trainer.evaluation import text as T
+from trainer.evaluation.judges import ARJudge
 from trainer.evaluation.quality import JudgeError, sequence_entropies
 from trainer.model.dit import DiT
 
@@ -47,11 +48,11 @@ def mdlm_rule(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def judge() -> T.OwnARTextJudge:
+def judge() -> ARJudge:
     return byte_ar_judge()
 
 
-def _token_nll(judge: T.OwnARTextJudge, ids: list[int]) -> np.ndarray:
+def _token_nll(judge: ARJudge, ids: list[int]) -> np.ndarray:
     """-log p(ids[i] | judge BOS, ids[:i]) for every i, one sequence alone (no batch, no padding)."""
     x = torch.tensor([[judge.vocab_size, *ids]])
     with torch.no_grad():
@@ -95,7 +96,7 @@ def test_gen_ppl_golden_per_protocol(judge, protocol):
 def test_gen_ppl_values_by_hand_for_a_uniform_judge():
     """A zero-initialised causal DiT predicts uniformly over its 257 ids: every scored token costs
     log 257, so gen-NLL is log 257 under any protocol and only the counts tell them apart."""
-    judge = T.OwnARTextJudge(DiT(ModelConfig(vocab_size=257, n_layers=1, d_model=16, n_heads=2, cond_dim=8,
+    judge = ARJudge(DiT(ModelConfig(vocab_size=257, n_layers=1, d_model=16, n_heads=2, cond_dim=8,
                                              max_seq_len=32), causal=True), ByteTokenizer())
     for protocol, total in (("mdlm", 9), ("sdtt", 12), ("first_doc", 9)):
         got = T.gen_ppl_text(judge, TEXTS, protocol=protocol)

@@ -1,7 +1,7 @@
 """Quality of generated samples: exact likelihood under the synthetic source, sample entropy, bigram
-coverage, and generative perplexity under an autoregressive judge.
+coverage, and generative perplexity under an autoregressive judge (trainer/evaluation/judges.py).
 
-Everything but the judges is a pure function of the samples (int [n, L], numpy or torch). Sample
+Everything is a pure function of the samples (int [n, L], numpy or torch) and of the judge. Sample
 entropy goes next to every likelihood-style number: a sampler that collapses onto likely tokens
 looks better on NLL and gen-PPL while losing diversity, and only the entropy (and the bigram KL
 below) shows it.
@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from trainer.data.synthetic import DENSE_MAX_VOCAB, MarkovSource
 from trainer.errors import BadInput
 
 # A judge maps token ids Long[B, L] to the log-probabilities of the tokens it scores, Float[B, T]
-# (T = L - 1 without a BOS, L with one), batched inside, without gradients.
+# (T = L - 1 without a BOS, L with one), batched inside, without gradients: the judges of
+# trainer/evaluation/judges.py are (``score_ids``), and so is any such function.
 JudgeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -156,89 +154,3 @@ def gen_ppl(judge: JudgeFn, samples: np.ndarray | torch.Tensor) -> float:
     """exp(mean NLL over all scored tokens) of the samples under the judge."""
     logp = judge(torch.from_numpy(_as_numpy(samples)))
     return float(torch.exp(-logp.double().mean()))
-
-
-class HFJudge:
-    """Any transformers causal LM saved in ``local_dir`` (safetensors; never downloaded).
-
-    Scores tokens 1..L-1 given their prefix (the MDLM convention: the first token has no context),
-    or all L tokens when ``bos_id`` is given and prepended. Ids must be in the judge's vocabulary,
-    i.e. samples of a model trained with the judge's tokenizer (GPT-2 for GPT-2 judges).
-    """
-
-    def __init__(self, local_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 16,
-                 bos_id: int | None = None, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM  # heavy: only judges pay for it
-
-        path = Path(local_dir)
-        if not path.is_dir():
-            raise JudgeError(f"judge model directory not found: {path} (eval.judge)")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise JudgeError(f"{path}: cannot load a causal LM with safetensors weights: {e}") from None
-        # Cast after loading: the dtype keyword of from_pretrained changed name across versions.
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.bos_id = bos_id
-        self.vocab_size: int = model.config.vocab_size
-        self.max_len: int | None = getattr(model.config, "max_position_embeddings", None)
-        self.name = path.resolve().name
-
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise JudgeError(f"judge {self.name}: ids must lie in [0, {self.vocab_size}); got "
-                             f"[{int(ids.min())}, {int(ids.max())}] (samples from another tokenizer?)")
-        length = ids.shape[1] + (self.bos_id is not None)
-        if self.max_len is not None and length > self.max_len:
-            raise JudgeError(f"judge {self.name}: {length} positions exceed its context of {self.max_len}")
-        out = []
-        for chunk in ids.split(self.batch_size):
-            x = chunk.to(self.device, torch.long)
-            if self.bos_id is not None:
-                x = torch.cat([torch.full_like(x[:, :1], self.bos_id), x], dim=1)
-            logits = self.model(x).logits[:, :-1].float()
-            out.append(_token_log_probs(logits, x[:, 1:]))
-        return torch.cat(out)
-
-
-class OwnARJudge:
-    """The project's causal DiT (``DiT(cfg, causal=True)``) as a judge: the input is BOS = MASK id
-    = V followed by the first L - 1 tokens, and the logits at position i score token i, so all L
-    tokens are scored. The MASK column is dropped: the judge's law is over the V real tokens."""
-
-    def __init__(self, model: nn.Module, batch_size: int = 64):
-        if getattr(model, "causal", True) is False:
-            raise JudgeError("OwnARJudge needs the causal model, DiT(cfg, causal=True): a bidirectional "
-                             "model would see the tokens it scores")
-        self.model = model
-        self.vocab_size: int = model.cfg.vocab_size
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise JudgeError(f"OwnARJudge: ids must lie in [0, {self.vocab_size}); got "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()  # no dropout while judging; the caller's mode is restored below
-        try:
-            out = []
-            for chunk in ids.split(self.batch_size):
-                x = chunk.to(device, torch.long)
-                bos = torch.full_like(x[:, :1], self.vocab_size)
-                logits = self.model(torch.cat([bos, x[:, :-1]], dim=1))[..., :self.vocab_size]
-                out.append(_token_log_probs(logits, x))
-        finally:
-            self.model.train(was_training)
-        return torch.cat(out)
-
-
-def _token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position, float64 on the CPU. cross_entropy does not keep a
-    second [B, T, V] tensor of log-probs (3 GB for GPT-2's vocabulary at batch 16 x 1024)."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return -nll.view(targets.shape).double().cpu()

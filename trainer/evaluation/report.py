@@ -10,14 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainer.config import PLAIN_SAMPLER as PLAIN
-from trainer.evaluation import compare, paired
+from trainer.evaluation import compare, metrics, paired
 from trainer.evaluation.sweep import format_table
 from trainer.fileio import atomic_write_bytes
 from trainer.layout import CONTROL, RunLayout
 
-ROW_KEYS = ("model", "round", "steps", "temperature", "sampler", "nll", "nll_se", "nll_gap", "gen_ppl", "gen_nll",
-            "entropy", "entropy_se", "bigram_kl", "invalid_rate", "invalid_rate_se", "valid_nll", "valid_nll_se",
-            "mauve", "samples", "nfe", "seconds", "nll_mc_se")
 EXACT = "exact NLL of samples under the source (nats/token)"
 JUDGED = "judge NLL of samples (nats per judge token, = log gen-PPL)"
 
@@ -64,7 +61,8 @@ def collect(run_dir: Path, rounds: int, control: bool = False, ref: dict | None 
     # The ideal student of round r, sampled by model r - 1's evaluation (trainer/evaluation/ideal.py)
     full += [{**row, "model": "ideal", "round": ev["ideal"]["round"]} for ev in evals if ev.get("ideal")
              for row in ev["ideal"]["rows"]]
-    rows = [{k: row.get(k) for k in ROW_KEYS} for row in full]
+    keys = metrics.columns(metrics.ROW)  # what names a row, and every measure report.json keeps
+    rows = [{k: row.get(k) for k in keys} for row in full]
     round_steps = {int(ev["round"]): ev["round_steps"] for ev in evals if ev["model"] != "control"}
     control_round = max((int(ev["round"]) for ev in evals if ev["model"] == "control"), default=None)
     ref = ref or evals[0].get("reference")  # text: held-out rows, measured by the teacher's evaluation

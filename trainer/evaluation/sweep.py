@@ -18,6 +18,7 @@ from torch import nn
 from trainer.config import PLAIN_SAMPLER as PLAIN
 from trainer.config import RunConfig, SamplerConfig, round_steps
 from trainer.data.synthetic import MarkovSource
+from trainer.evaluation import metrics
 from trainer.evaluation.quality import JudgeFn, bigram_kl, gen_ppl, markov_quality, sequence_entropies
 from trainer.method import sampling
 
@@ -103,9 +104,7 @@ def draw_with(denoise: sampling.Denoiser, cfg: RunConfig, steps: int, num_sample
 
 def quality_row(samples: torch.Tensor, source: MarkovSource | None, judge: JudgeFn | None) -> dict:
     """Every quality number for one set of samples; absent measures are None, never omitted."""
-    row: dict = {"nll": None, "nll_se": None, "nll_gap": None, "bigram_kl": None, "gen_ppl": None,
-                 "invalid_rate": None, "invalid_rate_se": None, "valid_nll": None, "valid_nll_se": None,
-                 "nll_per_sample": None}
+    row: dict = {**dict.fromkeys(metrics.names(metrics.SWEEP)), "nll_per_sample": None}
     ent = sequence_entropies(samples)
     if source is not None:
         row.update(markov_quality(source, samples))
@@ -117,6 +116,9 @@ def quality_row(samples: torch.Tensor, source: MarkovSource | None, judge: Judge
     row["entropy_per_sample"] = [round(float(v), 6) for v in ent]
     if judge is not None:
         row["gen_ppl"] = gen_ppl(judge, samples)
+    x = samples.numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    for m in metrics.measured(metrics.SYNTHETIC if source is not None else metrics.TEXT):
+        row[m.name] = m.measure(x, source)  # a registered measure of the samples (trainer/evaluation/metrics.py)
     row["samples"] = int(samples.shape[0])
     return row
 
@@ -169,22 +171,19 @@ def reference_row(source: MarkovSource, num_samples: int, seq_len: int, seed: in
     return row
 
 
-TABLE_COLUMNS = ("model", "round", "steps", "temperature", "sampler", "nll", "nll_se", "entropy", "bigram_kl",
-                 "gen_ppl")
+def format_table(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
+    """A fixed-width text table of result rows (missing values shown as '-'); ``columns`` default to
+    the TABLE view of trainer/evaluation/metrics.py, floats to each metric's ``digits``."""
+    cols = [c for c in (metrics.columns(metrics.TABLE) if columns is None else columns) if any(c in r for r in rows)]
 
-
-def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
-    """A fixed-width text table of result rows (missing values shown as '-')."""
-    cols = [c for c in columns if any(c in r for r in rows)]
-
-    def cell(v) -> str:
+    def cell(v, c: str) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.4f}" if np.isfinite(v) else str(v)
+            return f"{v:.{metrics.digits(c)}f}" if np.isfinite(v) else str(v)
         return str(v)
 
-    table = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
+    table = [cols] + [[cell(r.get(c), c) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -37,102 +37,9 @@ from torch import nn
 from trainer.config import RunConfig, SamplerConfig
 from trainer.data.tokenizers import Tokenizer, load_tokenizer
 from trainer.evaluation import protocols
+from trainer.evaluation.judges import Judge, build_judge
 from trainer.evaluation.quality import JudgeError, sequence_entropies
 from trainer.method import diffusion, sampling
-
-
-# --------------------------------------------------------------------------------------------------
-# Judges that read text
-# --------------------------------------------------------------------------------------------------
-class TextJudge:
-    """A causal LM with its tokenizer. ``run(x)`` gives, for Long [B, T]: the log-prob of every
-    token given the ones before it, float64 [B, T] (NaN where unscored), and the hidden state that
-    has read tokens 0..i, [B, T, d]."""
-
-    tokenizer: Tokenizer
-    max_tokens: int  # the longest sequence it can read
-    name: str
-
-    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-
-class OwnARTextJudge(TextJudge):
-    """The project's causal DiT (the AR stage's export) and the run's tokenizer. The input is BOS
-    (= MASK id = V) followed by the tokens, so every token is scored."""
-
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, name: str = "ar"):
-        if not getattr(model, "causal", False):
-            raise JudgeError("the AR judge must be DiT(cfg, causal=True)")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.vocab_size = model.cfg.vocab_size
-        if tokenizer.vocab_size > self.vocab_size:
-            raise JudgeError(f"AR judge: its vocabulary ({self.vocab_size}) is smaller than the tokenizer's "
-                             f"({tokenizer.vocab_size}, {tokenizer.name}): trained on other data?")
-        self.max_tokens = model.cfg.max_seq_len - 1  # + BOS
-        self.name = name
-
-    @torch.no_grad()
-    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(self.model.parameters()).device
-        x = x.to(device, torch.long)
-        bos = torch.full_like(x[:, :1], self.vocab_size)
-        seen: list[torch.Tensor] = []
-        hook = self.model.output_layer.norm_final.register_forward_hook(lambda m, i, o: seen.append(o))
-        try:
-            logits = self.model(torch.cat([bos, x], dim=1))[..., :self.vocab_size]
-        finally:
-            hook.remove()
-        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, x.unsqueeze(-1)).squeeze(-1)
-        return logp.cpu(), seen[0][:, 1:].float().cpu()
-
-
-class HFTextJudge(TextJudge):
-    """A transformers causal LM and its tokenizer from one local directory (safetensors only, never
-    downloaded), e.g. GPT-2 large saved with ``save_pretrained``. No BOS: the first token is unscored."""
-
-    def __init__(self, local_dir: str | Path, device: torch.device | str = "cpu"):
-        from transformers import AutoModelForCausalLM
-
-        path = Path(local_dir)
-        if not path.is_dir():
-            raise JudgeError(f"judge model directory not found: {path} (eval.judge)")
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                              use_safetensors=True).to(device).eval()
-        except (OSError, ValueError, KeyError) as e:
-            raise JudgeError(f"{path}: cannot load a causal LM with safetensors weights: {e}") from None
-        self.tokenizer = load_tokenizer(str(path))
-        self.max_tokens = int(getattr(self.model.config, "max_position_embeddings", 1024))
-        self.name = path.resolve().name
-
-    @torch.no_grad()
-    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(self.model.parameters()).device
-        x = x.to(device, torch.long)
-        out = self.model(x, output_hidden_states=True)
-        logp = torch.full(x.shape, float("nan"), dtype=torch.float64)
-        scored = torch.log_softmax(out.logits[:, :-1].double(), dim=-1).gather(-1, x[:, 1:].unsqueeze(-1))
-        logp[:, 1:] = scored.squeeze(-1).cpu()
-        return logp, out.hidden_states[-1].float().cpu()
-
-
-def build_text_judge(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device) -> TextJudge | None:
-    """``eval.judge``: "" (none), "ar" (the AR stage's export at eval.ar_path, with the run's
-    tokenizer) or a local Hugging Face directory holding a causal LM and its tokenizer."""
-    if not cfg.eval.judge:
-        return None
-    if cfg.eval.judge == "ar":
-        from trainer.runtime.checkpoint import load_model
-
-        path = Path(cfg.eval.ar_path)
-        if not (path / "export.json").is_file():
-            raise JudgeError(f"eval.ar_path: no AR export at {path} (export.json missing): run the AR stage "
-                             f"(python -m trainer.jobs.pretrain --ar) first")
-        model, _ = load_model(path, "ema", causal=True)
-        return OwnARTextJudge(model.to(device), tokenizer)
-    return HFTextJudge(cfg.eval.judge, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +67,7 @@ def cut_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
     return ([eos_id] if start else []) + body
 
 
-def retokenise(texts: Sequence[str], judge: TextJudge, cut_eos: bool = True) -> list[list[int]]:
+def retokenise(texts: Sequence[str], judge: Judge, cut_eos: bool = True) -> list[list[int]]:
     """The judge's ids of each text (special tokens in the text, e.g. ``<|endoftext|>``, read as
     such, as MDLM's ``eval_retokenize`` does), cut after the first EOS when ``cut_eos``
     (``first_doc``), truncated to the judge's context."""
@@ -184,7 +91,7 @@ def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
     return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
 
 
-def judge_sequences(judge: TextJudge, texts: Sequence[str], protocol: str,
+def judge_sequences(judge: Judge, texts: Sequence[str], protocol: str,
                     ids: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
     """What the judge reads for each sample under ``protocol`` (trainer/evaluation/protocols.py):
     ``first_doc`` the retokenised text cut after its first EOS; ``mdlm`` the whole retokenised
@@ -208,7 +115,7 @@ def _batches(seqs: list[list[int]], batch_size: int, pad_id: int):
         yield start, x, torch.tensor([len(s) for s in chunk])
 
 
-def score_per_sample(judge: TextJudge, seqs: list[list[int]], batch_size: int = 32,
+def score_per_sample(judge: Judge, seqs: list[list[int]], batch_size: int = 32,
                      protocol: str = "first_doc") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per sequence of the judge's ids: (total NLL in nats, number of scored tokens, entropy of the
     scored tokens' histogram in nats), float64 [n], int64 [n], float64 [n]. Which tokens count is
@@ -227,7 +134,7 @@ def score_per_sample(judge: TextJudge, seqs: list[list[int]], batch_size: int = 
     return nll, count, ent
 
 
-def score(judge: TextJudge, seqs: list[list[int]], batch_size: int = 32,
+def score(judge: Judge, seqs: list[list[int]], batch_size: int = 32,
           protocol: str = "first_doc") -> tuple[float, int]:
     """(total NLL in nats, number of scored tokens) of the judge's id sequences (``score_per_sample``
     summed)."""
@@ -235,7 +142,7 @@ def score(judge: TextJudge, seqs: list[list[int]], batch_size: int = 32,
     return float(nll.sum()), int(count.sum())
 
 
-def gen_ppl_text(judge: TextJudge, texts: Sequence[str], batch_size: int = 32, protocol: str = "mdlm",
+def gen_ppl_text(judge: Judge, texts: Sequence[str], batch_size: int = 32, protocol: str = "mdlm",
                  ids: Sequence[Sequence[int]] | None = None) -> dict:
     """The field's generative perplexity of decoded samples under ``protocol`` (``eval.gen_ppl``,
     trainer/evaluation/protocols.py), with each sample's NLL sum and scored-token count (samples drawn
@@ -253,13 +160,13 @@ def gen_ppl_text(judge: TextJudge, texts: Sequence[str], batch_size: int = 32, p
             "judge_tokens_per_sample": [int(v) for v in count]}
 
 
-def features(judge: TextJudge, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+def features(judge: Judge, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """The judge's final hidden state at each text's last token, float32 [n, d] (MAUVE's features).
     Texts are not cut at EOS: a continuation is compared as written."""
     return features_ids(judge, retokenise(texts, judge, cut_eos=False), batch_size)
 
 
-def features_ids(judge: TextJudge, seqs: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
+def features_ids(judge: Judge, seqs: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
     """``features`` of id sequences of the judge's own vocabulary, read as they are (SDTT feeds
     GPT-2 ids straight to GPT-2 large, ``run_eval.py:55-67``); truncated to its context."""
     seqs = [[int(i) for i in s][:judge.max_tokens] or [judge.tokenizer.eos_id] for s in seqs]
@@ -334,8 +241,8 @@ class TextEvaluation:
     """Everything text needs in the evaluation job: the run's tokenizer, the judge, held-out rows,
     and for SDTT's protocols the feature model and the prompt / LAMBADA files (read when measured)."""
 
-    def __init__(self, cfg: RunConfig, tokenizer: Tokenizer, judge: TextJudge | None, valid: torch.Tensor,
-                 device: torch.device, feature_model: TextJudge | None = None):
+    def __init__(self, cfg: RunConfig, tokenizer: Tokenizer, judge: Judge | None, valid: torch.Tensor,
+                 device: torch.device, feature_model: Judge | None = None):
         self.cfg, self.tokenizer, self.judge, self.device = cfg, tokenizer, judge, device
         self.valid = valid
         self.feature_model = feature_model or judge  # MAUVE's features: eval.mauve_features, else the judge
@@ -357,8 +264,8 @@ class TextEvaluation:
             raise JudgeError(f"{ddir / 'data.json'}: prepared with tokenizer {info['tokenizer']}, but "
                              f"data.tokenizer={cfg.data.tokenizer} is {tokenizer.name}")
         valid = torch.from_numpy(np.asarray(load_split(ddir, "valid"), dtype=np.int64))
-        feats = HFTextJudge(cfg.eval.mauve_features, device) if cfg.eval.mauve_features else None
-        return cls(cfg, tokenizer, build_text_judge(cfg, tokenizer, device), valid, device, feats)
+        feats = build_judge(cfg, device, tokenizer, key="mauve_features")
+        return cls(cfg, tokenizer, build_judge(cfg, device, tokenizer), valid, device, feats)
 
     def decode(self, samples: torch.Tensor) -> list[str]:
         return decode(samples, self.tokenizer)

@@ -11,11 +11,9 @@ import dataclasses
 from pathlib import Path
 
 from trainer.config import RunConfig
+from trainer.evaluation import metrics
 from trainer.evaluation.report import load_evals
 from trainer.evaluation.sweep import format_table
-
-TEXT_KEYS = ("model", "round", "steps", "temperature", "sampler", "gen_ppl", "entropy", "gen_entropy", "mauve",
-             "mauve_std", "judge_tokens", "samples")
 
 # What each gen-PPL protocol scores (trainer/evaluation/protocols.py), for the report's reader.
 GEN_PPL_WORDS = {
@@ -48,12 +46,13 @@ def markdown_section(run_dir: Path, rounds: int, control: bool = False) -> str:
     judge = first.get("judge") or "none (eval.judge unset: no gen-PPL, no MAUVE)"
     protocol = first.get("gen_protocol") or "first_doc"  # evaluations written before the key scored first_doc
     mauve = MAUVE_WORDS[first.get("mauve_protocol") or "heldout"].format(p=first.get("prefix_tokens"))
-    rows = [{k: row.get(k) for k in TEXT_KEYS} for ev in evals for row in ev["rows"]]
-    own = [{k: row.get(k) for k in TEXT_KEYS} for ev in evals for row in ev["rows"]
-           if row["steps"] == ev["round_steps"]]
-    bound = [{"model": ev["model"], "round": ev["round"], "elbo_nll": ev["elbo_nll"], "elbo_nll_se": ev["elbo_nll_se"],
-              "elbo_ppl": ev["elbo_ppl"], "rows": ev["elbo_rows"], "lambada_acc": ev.get("lambada_acc"),
-              "lambada_ppl": ev.get("lambada_ppl")} for ev in evals]
+    keys = metrics.columns(metrics.TEXT_TABLE)
+    rows = [{k: row.get(k) for k in keys} for ev in evals for row in ev["rows"]]
+    own = [{k: row.get(k) for k in keys} for ev in evals for row in ev["rows"] if row["steps"] == ev["round_steps"]]
+    per_eval = metrics.in_view(metrics.BOUND)  # headed by their ``header`` (elbo_rows: "rows")
+    bound_keys = ("model", "round", *(m.header or m.name for m in per_eval))
+    bound = [{"model": ev["model"], "round": ev["round"], **{m.header or m.name: ev.get(m.name) for m in per_eval}}
+             for ev in evals]
     return "\n".join([
         "## Text, in the field's protocol", "",
         f"Judge: {judge}; tokenizer {first.get('tokenizer')}. gen-PPL (protocol `{protocol}`): samples decoded "
@@ -61,11 +60,10 @@ def markdown_section(run_dir: Path, rounds: int, control: bool = False) -> str:
         "(nats, the field's); gen_entropy: the same over the tokens gen-PPL scored; "
         f"MAUVE (features: {first.get('mauve_features') or judge}): {mauve} (trainer/evaluation/text.py).", "",
         "### Each model at its own step count", "", "```",
-        format_table(own, TEXT_KEYS), "```", "",
+        format_table(own, keys), "```", "",
         "### Likelihood bound on held-out rows (MDLM's ELBO, nats/token); LAMBADA as SDTT computes it", "",
-        "```", format_table(bound, ("model", "round", "elbo_nll", "elbo_nll_se", "elbo_ppl", "rows", "lambada_acc",
-                                    "lambada_ppl")), "```", "",
-        "### Every step count", "", "```", format_table(rows, TEXT_KEYS), "```", ""])
+        "```", format_table(bound, bound_keys), "```", "",
+        "### Every step count", "", "```", format_table(rows, keys), "```", ""])
 
 
 def final_metrics(run_dir: Path, rounds: int, control: bool = False) -> dict[str, float]:
@@ -77,10 +75,10 @@ def final_metrics(run_dir: Path, rounds: int, control: bool = False) -> dict[str
         for row in ev["rows"]:
             if row["steps"] != ev["round_steps"]:
                 continue
-            for key in ("nll", "gen_ppl", "entropy", "gen_entropy", "mauve", "bigram_kl"):
+            for key in metrics.names(metrics.FINAL, per_evaluation=False):
                 if row.get(key) is not None:
                     out[f"final/{name}/{key}"] = float(row[key])
-        for key in ("elbo_nll", "lambada_acc", "lambada_ppl"):
+        for key in metrics.names(metrics.FINAL, per_evaluation=True):
             if ev.get(key) is not None:
                 out[f"final/{name}/{key}"] = float(ev[key])
     return out

@@ -20,10 +20,12 @@ import dataclasses
 import logging
 import time
 
-from trainer.config import RunConfig, round_steps
+from trainer.config import round_steps
 from trainer.data.synthetic import MarkovSource
 from trainer.errors import StageError
+from trainer.evaluation import metrics
 from trainer.evaluation.ideal import ideal_rows
+from trainer.evaluation.judges import build_judge
 from trainer.evaluation.sweep import PLAIN, eval_counts, evaluate_model, format_table, sweep_plan, taught_round
 from trainer.evaluation.text import TextEvaluation
 from trainer.fileio import atomic_write_json, atomic_write_text
@@ -33,17 +35,6 @@ from trainer.runtime.checkpoint import load_model
 from trainer.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("sdtt")
-
-
-def build_judge(cfg: RunConfig, device):
-    from trainer.evaluation import quality as mq
-
-    if not cfg.eval.judge:
-        return None
-    if cfg.eval.judge == "ar":
-        model, _ = load_model(cfg.eval.ar_path, "ema", causal=True)
-        return mq.OwnARJudge(model.to(device), batch_size=cfg.eval.batch_size)
-    return mq.HFJudge(cfg.eval.judge, device=device, batch_size=cfg.eval.batch_size)
 
 
 def main(argv=None) -> None:
@@ -101,9 +92,7 @@ def main(argv=None) -> None:
         for row in rows:
             if row["temperature"] != 1.0 or row["sampler"] != PLAIN:
                 continue
-            vals = {f"eval/{name}/{k}@{row['steps']}": row[k]
-                    for k in ("nll", "entropy", "bigram_kl", "gen_ppl", "mauve") if row.get(k) is not None}
-            mw.scalars(r, vals)
+            mw.scalars(r, metrics.tensorboard_scalars(name, row))
         mw.text(r, f"eval/{name}/samples", "\n\n".join(samples_txt[:3]))
     atomic_write_json(out / EVAL_METRICS, result)  # last: its presence means the stage is done
     print(format_table(rows + [dict(row, model="ideal", round=taught) for row in (ideal or {}).get("rows", [])]))

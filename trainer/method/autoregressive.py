@@ -2,7 +2,7 @@
 
 The causal DiT reads BOS (= the MASK id, V) followed by the first L - 1 tokens of a row, and the
 logits at position i score token i, so all L tokens of a row are predicted (the same convention as
-the AR judge, trainer/evaluation/quality.py ``OwnARJudge``, and ``sampling.sample_ar``). The MASK
+the AR judge, trainer/evaluation/judges.py ``ARJudge``, and ``sampling.sample_ar``). The MASK
 column is dropped: the model's law is over the V real tokens. Its mean NLL per token is an exact
 likelihood (not a bound), directly comparable with the MDLM teacher's ELBO on the same rows.
 """
