@@ -29,9 +29,10 @@ import pytest
 from tests.helpers import PIPELINE_OVERRIDES, REPO, TINY, env
 
 LOCAL = REPO / "cluster" / "local"
-# Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines): `pytest -m "not slow"`
-# leaves them out, for an inner loop of unit tests only.
-SLOW_FOLDERS = ("runtime", "jobs", "pipeline")
+# Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines, tools run as a user runs
+# them): `pytest -m "not slow"` leaves them out, for an inner loop of unit tests only, which start none
+# (``_fast_tests_start_no_process`` below holds them to it).
+SLOW_FOLDERS = ("runtime", "jobs", "pipeline", "tools")
 STATE_DIR = Path(os.environ.get("SDTT_SLURM_STATE", "/tmp/sdtt-slurm"))
 UP_TIMEOUT_S = 600  # a cold start installs packages: ~20 s measured, generous for slow mirrors
 LOCAL_PIPELINE_TIMEOUT_S = 1800
