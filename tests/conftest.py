@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PIPELINE_OVERRIDES, REPO, TINY, env
+from tests.helpers import PIPELINE_OVERRIDES, REPO, TINY, ProcessInFastTest, env
 
 LOCAL = REPO / "cluster" / "local"
 # Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines, tools run as a user runs
@@ -44,6 +44,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.relative_to(tests_dir).parts[0] in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+
+
+# Every way a Python process starts another: subprocess (run, check_call, Popen, os.popen) through the
+# fork_exec it bound at import (or os.posix_spawn), multiprocessing's spawn and forkserver through
+# _posixsubprocess.fork_exec, its fork through os.fork; the rest are os calls.
+PROCESS_STARTERS = (("subprocess", "_fork_exec"), ("_posixsubprocess", "fork_exec"), ("os", "fork"),
+                    ("os", "forkpty"), ("os", "posix_spawn"), ("os", "posix_spawnp"), ("os", "system"))
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request: pytest.FixtureRequest,
+                                 monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The fast suite (``make test-fast``) starts no process: a test that needs one belongs in a slow
+    folder. The attempt raises, and the test fails even if the code under test swallowed the error.
+    Yields the attempts (tests/unit/test_fast_suite.py reads and clears them)."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield []
+        return
+    tried: list[str] = []
+
+    def refuse(name: str):
+        def starter(*args, **kwargs):
+            tried.append(name)
+            raise ProcessInFastTest(f"{request.node.nodeid} started a process ({name}): a fast test starts none; "
+                                    f"move it into one of tests/{{{','.join(SLOW_FOLDERS)}}}/")
+        return starter
+
+    for module, attr in PROCESS_STARTERS:
+        monkeypatch.setattr(f"{module}.{attr}", refuse(f"{module}.{attr}"))
+    yield tried
+    if tried:
+        pytest.fail(f"{request.node.nodeid} started a process ({', '.join(tried)}); fast tests start none",
+                    pytrace=False)
 
 
 # --------------------------------------------------------------------------------------------------

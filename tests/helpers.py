@@ -33,6 +33,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ProcessInFastTest(AssertionError):
+    """A fast test (outside tests/conftest.py SLOW_FOLDERS) tried to start a process."""
+
+
 def env() -> dict:
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
