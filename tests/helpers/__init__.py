@@ -19,7 +19,7 @@ from trainer.data.prepared import prepare_data
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import export_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
 # Small enough for CI, still the tiny config's model and data.
