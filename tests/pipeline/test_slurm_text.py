@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LocalSlurm
-from tests.pipeline.test_slurm_pipeline import FIT, SLURM_FLAGS, on_slurm, state, submit, wait_for_run
+from tests.helpers.slurm import FIT, SLURM_FLAGS, LocalSlurm, on_slurm, state, submit, wait_for_run
 from trainer.data.tokenizers import HFTokenizer
 from trainer.runtime.metrics import read_tb_scalars
 
