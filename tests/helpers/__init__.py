@@ -201,6 +201,19 @@ def hf_config(time_conditioning=False):
             "n_heads": HEADS, "dropout": 0.1, "time_conditioning": time_conditioning}
 
 
+def sdtt_hydra_config(start_from_hf=True, model_type="ddit-orig", time_conditioning=False):
+    """The parts of SDTT's Hydra config that MultiRoundSDTT.push_to_hub saves as config.json
+    (configs/config.yaml, model/dit-orig-small.yaml, parameterization/multi-round-sdtt.yaml), at the
+    test's small shape."""
+    return {"mode": "train", "time_conditioning": time_conditioning, "T": 0,
+            "model": {"name": "small", "type": model_type, "hidden_size": D, "cond_dim": COND, "length": LENGTH,
+                      "n_blocks": LAYERS, "n_heads": HEADS, "scale_by_sigma": True, "dropout": 0.1,
+                      "tie_word_embeddings": False},
+            "parameterization": {"name": "multi-round-sdtt", "checkpoint_path": "kuleshov-group/mdlm-owt",
+                                 "start_from_hf": start_from_hf, "distill_mode": "kl-bwd", "num_distill_steps": 2},
+            "tokenizer": {"name": "gpt2"}, "training": {"ema": 0.9999, "sampling_eps": 1e-5}}
+
+
 def random_weights(model: DiT, seed: int = 0, scale: float = 0.2) -> DiT:
     """``model`` with seeded normal weights of std ``scale`` (a fixed, untrained net whose outputs are
     not near uniform), in eval mode."""

@@ -315,7 +315,7 @@ def make_site(site: Path) -> list[str]:
     import tokenizers
     import transformers
 
-    from tests.unit.test_mdlm_import import (
+    from tests.helpers import (
         COND,
         HEADS,
         LAYERS,
