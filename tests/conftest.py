@@ -27,10 +27,12 @@ import pytest
 from tests.helpers import REPO, ProcessInFastTest
 from tests.helpers.slurm import LOCAL, LocalPipeline, LocalSlurm
 
+
 # Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines, tools run as a user runs
-# them): `pytest -m "not slow"` leaves them out, for an inner loop of unit tests only, which start none
-# (``_fast_tests_start_no_process`` below holds them to it).
-SLOW_FOLDERS = ("runtime", "jobs", "pipeline", "tools")
+# them, library code with its worker or helper processes): `pytest -m "not slow"` leaves them out, for
+# an inner loop of unit tests only, which start none (``_fast_tests_start_no_process`` below holds
+# them to it).
+SLOW_FOLDERS = ("runtime", "jobs", "pipeline", "tools", "processes")
 STATE_DIR = Path(os.environ.get("SDTT_SLURM_STATE", "/tmp/sdtt-slurm"))
 UP_TIMEOUT_S = 600  # a cold start installs packages: ~20 s measured, generous for slow mirrors
 
