@@ -1,6 +1,6 @@
 """One writer per run folder (trainer/runlock.py): a stale record is taken over, a lock is released
 after a normal run, another host's holder counts as live. With a live holder process:
-tests/jobs/test_runlock_holders.py; the SLURM holder (a chain's job ids) is tested against the real
+tests/processes/test_runlock_holders.py; the SLURM holder (a chain's job ids) is tested against the real
 cluster in tests/pipeline/test_local_slurm.py."""
 from __future__ import annotations
 
