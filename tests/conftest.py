@@ -27,7 +27,6 @@ import pytest
 from tests.helpers import REPO, ProcessInFastTest
 from tests.helpers.slurm import LOCAL, LocalPipeline, LocalSlurm
 
-
 # Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines, tools run as a user runs
 # them, library code with its worker or helper processes): `pytest -m "not slow"` leaves them out, for
 # an inner loop of unit tests only, which start none (``_fast_tests_start_no_process`` below holds

@@ -230,3 +230,29 @@ def byte_ar_judge(seed: int = 0):
 
     cfg = ModelConfig(vocab_size=257, n_layers=2, d_model=32, n_heads=4, cond_dim=16, max_seq_len=64)
     return OwnARTextJudge(random_weights(DiT(cfg, causal=True), seed), ByteTokenizer())
+
+
+# --------------------------------------------------------------------------------------------------
+# A small corpus in every local format
+# --------------------------------------------------------------------------------------------------
+CORPUS_DOCS = [f"document {i}: " + "lorem ipsum " * (i % 5) + "é" * (i % 3) for i in range(50)]
+
+
+def write_corpus_formats(root):
+    """CORPUS_DOCS in every local format the text source reads (tests/unit/test_text_data.py,
+    tests/processes/test_packing_workers.py)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "c.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(CORPUS_DOCS)))
+    table = pa.table({"id": list(range(len(CORPUS_DOCS))), "text": CORPUS_DOCS})
+    pq.write_table(table, root / "c.parquet", row_group_size=7)
+    with pa.OSFile(str(root / "file.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table, max_chunksize=9)
+    ds = datasets.Dataset.from_dict({"text": CORPUS_DOCS, "id": list(range(len(CORPUS_DOCS)))})
+    ds.save_to_disk(str(root / "saved"))
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(3))}).save_to_disk(str(root / "dict"))
+    (root / "one.txt").write_text(CORPUS_DOCS[0])
+    return root
