@@ -121,7 +121,7 @@ def random_teacher_run(run: Path, overrides: list[str], std: float) -> Path:
 
 def base_run(tmp_path_factory) -> Path:
     """A run folder with config.yaml, prepared data, a random teacher and round 1's targets, built
-    once per test session (shared by test_shard_reader.py and test_distill.py). Copy it before writing to it."""
+    once per test session (shared by test_reader.py and test_distill.py). Copy it before writing to it."""
     root = tmp_path_factory.getbasetemp() / "distill-base"
     run = root / "run"
     if (root / "ready").exists():

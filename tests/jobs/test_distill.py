@@ -1,5 +1,5 @@
 """trainer/jobs/distill.py for real: 2 CPU processes over gloo under torchrun, DeepSpeed ZeRO-2, the
-round's targets written by the real targets job from a tiny random teacher (tests/jobs/test_shard_reader.py
+round's targets written by the real targets job from a tiny random teacher (tests/jobs/test_reader.py
 builds that run folder once per session)."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from trainer.runtime.checkpoint import load_model, read_json
 from trainer.runtime.metrics import read_tb_scalars
 from trainer.targets import shards as SH
 
-STEPS = 24  # distill.steps_per_round of the base config (tests/jobs/test_shard_reader.py)
+STEPS = 24  # distill.steps_per_round of the base config (tests/jobs/test_reader.py)
 
 
 def _copy(src: Path, dest: Path) -> Path:
