@@ -73,6 +73,15 @@ def exit_code(main, argv: list[str]) -> int:
     return 0
 
 
+def read_tb_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars in a TensorBoard log folder: ``{tag: [(step, value), ...]}`` in write order."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={SCALARS: 0})  # 0 = keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}
+
+
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one tag from metrics.jsonl, in write order."""
     out = []

@@ -19,7 +19,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, G, N, base_run, env, exit_code, free_port, run_job, scalars, targets_in_process
+from tests.helpers import (
+    REPO,
+    G,
+    N,
+    base_run,
+    env,
+    exit_code,
+    free_port,
+    read_tb_scalars,
+    run_job,
+    scalars,
+    targets_in_process,
+)
 from trainer.config import load_config, round_steps
 from trainer.data.rows import RowPicker
 from trainer.distill.batches import Batch, distill_loss, online_targets
@@ -31,7 +43,6 @@ from trainer.method import sdtt
 from trainer.method.sampling import make_denoiser
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import load_model, read_json
-from trainer.runtime.metrics import read_tb_scalars
 from trainer.targets import shards as SH
 
 STEPS = 24  # distill.steps_per_round of the base config (tests/jobs/test_reader.py)
