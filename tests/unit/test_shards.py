@@ -57,7 +57,6 @@ def test_plan_is_a_function_of_the_index():
     plan = SH.ShardPlan(num_samples=10, samples_per_shard=4)
     assert plan.num_shards == 3
     assert [list(plan.indices(j)) for j in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert all(plan.shard_of(i) == j for j in range(3) for i in plan.indices(j))
     for world in (1, 2, 3, 5):
         owned = [plan.owned(r, world) for r in range(world)]
         assert sorted(sum(owned, [])) == [0, 1, 2]  # every shard exactly once
