@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from cluster.pipeline import free_port
 from trainer.config import load_config, save_config
 from trainer.data.prepared import prepare_data
 from trainer.model.dit import DiT
@@ -25,12 +25,6 @@ TINY = REPO / "configs" / "tiny.yaml"
 # Small enough for CI, still the tiny config's model and data.
 FAST = ["data.num_train_sequences=2048", "data.num_valid_sequences=64", "train.log_every=5",
         "train.eval_batches=2", "eval.num_samples=64", "sampling.steps=16"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ProcessInFastTest(AssertionError):

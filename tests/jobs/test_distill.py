@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cluster.pipeline import free_port
 from tests.helpers import (
     REPO,
     G,
@@ -26,7 +27,6 @@ from tests.helpers import (
     base_run,
     env,
     exit_code,
-    free_port,
     read_tb_scalars,
     run_job,
     scalars,
