@@ -1,6 +1,8 @@
 """Shared test builders and constants: running the real job entry points (torchrun, 2 CPU processes
-over gloo), the shortened pipeline's overrides, the distill tests' base run. Tests import from here,
-never from each other."""
+over gloo), the shortened pipeline's overrides, the distill tests' base run, small MDLM checkpoints,
+a corpus in every format, TensorBoard read back. The local SLURM cluster and runs on it:
+tests/helpers/slurm.py; MDLM's and SDTT's hub code: tests/helpers/mdlm_hub.py. Tests import from
+this package, never from each other (tests/unit/test_layering.py)."""
 from __future__ import annotations
 
 import json
