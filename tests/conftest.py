@@ -16,25 +16,24 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import PIPELINE_OVERRIDES, REPO, TINY, env
+from tests.helpers import REPO, ProcessInFastTest
+from tests.helpers.slurm import LOCAL, LocalPipeline, LocalSlurm
 
-LOCAL = REPO / "cluster" / "local"
-# Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines): `pytest -m "not slow"`
-# leaves them out, for an inner loop of unit tests only.
-SLOW_FOLDERS = ("runtime", "jobs", "pipeline")
+# Folders whose tests start processes (torchrun, SLURM jobs, whole pipelines, tools run as a user runs
+# them, library code with its worker or helper processes): `pytest -m "not slow"` leaves them out, for
+# an inner loop of unit tests only, which start none (``_fast_tests_start_no_process`` below holds
+# them to it).
+SLOW_FOLDERS = ("runtime", "jobs", "pipeline", "tools", "processes")
 STATE_DIR = Path(os.environ.get("SDTT_SLURM_STATE", "/tmp/sdtt-slurm"))
 UP_TIMEOUT_S = 600  # a cold start installs packages: ~20 s measured, generous for slow mirrors
-LOCAL_PIPELINE_TIMEOUT_S = 1800
 
 
 
@@ -45,15 +44,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+# Every way a Python process starts another: subprocess (run, check_call, Popen, os.popen) through the
+# fork_exec it bound at import (or os.posix_spawn), multiprocessing's spawn and forkserver through
+# _posixsubprocess.fork_exec, its fork through os.fork; the rest are os calls.
+PROCESS_STARTERS = (("subprocess", "_fork_exec"), ("_posixsubprocess", "fork_exec"), ("os", "fork"),
+                    ("os", "forkpty"), ("os", "posix_spawn"), ("os", "posix_spawnp"), ("os", "system"))
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request: pytest.FixtureRequest,
+                                 monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The fast suite (``make test-fast``) starts no process: a test that needs one belongs in a slow
+    folder. The attempt raises, and the test fails even if the code under test swallowed the error.
+    Yields the attempts (tests/unit/test_fast_suite.py reads and clears them)."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield []
+        return
+    tried: list[str] = []
+
+    def refuse(name: str):
+        def starter(*args, **kwargs):
+            tried.append(name)
+            raise ProcessInFastTest(f"{request.node.nodeid} started a process ({name}): a fast test starts none; "
+                                    f"move it into one of tests/{{{','.join(SLOW_FOLDERS)}}}/")
+        return starter
+
+    for module, attr in PROCESS_STARTERS:
+        monkeypatch.setattr(f"{module}.{attr}", refuse(f"{module}.{attr}"))
+    yield tried
+    if tried:
+        pytest.fail(f"{request.node.nodeid} started a process ({', '.join(tried)}); fast tests start none",
+                    pytrace=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # The local SLURM cluster
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LocalSlurm:
-    state_dir: Path
-    started: tuple[str, ...]  # daemons this session started (empty: it was already up)
-
-
 def _sourced_env(env_file: Path) -> dict[str, str]:
     """The variables that sourcing ``env_file`` sets or changes."""
     out = subprocess.run(["bash", "-c", f'set -a; source "{env_file}"; env -0'], check=True,
@@ -92,48 +118,6 @@ def slurm_cluster() -> Iterator[LocalSlurm]:
 # --------------------------------------------------------------------------------------------------
 # The local pipeline run
 # --------------------------------------------------------------------------------------------------
-class LocalPipeline:
-    """``tools/submit.py --local`` of the shortened tiny pipeline, running in the background."""
-
-    def __init__(self, run: Path) -> None:
-        self.run = run
-        self.t0 = time.monotonic()
-        self._log = open(run.parent / "submit-local.log", "w+")
-        self._proc = subprocess.Popen(
-            [sys.executable, "tools/submit.py", "--config", str(TINY), "--local", "--run-dir", str(run),
-             *PIPELINE_OVERRIDES],
-            cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)  # its own process group: stop() ends torchrun's workers too
-        self.seconds: float | None = None
-
-    def wait(self) -> Path:
-        """The finished run's folder; fails the test with the output when the run failed."""
-        try:
-            rc = self._proc.wait(timeout=max(1.0, LOCAL_PIPELINE_TIMEOUT_S - (time.monotonic() - self.t0)))
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-            rc = None
-        if self.seconds is None:
-            self.seconds = time.monotonic() - self.t0
-            sys.stderr.write(f"\n[local pipeline] finished in {self.seconds:.0f} s (exit {rc})\n")
-        if rc != 0:
-            self._log.seek(0)
-            pytest.fail(f"tools/submit.py --local exited {rc}:\n{self._log.read()[-6000:]}", pytrace=False)
-        return self.run
-
-    def stop(self) -> None:
-        """End the run if a session finishes without waiting for it (its group: this one run)."""
-        if self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="session")
 def local_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPipeline]:
     run = LocalPipeline(tmp_path_factory.mktemp("pipeline") / "demo")

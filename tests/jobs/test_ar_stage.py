@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import FAST, run_job, scalars
+from tests.helpers import FAST, read_tb_scalars, run_job, scalars
 from trainer.data.prepared import load_split
 from trainer.method.autoregressive import nll_per_token, shift_right
 from trainer.runtime.checkpoint import load_model
-from trainer.runtime.metrics import read_tb_scalars
 
 STEPS = ["train.steps=80", "train.eval_every=40", "train.ckpt_every=40", "optim.warmup_steps=10"]
 UNIFORM = math.log(64)

@@ -1,5 +1,5 @@
 """trainer/jobs/distill.py for real: 2 CPU processes over gloo under torchrun, DeepSpeed ZeRO-2, the
-round's targets written by the real targets job from a tiny random teacher (tests/jobs/test_shard_reader.py
+round's targets written by the real targets job from a tiny random teacher (tests/jobs/test_reader.py
 builds that run folder once per session)."""
 from __future__ import annotations
 
@@ -19,7 +19,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, G, N, base_run, env, exit_code, free_port, run_job, scalars, targets_in_process
+from cluster.pipeline import free_port
+from tests.helpers import (
+    REPO,
+    G,
+    N,
+    base_run,
+    env,
+    exit_code,
+    read_tb_scalars,
+    run_job,
+    scalars,
+    targets_in_process,
+)
 from trainer.config import load_config, round_steps
 from trainer.data.rows import RowPicker
 from trainer.distill.batches import Batch, distill_loss, online_targets
@@ -31,10 +43,9 @@ from trainer.method import sdtt
 from trainer.method.sampling import make_denoiser
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import load_model, read_json
-from trainer.runtime.metrics import read_tb_scalars
 from trainer.targets import shards as SH
 
-STEPS = 24  # distill.steps_per_round of the base config (tests/jobs/test_shard_reader.py)
+STEPS = 24  # distill.steps_per_round of the base config (tests/jobs/test_reader.py)
 
 
 def _copy(src: Path, dest: Path) -> Path:

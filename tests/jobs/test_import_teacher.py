@@ -1,7 +1,19 @@
 """The import_teacher job: a published-layout MDLM directory becomes the pipeline's teacher export."""
 import torch
 
-from tests.helpers import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, run_job, write_checkpoint
+from tests.helpers import (
+    COND,
+    HEADS,
+    LAYERS,
+    LENGTH,
+    V1,
+    D,
+    hf_config,
+    mdlm_state_dict,
+    run_job,
+    sdtt_hydra_config,
+    write_checkpoint,
+)
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import load_exported
 
@@ -34,8 +46,6 @@ def test_shape_mismatch_is_refused_naming_the_key(tmp_path):
 def test_an_sdtt_published_student_becomes_the_teacher(tmp_path):
     """SDTT's MultiRoundSDTT dump of a student distilled from the hub's mdlm-owt (backbone.backbone.* keys,
     its Hydra config.json; tests/unit/test_mdlm_import.py states the layout) through the real job."""
-    from tests.unit.test_mdlm_import import sdtt_hydra_config
-
     sd = mdlm_state_dict(seed=7)
     src = write_checkpoint(tmp_path / "sdtt-kld-7", sd, prefix="backbone.backbone.", config=sdtt_hydra_config())
     run = tmp_path / "run"

@@ -5,10 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import FAST, run_job, scalars
+from tests.helpers import FAST, read_tb_scalars, run_job, scalars
 from trainer.layout import EXIT_PREEMPTED
 from trainer.runtime.checkpoint import load_exported
-from trainer.runtime.metrics import read_tb_scalars
 
 
 def stopped_early(proc) -> bool:

@@ -1,4 +1,4 @@
-"""tools/chaos.py, the short variant CI affords: the shortened tiny pipeline (tests/helpers.py
+"""tools/chaos.py, the short variant CI affords: the shortened tiny pipeline (tests/helpers/
 PIPELINE_OVERRIDES) killed with SIGKILL (whole process trees) in four stages and resubmitted after
 each kill, then compared with the session's uninterrupted run of the same config (the
 ``local_pipeline`` fixture): every export, targets manifest, evaluation and report.json identical.

@@ -24,7 +24,7 @@ import pytest
 import submitit
 
 from cluster.slurm import sigterm_proof_requeue
-from tests.conftest import LOCAL, LocalSlurm
+from tests.helpers.slurm import LOCAL, LocalSlurm
 
 pytestmark = pytest.mark.slurm
 

@@ -7,7 +7,7 @@ import pytest
 
 from tests.helpers import PIPELINE_OVERRIDES, REPO, TINY, env
 
-# A shortened tiny pipeline (tests/helpers.py): a teacher trained long enough to show the physics of
+# A shortened tiny pipeline (tests/helpers/): a teacher trained long enough to show the physics of
 # step counts, two SDTT rounds (16 -> 8 -> 4 steps).
 OVERRIDES = PIPELINE_OVERRIDES
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LocalSlurm
+from tests.helpers.slurm import LocalSlurm
 from trainer import runlock
 from trainer.layout import RunLayout
 

@@ -35,72 +35,33 @@ import submitit
 from cluster import pipeline
 from cluster.resources import ClusterSpec, stage_resources
 from cluster.slurm import CODE_DIRS, StageJob, downstream, snapshot_code
-from tests.conftest import LocalPipeline, LocalSlurm
 from tests.helpers import PIPELINE_OVERRIDES as OVERRIDES
-from tests.helpers import REPO, TINY, env
+from tests.helpers import TINY
+from tests.helpers.slurm import (
+    FIT,
+    SLURM_FLAGS,
+    LocalPipeline,
+    LocalSlurm,
+    diagnose,
+    on_slurm,
+    stages_of,
+    state,
+    submit,
+    task_logs,
+    wait_for_run,
+)
 from trainer import runlock
 from trainer.config import load_config, parse_slurm_time
 
-
-def on_slurm(test: Callable) -> Callable:
-    """The marks of a test that runs jobs on the local cluster (the unit tests below need none)."""
-    return pytest.mark.slurm(pytest.mark.slow(test))
-
-
-# What the emulated nodes offer: 2 CPUs and a share of the memory each, no GPU; one task per node,
-# so distributed stages run 2 tasks on n1 and n2. A 60-minute limit: submitit calls any signal a
-# *timeout* (not a preemption) when the limit is 10 minutes or less.
-SLURM_FLAGS = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--partition", "debug",
-               "--time", "60"]
-FIT = ["slurm.cpus_per_task=1", "slurm.mem_gb_per_task=1"]
 STEP_DELAY_S = "0.25"
 RUN_TIMEOUT_S = 1200
 SPEC = ClusterSpec(nodes=2, gpus_per_node=0, cpu_slots_per_node=1, partition="debug", time_min=60)
-
-
-def submit(*args: str, extra_env: dict[str, str] | None = None, check: bool = True,
-           cwd: Path = REPO) -> subprocess.CompletedProcess:
-    e = {**env(), **(extra_env or {})}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "submit.py"), *args], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"submit {args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def stages_of(run: Path) -> list[pipeline.Stage]:
-    return pipeline.build_chain(load_config(run / "config.yaml"))
-
-
-def state(run: Path) -> dict[str, dict[str, Any]]:
-    return pipeline.read_state(run)["stages"]
 
 
 def sacct(ids: list[str]) -> dict[str, str]:
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", "JobID,State"], capture_output=True,
                          text=True, check=True).stdout
     return {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
-
-
-def task_logs(run: Path, stage: str) -> dict[int, str]:
-    """rank -> everything the tasks of the stage's job wrote (stdout + stderr, all attempts)."""
-    entry = state(run)[stage]
-    folder, jid = Path(entry["folder"]), str(entry["job_id"])
-    out: dict[int, str] = {}
-    for f in sorted(folder.glob(f"{jid}_*_log.*")):
-        rank = int(f.name.split("_")[1])
-        out[rank] = out.get(rank, "") + f.read_text(errors="replace")
-    return out
-
-
-def diagnose(run: Path) -> str:
-    """The state file and the end of every task log: what a failing assertion should show."""
-    lines = [json.dumps(state(run), indent=1)[-4000:]]
-    for st in stages_of(run):
-        if "folder" in state(run).get(st.name, {}):
-            for rank, text in task_logs(run, st.name).items():
-                lines.append(f"---- {st.name} rank {rank}\n{text[-1500:]}")
-    return "\n".join(lines)[-15000:]
 
 
 def interrupt(run: Path, stage: str) -> str:
@@ -166,25 +127,6 @@ def distill_steps_done(round_idx: int, at_least: int) -> Callable[[Path], bool]:
         steps = [int(m.group(1)) for m in pattern.finditer(Path(log).read_text(errors="replace"))]
         return bool(steps) and max(steps) >= at_least
     return ready
-
-
-def wait_for_run(run: Path, timeout_s: float, preemptions: tuple[Preemption, ...] = ()) -> None:
-    """Poll the state file until every stage is done (fails on a failed/cancelled stage, with the
-    logs), preempting stages as planned on the way."""
-    names = [s.name for s in stages_of(run)]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = state(run)
-        bad = {n: e for n, e in st.items() if e.get("status") in ("failed", "stopped", "cancelled")}
-        if bad:
-            pytest.fail(f"stages ended badly: {sorted(bad)}\n{diagnose(run)}", pytrace=False)
-        if all(st.get(n, {}).get("status") == "done" for n in names):
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"the run was not done after {timeout_s:.0f} s\n{diagnose(run)}", pytrace=False)
-        for p in preemptions:
-            p.poll(run, st.get(p.stage, {}))
-        time.sleep(0.02)  # fast: a shard is written in ~0.3 s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,7 +315,7 @@ def make_site(site: Path) -> list[str]:
     import tokenizers
     import transformers
 
-    from tests.unit.test_mdlm_import import (
+    from tests.helpers import (
         COND,
         HEADS,
         LAYERS,

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LocalSlurm
-from tests.pipeline.test_slurm_pipeline import FIT, SLURM_FLAGS, on_slurm, state, submit, wait_for_run
+from tests.helpers import read_tb_scalars
+from tests.helpers.slurm import FIT, SLURM_FLAGS, LocalSlurm, on_slurm, state, submit, wait_for_run
 from trainer.data.tokenizers import HFTokenizer
-from trainer.runtime.metrics import read_tb_scalars
 
 WORDS = ("the a one every some river stone light garden city winter music letter window train teacher student "
          "runs falls grows sings waits opens closes carries finds keeps slowly quietly again today near under "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.pipeline import free_port
 from trainer.config import ConfigError, EngineConfig, OptimConfig, RunConfig, TrainSetup, distill_setup, pretrain_setup
 from trainer.runtime.dist import read_env
 from trainer.runtime.lr import lr_at
@@ -115,12 +115,6 @@ def test_ds_config_geometry_and_errors():
 # --------------------------------------------------------------------------------------------------
 # Real DeepSpeed runs
 # --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, scenario: str, nproc: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -130,7 +124,7 @@ def _launch(out: Path, scenario: str, nproc: int) -> dict:
         cmd = [sys.executable, str(WORKER), str(out), scenario]  # exercises the no-launcher path
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out), scenario]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out), scenario]
     t = time.perf_counter()
     log = out / f"{scenario}.log"
     with open(log, "w") as f:

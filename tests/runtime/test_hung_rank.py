@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import FAST, REPO, TINY, env, free_port
+from cluster.pipeline import free_port
+from tests.helpers import FAST, REPO, TINY, env
 from trainer.layout import EXIT_HUNG
 
 TIMEOUT_S = 10

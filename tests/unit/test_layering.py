@@ -157,3 +157,29 @@ def test_the_rules_catch_a_violation(monkeypatch):
         "trainer.method.bad imports trainer.jobs.common"]
     assert violations(lambda m, d: _under(m, "trainer.method") and _under(d, IO_MODULES)) == [
         "trainer.method.bad imports trainer.fileio", "trainer.method.bad imports trainer.jobs.common"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests import no other test (docs/DESIGN.md): shared builders live in tests/helpers/, fixtures in
+# tests/conftest.py (which pytest loads; nobody imports it).
+# --------------------------------------------------------------------------------------------------
+TEST_GRAPH = {module_name(p): imports(p) for p in sorted((REPO / "tests").rglob("*.py"))}
+
+
+def imports_of_other_tests(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a tests module other than tests.helpers (or its modules); the bare package
+    ``tests`` (as in ``from tests import helpers``) is not an import of its other modules."""
+    return [f"{mod} imports {dep}" for mod, deps in sorted(graph.items()) for dep in sorted(deps)
+            if _under(dep, "tests") and dep != "tests" and not _under(dep, "tests.helpers")]
+
+
+def test_tests_import_only_the_helpers():
+    assert "tests.helpers" in TEST_GRAPH["tests.unit.test_mdlm_export"]  # the parser sees tests' imports
+    assert imports_of_other_tests(TEST_GRAPH) == []
+
+
+def test_the_tests_rule_catches_a_test_importing_a_test():
+    graph = {"tests.unit.test_a": {"tests.unit.test_b", "tests.conftest", "tests.helpers", "tests.helpers.slurm",
+                                   "tests"}}
+    assert imports_of_other_tests(graph) == ["tests.unit.test_a imports tests.conftest",
+                                            "tests.unit.test_a imports tests.unit.test_b"]

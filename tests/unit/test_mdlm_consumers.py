@@ -1,4 +1,4 @@
-"""An exported student, read the way MDLM's and SDTT's own code read mdlm-owt (tests/mdlm_hub.py states
+"""An exported student, read the way MDLM's and SDTT's own code read mdlm-owt (tests/helpers/mdlm_hub.py states
 what they read): config.json's keys and types, the remote-code route, the forward called positionally
 returning the logits tensor, and MDLM's SUBS indexing on it."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import load_file
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from tests.mdlm_hub import MDLM_OWT_CONFIG, PER_MODEL, add_remote_code
+from tests.helpers.mdlm_hub import MDLM_OWT_CONFIG, PER_MODEL, add_remote_code
 from trainer.config import ModelConfig
 from trainer.model.dit import DiT
 from trainer.model.mdlm_export import export_mdlm

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.unit.test_mdlm_import import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, write_checkpoint
+from tests.helpers import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, write_checkpoint
 from trainer.config import ModelConfig
 from trainer.model.dit import DiT
 from trainer.model.mdlm_export import MDLMExportError, export_mdlm

@@ -14,7 +14,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import COND, HEADS, LAYERS, LENGTH, V1, D, hf_config, mdlm_state_dict, write_checkpoint
+from tests.helpers import (
+    COND,
+    HEADS,
+    LAYERS,
+    LENGTH,
+    V1,
+    D,
+    hf_config,
+    mdlm_state_dict,
+    sdtt_hydra_config,
+    write_checkpoint,
+)
 from trainer.model.mdlm_import import MDLMImportError, import_mdlm, infer_model_config, load_mdlm_state_dict
 
 
@@ -158,19 +169,6 @@ def test_pickle_checkpoints_are_refused(tmp_path, monkeypatch):
     ckpt.write_bytes(b"not looked at")
     with pytest.raises(MDLMImportError, match="last.ckpt: refusing a pickle checkpoint"):
         load_mdlm_state_dict(ckpt)
-
-
-def sdtt_hydra_config(start_from_hf=True, model_type="ddit-orig", time_conditioning=False):
-    """The parts of SDTT's Hydra config that MultiRoundSDTT.push_to_hub saves as config.json
-    (configs/config.yaml, model/dit-orig-small.yaml, parameterization/multi-round-sdtt.yaml), at the
-    test's small shape."""
-    return {"mode": "train", "time_conditioning": time_conditioning, "T": 0,
-            "model": {"name": "small", "type": model_type, "hidden_size": D, "cond_dim": COND, "length": LENGTH,
-                      "n_blocks": LAYERS, "n_heads": HEADS, "scale_by_sigma": True, "dropout": 0.1,
-                      "tie_word_embeddings": False},
-            "parameterization": {"name": "multi-round-sdtt", "checkpoint_path": "kuleshov-group/mdlm-owt",
-                                 "start_from_hf": start_from_hf, "distill_mode": "kl-bwd", "num_distill_steps": 2},
-            "tokenizer": {"name": "gpt2"}, "training": {"ema": 0.9999, "sampling_eps": 1e-5}}
 
 
 @pytest.mark.parametrize("prefix,start_from_hf", [("backbone.backbone.", True), ("backbone.", False),

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
+from tests.helpers import read_tb_scalars
 from trainer.config import RunConfig
 from trainer.runtime import metrics
-from trainer.runtime.metrics import DataWaitTimer, MetricsWriter, Throughput, read_tb_scalars
+from trainer.runtime.metrics import DataWaitTimer, MetricsWriter, Throughput
 
 
 def test_writer_tb_and_jsonl(tmp_path):
@@ -66,7 +67,10 @@ def test_throughput_and_data_wait(monkeypatch):
             clock.t += 0.25  # fetching takes 0.25 s
             yield i
 
-    for _ in timer.wrap(loader()):
+    batches = loader()
+    for _ in range(4):
+        with timer.waiting():
+            next(batches)
         clock.t += 0.75  # the step takes 0.75 s
     assert timer.fraction() == pytest.approx(0.25)
     with timer.waiting():

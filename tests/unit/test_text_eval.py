@@ -136,8 +136,9 @@ def test_report_text_section_and_hparams(tmp_path):
     """The report's text tables and the TensorBoard hparams summary, from evaluation files."""
     import json as _json
 
+    from tests.helpers import read_tb_scalars
     from trainer.evaluation import text_report
-    from trainer.runtime.metrics import MetricsWriter, read_tb_scalars
+    from trainer.runtime.metrics import MetricsWriter
 
     def ev(model, r, round_steps, rows):
         d = tmp_path / ("teacher" if r == 0 else f"round_{r}") / "eval"

@@ -149,12 +149,12 @@ def rank_reader(targets: Path, manifest: Mapping[str, Any], cfg: RunConfig, worl
                 workers: int) -> tuple[Any, Any]:
     """The distill job's reader for one rank: (RankReader, Geometry). Same order, streams and
     WebDataset pipeline as the distill job (checksums are not re-verified here)."""
-    from trainer.targets import reader as SR
+    from trainer.targets import reader
 
-    geo = SR.geometry(cfg.distill.global_batch_size, world, rank, cfg.distill.streams, workers)
-    order = SR.SampleOrder(SR.units_of(manifest), geo.streams, cfg.seed, int(manifest["round"]),
+    geo = reader.geometry(cfg.distill.global_batch_size, world, rank, cfg.distill.streams, workers)
+    order = reader.SampleOrder(reader.units_of(manifest), geo.streams, cfg.seed, int(manifest["round"]),
                            resample=cfg.distill.resample)
-    return SR.RankReader(targets, order, geo, workers), geo
+    return reader.RankReader(targets, order, geo, workers), geo
 
 
 def to_batch(samples: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any], cfg: RunConfig,

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from cluster.pipeline import free_port
 from tools.benchmarks.common import (
     READER,
     REPO,
@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                                                                           args.samples)
         out_file = work / "train.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(REPO / "tools" / "bench.py"), "_train_worker", "--config", str(args.config),
                "--targets", str(targets), "--modes", ",".join(modes), "--steps", str(args.steps),
                "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--out", str(out_file),
@@ -87,12 +87,6 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                ratio_range=spread, reader=res["reader"], goal={"zero2_over_ddp": 0.90}, precision=res["precision"],
                threads=res["threads"])
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cmd_train_worker(args: argparse.Namespace) -> dict[str, Any] | None:

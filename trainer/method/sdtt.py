@@ -209,12 +209,6 @@ def make_examples(denoise: Denoiser, x0: Tensor, indices: Sequence[int], spec: E
             for b, (i, fields) in enumerate(zip(indices, coded))]
 
 
-def make_example(x0: Tensor, index: int, seed: int, round_idx: int, denoise: Denoiser, **spec: Any) -> Example:
-    """One example (x0: [L]); ``spec`` holds the other ExampleSpec fields. Same result as the
-    corresponding entry of a batched ``make_examples`` call (given a batch-invariant teacher)."""
-    return make_examples(denoise, x0[None], [index], ExampleSpec(seed=seed, round_idx=round_idx, **spec))[0]
-
-
 # --------------------------------------------------------------------------------------------------
 # Divergences
 # --------------------------------------------------------------------------------------------------

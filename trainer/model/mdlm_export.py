@@ -14,7 +14,7 @@ To load the folder with ``transformers.AutoModelForMaskedLM.from_pretrained(dir,
 (what MDLM's ``backbone=hf_dit`` and SDTT's teacher loading call), copy MDLM's ``configuration_mdlm.py``
 and ``modeling_mdlm.py`` (from the mdlm-owt repository) beside it; the ``auto_map`` in config.json names
 them. They are MDLM's code, not shipped here, and load under transformers < 5 (the hub's ``MDLM`` never
-calls ``post_init()``, which transformers 5's loader needs). tests/mdlm_hub.py states what that code
+calls ``post_init()``, which transformers 5's loader needs). tests/helpers/mdlm_hub.py states what that code
 reads; tests/unit/test_mdlm_consumers.py checks an export against it.
 """
 from __future__ import annotations

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from trainer.runtime import dist
-
-T = TypeVar("T")
 
 
 class MetricsWriter:
@@ -157,9 +155,8 @@ class GpuStats:
 class DataWaitTimer:
     """Fraction of wall time spent waiting for input, since the last ``fraction()`` call.
 
-    Either wrap the loader (``for batch in timer.wrap(loader)``) or time a fetch explicitly
-    (``with timer.waiting(): batch = next(it)``). Near 0 is healthy; a large value means the
-    accelerator is starved by the data pipeline.
+    Time each fetch (``with timer.waiting(): batch = next(it)``). Near 0 is healthy; a large value
+    means the accelerator is starved by the data pipeline.
     """
 
     def __init__(self) -> None:
@@ -177,28 +174,9 @@ class DataWaitTimer:
         finally:
             self._waited += time.perf_counter() - t
 
-    def wrap(self, iterable: Iterable[T]) -> Iterator[T]:
-        it = iter(iterable)
-        while True:
-            with self.waiting():
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-            yield item
-
     def fraction(self, reset: bool = True) -> float:
         total = max(time.perf_counter() - self._t0, 1e-9)
         frac = min(1.0, self._waited / total)
         if reset:
             self.reset()
         return frac
-
-
-def read_tb_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars in a TensorBoard log folder: ``{tag: [(step, value), ...]}`` in write order."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={SCALARS: 0})  # 0 = keep every point
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}

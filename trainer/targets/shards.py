@@ -102,9 +102,6 @@ class ShardPlan:
         start = shard * self.samples_per_shard
         return range(start, min(start + self.samples_per_shard, self.num_samples))
 
-    def shard_of(self, index: int) -> int:
-        return index // self.samples_per_shard
-
     def owned(self, rank: int, world_size: int) -> list[int]:
         """Round-robin: rank r writes shards r, r + W, r + 2W, ..."""
         return list(range(rank, self.num_shards, world_size))

@@ -1,12 +1,13 @@
 """Shared test builders and constants: running the real job entry points (torchrun, 2 CPU processes
-over gloo), the shortened pipeline's overrides, the distill tests' base run. Tests import from here,
-never from each other."""
+over gloo), the shortened pipeline's overrides, the distill tests' base run, small MDLM checkpoints,
+a corpus in every format, TensorBoard read back. The local SLURM cluster and runs on it:
+tests/helpers/slurm.py; MDLM's and SDTT's hub code: tests/helpers/mdlm_hub.py. Tests import from
+this package, never from each other (tests/unit/test_layering.py)."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from cluster.pipeline import free_port
 from trainer.config import load_config, save_config
 from trainer.data.prepared import prepare_data
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import export_weights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
 # Small enough for CI, still the tiny config's model and data.
@@ -27,10 +29,8 @@ FAST = ["data.num_train_sequences=2048", "data.num_valid_sequences=64", "train.l
         "train.eval_batches=2", "eval.num_samples=64", "sampling.steps=16"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ProcessInFastTest(AssertionError):
+    """A fast test (outside tests/conftest.py SLOW_FOLDERS) tried to start a process."""
 
 
 def env() -> dict:
@@ -67,6 +67,15 @@ def exit_code(main, argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+def read_tb_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars in a TensorBoard log folder: ``{tag: [(step, value), ...]}`` in write order."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={SCALARS: 0})  # 0 = keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -117,7 +126,7 @@ def random_teacher_run(run: Path, overrides: list[str], std: float) -> Path:
 
 def base_run(tmp_path_factory) -> Path:
     """A run folder with config.yaml, prepared data, a random teacher and round 1's targets, built
-    once per test session (shared by test_shard_reader.py and test_distill.py). Copy it before writing to it."""
+    once per test session (shared by test_reader.py and test_distill.py). Copy it before writing to it."""
     root = tmp_path_factory.getbasetemp() / "distill-base"
     run = root / "run"
     if (root / "ready").exists():
@@ -197,6 +206,19 @@ def hf_config(time_conditioning=False):
             "n_heads": HEADS, "dropout": 0.1, "time_conditioning": time_conditioning}
 
 
+def sdtt_hydra_config(start_from_hf=True, model_type="ddit-orig", time_conditioning=False):
+    """The parts of SDTT's Hydra config that MultiRoundSDTT.push_to_hub saves as config.json
+    (configs/config.yaml, model/dit-orig-small.yaml, parameterization/multi-round-sdtt.yaml), at the
+    test's small shape."""
+    return {"mode": "train", "time_conditioning": time_conditioning, "T": 0,
+            "model": {"name": "small", "type": model_type, "hidden_size": D, "cond_dim": COND, "length": LENGTH,
+                      "n_blocks": LAYERS, "n_heads": HEADS, "scale_by_sigma": True, "dropout": 0.1,
+                      "tie_word_embeddings": False},
+            "parameterization": {"name": "multi-round-sdtt", "checkpoint_path": "kuleshov-group/mdlm-owt",
+                                 "start_from_hf": start_from_hf, "distill_mode": "kl-bwd", "num_distill_steps": 2},
+            "tokenizer": {"name": "gpt2"}, "training": {"ema": 0.9999, "sampling_eps": 1e-5}}
+
+
 def random_weights(model: DiT, seed: int = 0, scale: float = 0.2) -> DiT:
     """``model`` with seeded normal weights of std ``scale`` (a fixed, untrained net whose outputs are
     not near uniform), in eval mode."""
@@ -213,3 +235,29 @@ def byte_ar_judge(seed: int = 0):
 
     cfg = ModelConfig(vocab_size=257, n_layers=2, d_model=32, n_heads=4, cond_dim=16, max_seq_len=64)
     return ARJudge(random_weights(DiT(cfg, causal=True), seed), ByteTokenizer())
+
+
+# --------------------------------------------------------------------------------------------------
+# A small corpus in every local format
+# --------------------------------------------------------------------------------------------------
+CORPUS_DOCS = [f"document {i}: " + "lorem ipsum " * (i % 5) + "é" * (i % 3) for i in range(50)]
+
+
+def write_corpus_formats(root):
+    """CORPUS_DOCS in every local format the text source reads (tests/unit/test_text_data.py,
+    tests/processes/test_packing_workers.py)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "c.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(CORPUS_DOCS)))
+    table = pa.table({"id": list(range(len(CORPUS_DOCS))), "text": CORPUS_DOCS})
+    pq.write_table(table, root / "c.parquet", row_group_size=7)
+    with pa.OSFile(str(root / "file.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table, max_chunksize=9)
+    ds = datasets.Dataset.from_dict({"text": CORPUS_DOCS, "id": list(range(len(CORPUS_DOCS)))})
+    ds.save_to_disk(str(root / "saved"))
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(3))}).save_to_disk(str(root / "dict"))
+    (root / "one.txt").write_text(CORPUS_DOCS[0])
+    return root

@@ -12,8 +12,7 @@ import torch
 
 from tests.helpers import G, N, base_run
 from trainer.config import ConfigError
-from trainer.targets import codecs, header
-from trainer.targets import reader as SR
+from trainer.targets import codecs, header, reader
 from trainer.targets import shards as SH
 
 
@@ -32,8 +31,8 @@ def manifest(tset) -> dict:
 # --------------------------------------------------------------------------------------------------
 def test_order_uses_every_sample_once_per_epoch_and_resumes_exactly():
     # Uneven shards (the last one short) and parts that cut shards in the middle.
-    units = [SR.Unit(f"s{j}", 32 * j, 32) for j in range(7)] + [SR.Unit("s7", 224, 20)]
-    order = SR.SampleOrder(units, streams=4, seed=0, round_idx=1)
+    units = [reader.Unit(f"s{j}", 32 * j, 32) for j in range(7)] + [reader.Unit("s7", 224, 20)]
+    order = reader.SampleOrder(units, streams=4, seed=0, round_idx=1)
     total = 244
     for p in range(4):
         seq = order.take(p, 0, 3 * order.part_size(p))
@@ -45,49 +44,49 @@ def test_order_uses_every_sample_once_per_epoch_and_resumes_exactly():
                 if e == epoch]
         assert sorted(seen) == list(range(total)), epoch
     assert order.permutation(0).tolist() != order.permutation(1).tolist()  # a new shard order per epoch
-    other = SR.SampleOrder(units, streams=4, seed=0, round_idx=2)
+    other = reader.SampleOrder(units, streams=4, seed=0, round_idx=2)
     assert other.take(0, 0, 40) != order.take(0, 0, 40)  # and per round
 
 
 def test_resampled_stream_is_deterministic_and_resumable():
-    units = [SR.Unit(f"s{j}", 10 * j, 10) for j in range(5)]
-    order = SR.SampleOrder(units, streams=2, seed=3, round_idx=1, resample=True)
+    units = [reader.Unit(f"s{j}", 10 * j, 10) for j in range(5)]
+    order = reader.SampleOrder(units, streams=2, seed=3, round_idx=1, resample=True)
     seq = order.take(1, 0, 200)
     assert order.take(1, 37, 50) == seq[37:87]
-    assert SR.SampleOrder(units, 2, 3, 1, resample=True).take(1, 0, 200) == seq
+    assert reader.SampleOrder(units, 2, 3, 1, resample=True).take(1, 0, 200) == seq
     assert all(i % 10 == 0 for i, _ in seq[::10])  # whole shards, from their start
     assert seq != order.take(0, 0, 200)
 
 
 def test_geometry_names_the_key():
-    assert SR.geometry(16, 2, 1, 0, 0) == SR.Geometry(2, 8, range(1, 2))
-    assert SR.geometry(16, 2, 0, 0, 2) == SR.Geometry(4, 4, range(0, 2))
+    assert reader.geometry(16, 2, 1, 0, 0) == reader.Geometry(2, 8, range(1, 2))
+    assert reader.geometry(16, 2, 0, 0, 2) == reader.Geometry(4, 4, range(0, 2))
     with pytest.raises(ConfigError, match="distill.streams"):
-        SR.geometry(16, 2, 0, 3, 0)
+        reader.geometry(16, 2, 0, 3, 0)
     with pytest.raises(ConfigError, match="distill.loader_workers"):
-        SR.geometry(16, 2, 0, 4, 3)
+        reader.geometry(16, 2, 0, 4, 3)
     with pytest.raises(ConfigError, match="distill.global_batch_size"):
-        SR.geometry(15, 2, 0, 0, 0)
+        reader.geometry(15, 2, 0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading real shards
 # --------------------------------------------------------------------------------------------------
 def _read(tset, order, geo, steps, workers, start=0) -> list[list[dict]]:
-    reader = SR.RankReader(tset, order, geo, workers)
+    rank_reader = reader.RankReader(tset, order, geo, workers)
     try:
-        return [reader.batch(k) for k in range(start, start + steps)]
+        return [rank_reader.batch(k) for k in range(start, start + steps)]
     finally:
-        reader.close()
+        rank_reader.close()
 
 
 def test_reader_splits_over_ranks_and_workers_each_sample_once_per_epoch(tset, manifest):
-    units = SR.units_of(manifest)
+    units = reader.units_of(manifest)
     steps = N // G  # one epoch
     per_rank: dict[int, list[list[int]]] = {}
     for rank in range(2):
-        geo = SR.geometry(G, 2, rank, 0, 2)  # 2 ranks x 2 workers: 4 streams of 4 samples per step
-        order = SR.SampleOrder(units, geo.streams, seed=0, round_idx=1)
+        geo = reader.geometry(G, 2, rank, 0, 2)  # 2 ranks x 2 workers: 4 streams of 4 samples per step
+        order = reader.SampleOrder(units, geo.streams, seed=0, round_idx=1)
         batches = _read(tset, order, geo, steps, workers=2)
         per_rank[rank] = [[int(s["meta"]["index"]) for s in b] for b in batches]
         # the pure order says what to expect, and the main process reads the same without workers
@@ -103,17 +102,17 @@ def test_reader_splits_over_ranks_and_workers_each_sample_once_per_epoch(tset, m
 
 
 def test_collated_targets_line_up_with_the_student_rows(tset, manifest):
-    geo = SR.geometry(G, 1, 0, 0, 0)
-    order = SR.SampleOrder(SR.units_of(manifest), geo.streams, 0, 1)
+    geo = reader.geometry(G, 1, 0, 0, 0)
+    order = reader.SampleOrder(reader.units_of(manifest), geo.streams, 0, 1)
     samples = _read(tset, order, geo, 1, 0)[0]
-    xt, t, fields = SR.collate_fields(samples, "topk", 64, 64)
+    xt, t, fields = reader.collate_fields(samples, "topk", 64, 64)
     targets = codecs.decode(fields, "topk", 64, 8)
     student = torch.zeros(G, 64, 65)[xt == 64]  # the student's rows: DiT(rows=xt == MASK)
     assert student.shape[0] == targets.ids.shape[0] == int((xt == 64).sum())
     assert torch.equal(t, torch.tensor([s["meta"]["t"] for s in samples], dtype=torch.float32))
     broken = dict(samples[0], logtail=samples[0]["logtail"][:-1])
     with pytest.raises(SH.ShardError, match="coded positions"):
-        SR.collate_fields([broken], "topk", 64, 64)
+        reader.collate_fields([broken], "topk", 64, 64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,19 +149,19 @@ def test_bad_checksum_fail_names_the_shard_and_skip_counts_it(tset, manifest, tm
     data = bytearray((out / bad_name).read_bytes())
     data[2000] ^= 0xFF  # one flipped byte: same size, other sha256
     (out / bad_name).write_bytes(bytes(data))
-    assert SR.verify_shards(tset, manifest, "fail") == []
+    assert reader.verify_shards(tset, manifest, "fail") == []
     with pytest.raises(SH.ShardError, match=f"{out / bad_name}: sha256 .*corrupt"):
-        SR.verify_shards(out, manifest, "fail")
-    bad = SR.verify_shards(out, manifest, "skip")
+        reader.verify_shards(out, manifest, "fail")
+    bad = reader.verify_shards(out, manifest, "skip")
     assert [b.name for b in bad] == [bad_name]
-    units = SR.units_of(manifest, [b.name for b in bad])
-    order = SR.SampleOrder(units, 2, 0, 1)
+    units = reader.units_of(manifest, [b.name for b in bad])
+    order = reader.SampleOrder(units, 2, 0, 1)
     seen = sorted(i for p in range(2) for i, _ in order.take(p, 0, order.part_size(p)))
     assert seen == [i for i in range(N) if not 96 <= i < 128]  # shard 3's samples are left out
     (out / manifest["shards"][5]["name"]).write_bytes(data[:1000])  # truncated
-    assert [b.reason.split(" ")[0] for b in SR.verify_shards(out, manifest, "skip")] == ["sha256", "size"]
+    assert [b.reason.split(" ")[0] for b in reader.verify_shards(out, manifest, "skip")] == ["sha256", "size"]
     with pytest.raises(ConfigError, match="targets.verify"):
-        SR.verify_shards(out, manifest, "maybe")
+        reader.verify_shards(out, manifest, "maybe")
 
 
 def test_meta_index_mismatch_is_named(tset, manifest, tmp_path):
@@ -172,6 +171,6 @@ def test_meta_index_mismatch_is_named(tset, manifest, tmp_path):
     a, b = manifest["shards"][0]["name"], manifest["shards"][1]["name"]
     os.replace(out / a, out / "x.tar")
     os.replace(out / b, out / a)
-    unit = SR.units_of(manifest)[0]
+    unit = reader.units_of(manifest)[0]
     with pytest.raises(SH.ShardError, match=f"{a}: sample 0 is key '0000000032'"):
-        next(SR.read_segment(out, unit, SR.Segment(0, 0, 32, 0)))
+        next(reader.read_segment(out, unit, reader.Segment(0, 0, 32, 0)))
