@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.errors import BadInput  # noqa: E402
+from trainer.method.codecs import GPT2_VOCAB, bytes_per_position, id_dtype  # noqa: E402
 from trainer.targets import shards  # noqa: E402
-from trainer.targets.codecs import GPT2_VOCAB, bytes_per_position, id_dtype  # noqa: E402
 
 
 def size_table(vocab: int, ks: list[int], distinct: dict[int, float] | None = None) -> list[str]:

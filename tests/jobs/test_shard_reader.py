@@ -12,7 +12,8 @@ import torch
 
 from tests.helpers import G, N, base_run
 from trainer.config import ConfigError
-from trainer.targets import codecs, header
+from trainer.method import codecs
+from trainer.targets import header
 from trainer.targets import reader as SR
 from trainer.targets import shards as SH
 

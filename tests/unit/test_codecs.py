@@ -1,4 +1,4 @@
-"""trainer/targets/codecs.py: each code against the dense distribution it stands for."""
+"""trainer/method/codecs.py: each code against the dense distribution it stands for."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.targets import codecs as C
+from trainer.method import codecs as C
 
 
 def _log_probs(m=5, vocab=16, seed=0, scale=2.0) -> torch.Tensor:

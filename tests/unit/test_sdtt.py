@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.method import codecs as C
 from trainer.method import diffusion as D
 from trainer.method import sdtt as S
-from trainer.targets import codecs as C
 
 EPS = 1e-3
 V = 10

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.targets import codecs as C
+from trainer.method import codecs as C
 from trainer.targets import shards as SH
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
+from trainer.method import codecs as C
 from trainer.method import sdtt as S
-from trainer.targets import codecs as C
 
 
 def _teacher_student(n: int = 2000, vocab: int = 64, seed: int = 0, noise: float = 1.0):

@@ -27,12 +27,12 @@ from tools.benchmarks.common import (
 from tools.benchmarks.timing import table
 from trainer.config import RunConfig, load_config, round_steps
 from trainer.distill.batches import offline_batch
-from trainer.method import sdtt
+from trainer.method import codecs, sdtt
 from trainer.method.losses import mdlm_loss
 from trainer.method.sampling import make_denoiser
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import load_model
-from trainer.targets import codecs, shards
+from trainer.targets import shards
 
 
 def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from trainer.config import RunConfig
-from trainer.method import diffusion, sdtt
-from trainer.targets import codecs
+from trainer.method import codecs, diffusion, sdtt
 
 Forward = Callable[..., Tensor]
 

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.method import diffusion
-from trainer.targets import codecs
+from trainer.method import codecs, diffusion
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator]

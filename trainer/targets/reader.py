@@ -47,8 +47,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer import fileio
 from trainer.config import ConfigError
+from trainer.method import codecs
 from trainer.runtime import dist
-from trainer.targets import codecs, shards
+from trainer.targets import shards
 from trainer.targets.shards import BadShard, ShardError
 
 ORDER_DOMAIN = 0x5D79  # separates the order's seeds from every other use of (seed, round, ...)
