@@ -558,7 +558,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _choice(ds.divergence, ("rkl", "fkl", "mse", "tvd"), source, "distill.divergence")
     _choice(ds.mode, ("offline", "online"), source, "distill.mode")
     # A sampled code is zero off its sampled ids: only forward KL is defined (and unbiased) on it
-    # (trainer/method/sdtt.py, SUPPORTED).
+    # (trainer/method/divergences.py, SUPPORTED).
     _check(ds.mode != "offline" or g.codec != "sampled" or ds.divergence == "fkl", source, "distill.divergence",
            f"'{ds.divergence}' cannot be computed from targets.codec=sampled targets; use fkl, or targets.codec=topk")
     # The tail draws estimate the within-tail KL of either direction; TV and MSE have no such estimate.

@@ -268,7 +268,7 @@ def divergence_kept(probe: DiT, tden: Callable, x0: Tensor, cfg: RunConfig, code
     round's start the student IS the teacher and the dense loss is ~0, so any ratio would be noise):
     (coded loss / dense loss, cosine between the gradients of the coded and the dense loss). The
     value ratio is NaN for the sampled code: its forward KL is off by a student-independent offset
-    (trainer.method.sdtt.sparse_divergence), only its gradient is comparable."""
+    (trainer.method.divergences.sparse_divergence), only its gradient is comparable."""
     V = cfg.model.vocab_size
     idx = range(10**6, 10**6 + x0.shape[0])  # indices no training batch uses
     student = copy.deepcopy(probe).train()

@@ -17,7 +17,7 @@ that is ~200 KB per position in fp32, so the offline target set needs a sparse c
     replacement from the teacher's tail law (its distribution renormalised over the V - K non-stored
     ids; float64 inverse CDF, from the sample's generator) and ``tail_logp`` fp16 [M, K], the teacher's
     log-probs there. Where ``topk`` only knows the tail's total mass, these give an unbiased estimate
-    of how the student's tail shape differs from the teacher's (trainer/method/sdtt.py), so a student
+    of how the student's tail shape differs from the teacher's (trainer/method/divergences.py), so a student
     cannot collapse its tail for free. Twice ``topk``'s bytes at the same K. With K = V (no tail) the
     tail fields hold id 0 and -inf.
 ``sampled``
@@ -33,7 +33,7 @@ uint16 when the vocabulary fits (V <= 65,536, GPT-2 included: 2 bytes instead of
 int32 otherwise; ``decode`` always returns int64. Counts and ``nuniq`` are uint8 when K <= 255.
 
 Only npy-friendly numeric arrays: a shard never needs pickle. The divergences that go with each code
-live in trainer/method/sdtt.py, so the pairing is tested in one place.
+live in trainer/method/divergences.py, so the pairing is tested in one place.
 
 ``python tools/inspect_shards.py --sizes [--config FILE]`` prints bytes per stored position.
 """
@@ -222,7 +222,7 @@ def _encode_sampled(log_probs: Tensor, k: int, vocab: int, generator: torch.Gene
 
 
 # --------------------------------------------------------------------------------------------------
-# Decoding (to torch, ready for the divergences in trainer/method/sdtt.py)
+# Decoding (to torch, ready for the divergences in trainer/method/divergences.py)
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class DenseTargets:

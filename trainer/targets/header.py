@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import RunConfig, round_steps
-from trainer.method import sdtt
+from trainer.method import divergences, sdtt
 from trainer.targets.shards import FORMAT, ShardError
 
 ROWS = "train[perm(seed, round, i // N)[i % N]]"  # how sample i picks its clean row (trainer/data/rows.py)
@@ -114,7 +114,7 @@ def check(manifest: Mapping[str, Any], expected: Mapping[str, Any], where: str |
     if diff:
         raise ManifestMismatch(f"{where}: target set does not fit this student: " + "; ".join(diff))
     try:
-        sdtt.check_pairing(manifest["codec"], divergence)
+        divergences.check_pairing(manifest["codec"], divergence)
     except ValueError as e:
         raise ManifestMismatch(f"{where}: field 'codec' ({manifest['codec']!r}, k={manifest['k']}): {e}") from None
     if not 1 <= int(manifest["k"]) <= int(manifest["vocab_size"]):
