@@ -47,9 +47,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trainer.config import Codec, choice_names
 from trainer.errors import BadInput
 
-CODECS = ("topk", "topk_is", "sampled", "dense")
+CODECS = choice_names(Codec)  # declared in trainer/config.py
 GPT2_VOCAB = 50257
 
 # Field names each codec writes (besides the per-sample ``xt.npy`` and ``meta.json``).

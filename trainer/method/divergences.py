@@ -12,16 +12,12 @@ import math
 import torch
 from torch import Tensor
 
+from trainer.config import PAIRS, Divergence, choice_names
 from trainer.method import codecs
 
-DIVERGENCES = ("rkl", "fkl", "mse", "tvd")
-# Which divergences each codec can serve. The sampled code is an unbiased estimate of the teacher
-# distribution with zeros off the sampled ids: forward KL (cross-entropy against the estimate) stays
-# unbiased in its gradient; reverse KL and MSE would need the teacher's log-prob wherever the student
-# has mass (infinite at the zeros), and TV of the estimate is biased (|.| is not linear).
-# topk_is: its tail draws estimate the within-tail KL of either direction; TV and MSE have no such estimate.
-SUPPORTED: dict[str, tuple[str, ...]] = {"dense": DIVERGENCES, "topk": DIVERGENCES, "topk_is": ("rkl", "fkl"),
-                                         "sampled": ("fkl",)}
+DIVERGENCES = choice_names(Divergence)  # declared in trainer/config.py, as is the pairing below
+# Which divergences each codec can serve, with the reasons: trainer/config.py PAIRS.
+SUPPORTED: dict[str, tuple[str, ...]] = {codec.value: choice_names(served) for codec, served in PAIRS.items()}
 
 
 def _finite(x: Tensor) -> Tensor:

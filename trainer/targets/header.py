@@ -45,7 +45,7 @@ def example_spec(cfg: RunConfig, round_idx: int, *, codec: str | None = None, k:
         dt=sdtt.teacher_dt(round_steps(cfg, round_idx), g.teacher_steps, cfg.diffusion.sampling_eps),
         teacher_steps=g.teacher_steps, mask_id=cfg.model.vocab_size, noise_eps=cfg.diffusion.noise_eps,
         train_eps=cfg.diffusion.train_eps, t_min=cfg.diffusion.sampling_eps,
-        codec=codec if codec is not None else g.codec, k=k if k is not None else g.k)
+        codec=str(codec if codec is not None else g.codec), k=k if k is not None else g.k)  # the plain name
 
 
 def describe(cfg: RunConfig, round_idx: int, teacher: TeacherId, data_info: Mapping[str, Any]) -> dict[str, Any]:

@@ -46,7 +46,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer import fileio
-from trainer.config import ConfigError
+from trainer.config import ConfigError, VerifyPolicy, choice_names
 from trainer.method import codecs
 from trainer.runtime import dist
 from trainer.targets import shards
@@ -66,8 +66,9 @@ def _check_shard(root: Path, entry: Mapping[str, Any]) -> BadShard | None:
 def verify_shards(root: str | Path, manifest: Mapping[str, Any], policy: str) -> list[BadShard]:
     """Check every listed shard (rank r hashes shards r, r + W, ...; a collective: call on every
     rank). ``fail``: raise naming the bad shard(s); ``skip``: return them (sorted by name)."""
-    if policy not in ("fail", "skip"):
-        raise ConfigError(f"bad config key 'targets.verify': '{policy}' is not one of fail, skip")
+    allowed = choice_names(VerifyPolicy)
+    if policy not in allowed:
+        raise ConfigError(f"bad config key 'targets.verify': '{policy}' is not one of {', '.join(allowed)}")
     root = Path(root)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = [b for e in manifest["shards"][rank::world] if (b := _check_shard(root, e)) is not None]
