@@ -168,7 +168,7 @@ def target_size(cfg: RunConfig) -> TargetSize:
 
     L, V = cfg.data.seq_len, cfg.model.vocab_size
     per_pos = codecs.bytes_per_position(cfg.targets.codec, cfg.targets.k, V)
-    members = 2 + len(codecs.FIELDS[cfg.targets.codec])  # xt, the codec's fields, meta
+    members = 2 + len(codecs.get(cfg.targets.codec).fields)  # xt, the codec's fields, meta
     expected = 4 * L + 0.5 * L * per_pos + 128 + members * (512 + 128 + 256)
     return TargetSize(expected, shards.max_sample_bytes(cfg.targets.codec, cfg.targets.k, V, L))
 

@@ -21,7 +21,7 @@ def _teacher_student(n: int = 2000, vocab: int = 64, seed: int = 0, noise: float
 def _code(t: torch.Tensor, codec: str, k: int, seed: int = 0):
     gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(t.shape[0])]
     fields = C.encode_rows(t.float(), [1] * t.shape[0], codec, k, gens)
-    joined = {f: np.concatenate([x[f] for x in fields]) for f in C.FIELDS[codec]}
+    joined = {f: np.concatenate([x[f] for x in fields]) for f in C.get(codec).fields}
     return C.decode(joined, codec, t.shape[1], k)
 
 

@@ -8,16 +8,41 @@ log-probabilities.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from trainer.config import PAIRS, Divergence, choice_names
-from trainer.method import codecs
 
 DIVERGENCES = choice_names(Divergence)  # declared in trainer/config.py, as is the pairing below
 # Which divergences each codec can serve, with the reasons: trainer/config.py PAIRS.
 SUPPORTED: dict[str, tuple[str, ...]] = {codec.value: choice_names(served) for codec, served in PAIRS.items()}
+
+
+# What the divergences read of a codec's decoded targets (trainer/method/codecs/), by field: the
+# codecs import this module, never the other way round.
+class CodedTargets(Protocol):
+    codec: str  # its name in trainer.config.Codec
+
+    def divergence(self, student_lp: Tensor, kind: str) -> Tensor: ...
+
+
+class TopKFields(Protocol):
+    ids: Tensor  # int64 [N, K]
+    logp: Tensor  # [N, K]
+    logtail: Tensor  # [N]
+    vocab: int
+
+
+class TailDraws(TopKFields, Protocol):
+    tail_ids: Tensor  # int64 [N, J]
+    tail_logp: Tensor  # [N, J]
+
+
+class SampledFields(Protocol):
+    ids: Tensor  # int64 [N, U]
+    weight: Tensor  # [N, U]: count / draws
 
 
 def _finite(x: Tensor) -> Tensor:
@@ -104,16 +129,18 @@ def lump_student(student_lp: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     return stored, torch.logsumexp(rest, dim=-1)
 
 
-def sparse_divergence(student_lp: Tensor, targets: codecs.Targets, kind: str = "rkl") -> Tensor:
+def sparse_divergence(student_lp: Tensor, targets: CodedTargets, kind: str = "rkl") -> Tensor:
     """Per-position divergence [N] between student log-probs [N, V] at the masked positions (row-major, as
-    ``diffusion.masked_log_probs`` of ``DiT(rows=xt == MASK)``) and coded targets.
+    ``diffusion.masked_log_probs`` of ``DiT(rows=xt == MASK)``) and coded targets, after refusing a
+    pair their codec cannot serve (``check_pairing``). Each codec's targets say which of the
+    functions below they use (``Targets.divergence``, trainer/method/codecs/):
 
     dense: ``dense_divergence`` on the stored log-probs.
 
-    topk: both distributions are coarse-grained onto the K stored ids plus ONE tail bucket (the other
-    V - K tokens): the teacher's bucket holds its stored residual mass (spread uniformly by decode),
-    the student's holds its total mass on those tokens. Every divergence is then the dense one
-    between the two coarse-grained distributions, e.g. for the default reverse KL
+    topk (``topk_divergence``): both distributions are coarse-grained onto the K stored ids plus ONE
+    tail bucket (the other V - K tokens): the teacher's bucket holds its stored residual mass (spread
+    uniformly by decode), the student's holds its total mass on those tokens. Every divergence is
+    then the dense one between the two coarse-grained distributions, e.g. for the default reverse KL
 
         sum_{v in top-K} s_v log(s_v / t_v) + s_tail log(s_tail / t_tail).
 
@@ -129,29 +156,24 @@ def sparse_divergence(student_lp: Tensor, targets: codecs.Targets, kind: str = "
     within-tail KL that the bucket drops, from the stored draws of the teacher's tail: the sum is an
     unbiased estimate of the dense KL, and sees how the student spreads its tail (review F3).
 
-    sampled: only fkl: sum_v p_hat_v (log p_hat_v - log s_v) with p_hat = counts / K. Its gradient
-    (the cross-entropy against p_hat) is unbiased for the dense forward KL's, since E[p_hat] = p;
+    sampled (``sampled_fkl``): only fkl: sum_v p_hat_v (log p_hat_v - log s_v) with p_hat = counts / K.
+    Its gradient (the cross-entropy against p_hat) is unbiased for the dense forward KL's, since E[p_hat] = p;
     its value differs from KL(p || s) by a student-independent offset (E[sum p_hat log p_hat]
     >= sum p log p).
     """
-    if isinstance(targets, codecs.DenseTargets):
-        return dense_divergence(student_lp, targets.logp.to(student_lp.device), kind)
-    if isinstance(targets, codecs.TopKISTargets):
-        check_pairing("topk_is", kind)
-        coarse = _topk_divergence(student_lp, targets, kind)
-        return coarse + tail_shape_term(student_lp, targets, kind)
-    if isinstance(targets, codecs.TopKTargets):
-        return _topk_divergence(student_lp, targets, kind)
-    if isinstance(targets, codecs.SampledTargets):
-        check_pairing("sampled", kind)
-        ids = targets.ids.to(student_lp.device)
-        w = targets.weight.to(student_lp)
-        lt = torch.where(w > 0, torch.log(w.clamp(min=1e-30)), torch.full_like(w, -math.inf))
-        return _plogq_terms(lt, student_lp.gather(-1, ids)).sum(-1)
-    raise TypeError(f"sparse_divergence: unknown targets type {type(targets).__name__}")
+    check_pairing(targets.codec, kind)
+    return targets.divergence(student_lp, kind)
 
 
-def _topk_divergence(student_lp: Tensor, targets: codecs.TopKTargets, kind: str) -> Tensor:
+def sampled_fkl(student_lp: Tensor, targets: SampledFields) -> Tensor:
+    """Forward KL [N] against the sampled estimate p_hat (``sparse_divergence``: its only divergence)."""
+    ids = targets.ids.to(student_lp.device)
+    w = targets.weight.to(student_lp)
+    lt = torch.where(w > 0, torch.log(w.clamp(min=1e-30)), torch.full_like(w, -math.inf))
+    return _plogq_terms(lt, student_lp.gather(-1, ids)).sum(-1)
+
+
+def topk_divergence(student_lp: Tensor, targets: TopKFields, kind: str) -> Tensor:
     """The divergence between the student and the teacher coarse-grained onto the K stored ids + one tail bucket."""
     ids = targets.ids.to(student_lp.device)
     ls, ls_tail = lump_student(student_lp, ids)
@@ -166,7 +188,7 @@ def _topk_divergence(student_lp: Tensor, targets: codecs.TopKTargets, kind: str)
                               width, kind, targets.vocab)
 
 
-def tail_shape_term(student_lp: Tensor, targets: codecs.TopKISTargets, kind: str) -> Tensor:
+def tail_shape_term(student_lp: Tensor, targets: TailDraws, kind: str) -> Tensor:
     """The within-tail term that the coarse-grained top-K divergence drops, estimated from the stored
     tail draws v_1..v_J ~ t~ (the teacher's law renormalised over the non-stored ids) [N].
 

@@ -324,8 +324,7 @@ class RankReader:
 # --------------------------------------------------------------------------------------------------
 def _positions(fields: Mapping[str, np.ndarray], codec: str) -> int:
     """How many masked positions a sample's codec fields describe."""
-    key = {"dense": "logp", "topk": "logtail", "topk_is": "logtail", "sampled": "nuniq"}[codec]
-    return int(np.asarray(fields[key]).shape[0])
+    return int(np.asarray(fields[codecs.get(codec).positions_field]).shape[0])
 
 
 def collate_fields(samples: Sequence[Mapping[str, Any]], codec: str, mask_id: int, seq_len: int
@@ -335,7 +334,7 @@ def collate_fields(samples: Sequence[Mapping[str, Any]], codec: str, mask_id: in
     (``DiT(rows=xt == MASK)``) (the ragged sampled code
     concatenates too: its ``nuniq`` says where each position's ids end)."""
     xts, ts = [], []
-    parts: dict[str, list[np.ndarray]] = {f: [] for f in codecs.FIELDS[codec]}
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in codecs.get(codec).fields}
     for s in samples:
         where = f"sample {s.get('key')!r}"
         xt = np.asarray(s["xt"])

@@ -68,7 +68,7 @@ def max_sample_bytes(codec: str, k: int, vocab: int, seq_len: int) -> int:
     """An upper bound of one sample's bytes in a tar (all L positions masked, worst-case code)."""
     payload = {"xt": 4 * seq_len}
     per_pos = codecs.bytes_per_position(codec, k, vocab)
-    for name in codecs.FIELDS[codec]:  # bound every field by the whole per-position payload
+    for name in codecs.get(codec).fields:  # bound every field by the whole per-position payload
         payload[name] = int(math.ceil(per_pos * seq_len))
     payload["meta"] = _META_MAX
     total = 0
