@@ -68,6 +68,11 @@ PAIRS: dict[Codec, tuple[Divergence, ...]] = {
 }
 
 
+# The divergences whose optimum over R target draws has a closed form, hence an ideal student
+# (eval.ideal_rollouts; trainer/method/ideal.py): the normalised geometric mean (rkl) or the mean (fkl).
+IDEAL_DIVERGENCES: tuple[Divergence, ...] = (Divergence.rkl, Divergence.fkl)
+
+
 class Schedule(StrEnum):
     """optim.schedule: the lr after warm-up (trainer/runtime/lr.py)."""
 
@@ -676,8 +681,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
            "must be at least 2 (independent rollout sets give the ideal row's Monte Carlo error)")
     _check(ev.ideal_rollouts == 0 or d.source == "synthetic", source, "eval.ideal_rollouts",
            "the ideal-student row is scored by the synthetic source's exact likelihood; text runs do not support it")
-    _check(ev.ideal_rollouts == 0 or cfg.distill.divergence in ("rkl", "fkl"), source, "eval.ideal_rollouts",
-           f"the ideal student is defined for distill.divergence rkl or fkl, not '{cfg.distill.divergence}'")
+    _check(ev.ideal_rollouts == 0 or cfg.distill.divergence in IDEAL_DIVERGENCES, source, "eval.ideal_rollouts",
+           f"the ideal student is defined for distill.divergence {' or '.join(IDEAL_DIVERGENCES)}, not "
+           f"'{cfg.distill.divergence}'")
     _check(ev.judge != "ar" or bool(ev.ar_path) or cfg.teacher.train_ar, source, "eval.judge",
            "eval.judge=ar needs the AR model: set teacher.train_ar=true (the pipeline trains it into "
            "<run>/ar) or eval.ar_path to an AR export")
