@@ -34,10 +34,10 @@ class ConfigError(BadInput, ValueError):
 # StrEnums typed into the dataclasses below: OmegaConf refuses any other value and names the key. A
 # member equals its string ("topk" == Codec.topk, json writes "topk") and the resolved config.yaml
 # holds the member's name, which is spelled like its value, so the file reads as with plain strings.
-# The modules that implement the names (trainer/method/codecs.py, divergences.py, runtime/lr.py,
+# The modules that implement the names (trainer/method/codecs/, divergences.py, runtime/lr.py,
 # targets/reader.py) read them from here, and tests/unit/test_names.py checks that they match.
 class Codec(StrEnum):
-    """targets.codec: how a teacher distribution is stored per masked position (trainer/method/codecs.py)."""
+    """targets.codec: how a teacher distribution is stored per masked position (trainer/method/codecs/)."""
 
     topk = "topk"
     topk_is = "topk_is"

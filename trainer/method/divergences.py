@@ -1,4 +1,4 @@
-"""The divergences between a student and its teacher's targets, dense or coded (trainer/method/codecs.py):
+"""The divergences between a student and its teacher's targets, dense or coded (trainer/method/codecs/):
 what the student is trained against, and which codec can serve which divergence.
 
 Method facts: the SDTT paper (Deschenaux & Gulcehre, 2024). "tvd" is the total variation

@@ -8,7 +8,7 @@ A target set is a folder (``<run>/round_<r>/targets/``) holding
   skip the complete ones, and the shard's bytes are the same whoever wrote it (deterministic tar
   headers): shards of two runs compare by sha256;
 * one sample per noised sequence, its files contiguous: ``<key>.xt.npy`` (int32 [L], MASK = V),
-  the codec's fields ``<key>.<field>.npy`` (trainer/method/codecs.py) for the M masked positions in
+  the codec's fields ``<key>.<field>.npy`` (trainer/method/codecs/) for the M masked positions in
   position order, and ``<key>.meta.json`` (index, round, t, num_masked); key = index, 10 digits;
 * ``plan.json``: the header (what produces the set) written before any shard; a rerun with other
   settings is refused instead of mixing two target sets;
