@@ -22,47 +22,39 @@ import numpy as np  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.errors import BadInput  # noqa: E402
+from trainer.method.codecs import GPT2_VOCAB, REGISTRY, get, id_dtype  # noqa: E402
 from trainer.targets import shards  # noqa: E402
-from trainer.targets.codecs import GPT2_VOCAB, bytes_per_position, id_dtype  # noqa: E402
 
 
 def size_table(vocab: int, ks: list[int], distinct: dict[int, float] | None = None) -> list[str]:
     """Rows of bytes per stored position for every codec and K."""
     rows = [f"vocabulary {vocab}: ids stored as {id_dtype(vocab).name}",
             f"  {'codec':<8} {'K':>6} {'bytes/position':>15}  note"]
-    rows.append(f"  {'dense':<8} {'-':>6} {bytes_per_position('dense', 1, vocab):>15,.0f}  fp32, exact")
-    for k in ks:
-        if k > vocab:
+    # The codecs without K (dense) first, then the others in their declared order, each over ks.
+    for c in sorted(REGISTRY.values(), key=lambda c: c.uses_k):
+        if not c.uses_k:
+            note = c.size_row_note(1, vocab, None)
+            rows.append(f"  {c.name:<8} {'-':>6} {c.bytes_per_position(1, vocab):>15,.0f}  {note}")
             continue
-        rows.append(f"  {'topk':<8} {k:>6} {bytes_per_position('topk', k, vocab):>15,.0f}  "
-                    f"fp16 log-probs + ids + log tail mass")
-    for k in ks:
-        if k > vocab:
-            continue
-        rows.append(f"  {'topk_is':<8} {k:>6} {bytes_per_position('topk_is', k, vocab):>15,.0f}  "
-                    f"topk + K importance-sampled tail ids with their fp16 log-probs")
-    for k in ks:
-        worst = bytes_per_position("sampled", k, vocab)
-        note = "worst case (K distinct ids)"
-        if distinct and k in distinct:
-            note += (f"; measured {bytes_per_position('sampled', k, vocab, distinct[k]):,.1f} "
-                     f"({distinct[k]:.2f} distinct ids)")
-        rows.append(f"  {'sampled':<8} {k:>6} {worst:>15,.0f}  {note}")
+        for k in ks:
+            if k > c.k_max(vocab):
+                continue
+            note = c.size_row_note(k, vocab, (distinct or {}).get(k))
+            rows.append(f"  {c.name:<8} {k:>6} {c.bytes_per_position(k, vocab):>15,.0f}  {note}")
     return rows
 
 
 def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:
     """Quantiles of the codec's per-position statistics over the first ``max_samples`` samples."""
-    codec, values, n = manifest["codec"], [], 0
+    codec, values, n = get(manifest["codec"]), [], 0
     for s in manifest["shards"]:
         if n >= max_samples:
             break
         try:
             for sample in shards.iter_samples(out_dir / s["name"]):
-                if codec in ("topk", "topk_is"):
-                    values.append(np.exp(sample["logtail"].astype(np.float64)))
-                elif codec == "sampled":
-                    values.append(sample["nuniq"].astype(np.float64))
+                v = codec.position_values(sample)
+                if v is not None:
+                    values.append(v)
                 n += 1
                 if n >= max_samples:
                     break
@@ -74,7 +66,7 @@ def sample_stats(out_dir: Path, manifest: dict, max_samples: int) -> list[str]:
     if v.size == 0:
         return []
     q = np.quantile(v, [0.5, 0.9, 0.99])
-    what = "tail mass" if codec in ("topk", "topk_is") else "distinct ids"
+    what = codec.position_label
     return [f"  {what:<10} over {v.size} positions of {n} samples: mean {v.mean():.4g}, median {q[0]:.4g}, "
             f"p90 {q[1]:.4g}, p99 {q[2]:.4g}, max {v.max():.4g}"]
 

@@ -164,11 +164,12 @@ def target_size(cfg: RunConfig) -> TargetSize:
     """Bytes of one target sample: the codec's payload for half the positions masked (the mean of
     t ~ U(0, 1)), the int32 noised sequence, and one tar header + npy header + half a tar block of
     padding per member; the bound is the shard planner's worst case (every position masked)."""
-    from trainer.targets import codecs, shards
+    from trainer.method import codecs
+    from trainer.targets import shards
 
     L, V = cfg.data.seq_len, cfg.model.vocab_size
     per_pos = codecs.bytes_per_position(cfg.targets.codec, cfg.targets.k, V)
-    members = 2 + len(codecs.FIELDS[cfg.targets.codec])  # xt, the codec's fields, meta
+    members = 2 + len(codecs.get(cfg.targets.codec).fields)  # xt, the codec's fields, meta
     expected = 4 * L + 0.5 * L * per_pos + 128 + members * (512 + 128 + 256)
     return TargetSize(expected, shards.max_sample_bytes(cfg.targets.codec, cfg.targets.k, V, L))
 

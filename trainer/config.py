@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,70 @@ from trainer.fileio import atomic_write_text
 
 class ConfigError(BadInput, ValueError):
     """A configuration problem, with the key and the source it came from in the message."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Names: the choices of a key, declared once
+# --------------------------------------------------------------------------------------------------
+# StrEnums typed into the dataclasses below: OmegaConf refuses any other value and names the key. A
+# member equals its string ("topk" == Codec.topk, json writes "topk") and the resolved config.yaml
+# holds the member's name, which is spelled like its value, so the file reads as with plain strings.
+# The modules that implement the names (trainer/method/codecs/, divergences.py, runtime/lr.py,
+# targets/reader.py) read them from here, and tests/unit/test_names.py checks that they match.
+class Codec(StrEnum):
+    """targets.codec: how a teacher distribution is stored per masked position (trainer/method/codecs/)."""
+
+    topk = "topk"
+    topk_is = "topk_is"
+    sampled = "sampled"
+    dense = "dense"
+
+
+class Divergence(StrEnum):
+    """distill.divergence: what the student is trained against (trainer/method/divergences.py)."""
+
+    rkl = "rkl"
+    fkl = "fkl"
+    mse = "mse"
+    tvd = "tvd"
+
+
+# Which divergences each codec's targets can serve (offline distillation). The sampled code is an
+# unbiased estimate of the teacher distribution with zeros off the sampled ids: forward KL
+# (cross-entropy against the estimate) stays unbiased in its gradient; reverse KL and MSE would need
+# the teacher's log-prob wherever the student has mass (infinite at the zeros), and TV of the
+# estimate is biased (|.| is not linear). topk_is: its tail draws estimate the within-tail KL of
+# either direction; TV and MSE have no such estimate.
+PAIRS: dict[Codec, tuple[Divergence, ...]] = {
+    Codec.topk: tuple(Divergence),
+    Codec.topk_is: (Divergence.rkl, Divergence.fkl),
+    Codec.sampled: (Divergence.fkl,),
+    Codec.dense: tuple(Divergence),
+}
+
+
+# The divergences whose optimum over R target draws has a closed form, hence an ideal student
+# (eval.ideal_rollouts; trainer/method/ideal.py): the normalised geometric mean (rkl) or the mean (fkl).
+IDEAL_DIVERGENCES: tuple[Divergence, ...] = (Divergence.rkl, Divergence.fkl)
+
+
+class Schedule(StrEnum):
+    """optim.schedule: the lr after warm-up (trainer/runtime/lr.py)."""
+
+    constant = "constant"
+    cosine = "cosine"
+
+
+class VerifyPolicy(StrEnum):
+    """targets.verify: the reader's answer to a shard with a bad checksum (trainer/targets/reader.py)."""
+
+    fail = "fail"
+    skip = "skip"
+
+
+def choice_names(choices: Iterable[StrEnum]) -> tuple[str, ...]:
+    """The plain strings of a choice list (an enum, or some of its members), in order."""
+    return tuple(c.value for c in choices)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,7 +207,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 2500
-    schedule: str = "constant"  # constant | cosine (after warmup)
+    schedule: Schedule = Schedule.constant  # after warmup
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0
 
@@ -201,13 +267,13 @@ class TargetsConfig:
     teacher_steps: int = 2  # m ancestral teacher steps per student step
     # topk_is (top-K + K importance-sampled tail ids) is the default: at equal bytes it beat topk at
     # the data's entropy (docs/benchmarks.md); topk's bucket is blind to how the student spreads its tail.
-    codec: str = "topk_is"  # topk_is | topk (top-K + one tail bucket) | sampled | dense
+    codec: Codec = Codec.topk_is  # topk_is | topk (top-K + one tail bucket) | sampled | dense
     k: int = 8  # topk_is at K = 8 stores 8K + 4 = 68 bytes per position at GPT-2's vocabulary (topk's at K = 16)
     samples_per_shard: int = 256
     shard_max_bytes: int = 256 * 1024 * 1024
     batch_size: int = 32
     use_ema: bool = True  # load the teacher's EMA weights (else the raw ones)
-    verify: str = "fail"  # reader policy on a bad checksum: fail | skip
+    verify: VerifyPolicy = VerifyPolicy.fail  # reader policy on a bad checksum
     # Keep every round's target shards (true), or remove round R's shards (keeping its manifest)
     # once distill_R is recorded done: nothing reads them after that, and at the small config they
     # are ~55 GB per round. The pipeline removes them only after the done record is written.
@@ -221,7 +287,7 @@ class DistillConfig:
     rounds: int = 7
     start_steps: int = 1024  # sampling steps of the round-1 teacher; halves every round
     steps_per_round: int = 10000
-    divergence: str = "rkl"  # rkl | fkl | mse | tvd
+    divergence: Divergence = Divergence.rkl  # rkl | fkl | mse | tvd
     mode: str = "offline"  # offline (target shards) | online (teacher in the loop, dense)
     resample: bool = False  # infinite resampled stream instead of exact epochs
     lr: float = 6e-5
@@ -514,7 +580,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
            "must be two numbers in [0, 1)")
     _check(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
-    _choice(o.schedule, ("constant", "cosine"), source, "optim.schedule")
+    _choice(o.schedule, choice_names(Schedule), source, "optim.schedule")
     _check(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
 
     e = cfg.engine
@@ -543,28 +609,25 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     g = cfg.targets
     _check(g.num_samples >= 1, source, "targets.num_samples", "must be positive")
     _check(g.teacher_steps >= 1, source, "targets.teacher_steps", "must be at least 1")
-    _choice(g.codec, ("topk", "topk_is", "sampled", "dense"), source, "targets.codec")
+    _choice(g.codec, choice_names(Codec), source, "targets.codec")
     _check(1 <= g.k <= m.vocab_size, source, "targets.k", f"must be in [1, model.vocab_size={m.vocab_size}]")
     _check(g.samples_per_shard >= 1, source, "targets.samples_per_shard", "must be positive")
     _check(g.shard_max_bytes >= 1024, source, "targets.shard_max_bytes", "must be at least 1024")
     _check(g.batch_size >= 1, source, "targets.batch_size", "must be positive")
-    _choice(g.verify, ("fail", "skip"), source, "targets.verify")
+    _choice(g.verify, choice_names(VerifyPolicy), source, "targets.verify")
 
     ds = cfg.distill
     _check(ds.rounds >= 1, source, "distill.rounds", "must be at least 1")
     _check(round_steps(cfg, ds.rounds) >= 1, source, "distill.start_steps",
            f"{ds.start_steps} cannot halve distill.rounds={ds.rounds} times to at least one step")
     _check(ds.steps_per_round >= 1, source, "distill.steps_per_round", "must be positive")
-    _choice(ds.divergence, ("rkl", "fkl", "mse", "tvd"), source, "distill.divergence")
+    _choice(ds.divergence, choice_names(Divergence), source, "distill.divergence")
     _choice(ds.mode, ("offline", "online"), source, "distill.mode")
-    # A sampled code is zero off its sampled ids: only forward KL is defined (and unbiased) on it
-    # (trainer/method/sdtt.py, SUPPORTED).
-    _check(ds.mode != "offline" or g.codec != "sampled" or ds.divergence == "fkl", source, "distill.divergence",
-           f"'{ds.divergence}' cannot be computed from targets.codec=sampled targets; use fkl, or targets.codec=topk")
-    # The tail draws estimate the within-tail KL of either direction; TV and MSE have no such estimate.
-    _check(ds.mode != "offline" or g.codec != "topk_is" or ds.divergence in ("rkl", "fkl"), source,
-           "distill.divergence", f"'{ds.divergence}' cannot be computed from targets.codec=topk_is targets; "
-           "use rkl or fkl, or targets.codec=topk")
+    # Offline, the student reads coded targets: the codec must serve the divergence (PAIRS, with the reasons).
+    served = PAIRS[Codec(g.codec)]  # (g.codec is a member, or a plain string in a config built in code)
+    _check(ds.mode != "offline" or ds.divergence in served, source, "distill.divergence",
+           f"'{ds.divergence}' cannot be computed from targets.codec={g.codec} targets; use "
+           f"{' or '.join(served)}, or targets.codec=topk")
     _check(ds.lr > 0, source, "distill.lr", "must be positive")
     _check(ds.global_batch_size >= 1, source, "distill.global_batch_size", "must be positive")
     _check(0 <= ds.ema < 1, source, "distill.ema", "must be in [0, 1)")
@@ -618,8 +681,9 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
            "must be at least 2 (independent rollout sets give the ideal row's Monte Carlo error)")
     _check(ev.ideal_rollouts == 0 or d.source == "synthetic", source, "eval.ideal_rollouts",
            "the ideal-student row is scored by the synthetic source's exact likelihood; text runs do not support it")
-    _check(ev.ideal_rollouts == 0 or cfg.distill.divergence in ("rkl", "fkl"), source, "eval.ideal_rollouts",
-           f"the ideal student is defined for distill.divergence rkl or fkl, not '{cfg.distill.divergence}'")
+    _check(ev.ideal_rollouts == 0 or cfg.distill.divergence in IDEAL_DIVERGENCES, source, "eval.ideal_rollouts",
+           f"the ideal student is defined for distill.divergence {' or '.join(IDEAL_DIVERGENCES)}, not "
+           f"'{cfg.distill.divergence}'")
     _check(ev.judge != "ar" or bool(ev.ar_path) or cfg.teacher.train_ar, source, "eval.judge",
            "eval.judge=ar needs the AR model: set teacher.train_ar=true (the pipeline trains it into "
            "<run>/ar) or eval.ar_path to an AR export")

@@ -39,7 +39,7 @@ from trainer.distill.rounds import plan_init
 from trainer.fileio import sha256_file
 from trainer.jobs import distill as job
 from trainer.layout import RunLayout
-from trainer.method import sdtt
+from trainer.method import divergences, sdtt
 from trainer.method.sampling import make_denoiser
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import load_model, read_json
@@ -264,7 +264,7 @@ def test_student_equal_to_its_teacher_with_one_teacher_step_has_zero_loss(base):
                             train_eps=1e-3, t_min=1e-5, codec="dense", k=64)
     x0 = torch.from_numpy(np.load(base / "data" / "train.npy")[:8].astype(np.int64))
     batch = online_targets(denoise, Batch(list(range(8)), x0=x0), spec, torch.device("cpu"))
-    for kind in sdtt.DIVERGENCES:
+    for kind in divergences.DIVERGENCES:
         assert abs(distill_loss(student, batch, cfg, kind).item()) < 1e-6, kind
     spec2 = dataclasses.replace(spec, teacher_steps=2)  # two steps: a real target
     batch2 = online_targets(denoise, Batch(list(range(8)), x0=x0), spec2, torch.device("cpu"))

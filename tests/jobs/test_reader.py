@@ -12,7 +12,8 @@ import torch
 
 from tests.helpers import G, N, base_run
 from trainer.config import ConfigError
-from trainer.targets import codecs, header, reader
+from trainer.method import codecs
+from trainer.targets import header, reader
 from trainer.targets import shards as SH
 
 

@@ -1,4 +1,5 @@
-"""trainer/targets/codecs.py: each code against the dense distribution it stands for."""
+"""trainer/method/codecs/: each code against the dense distribution it stands for, and the registry
+that holds one object per codec name of trainer.config.Codec."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.targets import codecs as C
+from trainer.config import PAIRS, Codec, choice_names
+from trainer.method import codecs as C
+from trainer.method import divergences
 
 
 def _log_probs(m=5, vocab=16, seed=0, scale=2.0) -> torch.Tensor:
@@ -173,3 +176,36 @@ def test_encoding_a_batch_equals_encoding_each_sample(codec, k):
             assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
     with pytest.raises(C.CodecError, match="rows of log-probs"):
         C.encode_rows(lp, [1, 2], codec, k, gens()[:2])
+
+
+@pytest.mark.parametrize("name", choice_names(Codec))
+def test_every_declared_codec_is_one_registered_object_that_writes_exactly_its_fields(name):
+    """A new codec is its module plus its name in trainer.config: the registry, the names and the
+    pairing stay one set, and the object's own description (fields, positions, sizes, divergences)
+    is what encode, decode and stats actually do."""
+    assert list(C.REGISTRY) == list(C.CODECS) == list(choice_names(Codec)) and set(PAIRS) == set(Codec)
+    codec = C.get(name)
+    assert codec.name == name and codec.divergences == PAIRS[Codec(name)]
+    lp, k = _log_probs(m=6, vocab=16), 4
+    fields = codec.encode(lp, k, 16, torch.Generator().manual_seed(0) if codec.needs_generator else None)
+    assert tuple(fields) == codec.fields
+    again = C.encode(lp, name, k, torch.Generator().manual_seed(0))
+    assert all(np.array_equal(fields[f], again[f]) and fields[f].dtype == again[f].dtype for f in codec.fields)
+    assert np.asarray(fields[codec.positions_field]).shape[0] == 6 == C.stats(fields, name)["positions"]
+    payload = sum(a.nbytes for a in fields.values())
+    per_position = codec.bytes_per_position(k, 16)
+    assert payload <= 6 * per_position + 1e-9  # the sizes are what is stored (sampled: at most, K distinct ids)
+    targets = C.decode(fields, name, 16, k)
+    assert targets.codec == name and targets.to_dense().shape == (6, 16)
+    student = torch.log_softmax(torch.randn(6, 16, generator=torch.Generator().manual_seed(1)), -1)
+    for kind in divergences.DIVERGENCES:
+        if kind in codec.divergences:
+            assert divergences.sparse_divergence(student, targets, kind).shape == (6,)
+        else:
+            with pytest.raises(ValueError, match=f"cannot be computed from '{name}'"):
+                divergences.sparse_divergence(student, targets, kind)
+
+
+def test_an_unknown_codec_is_refused_naming_the_choices():
+    with pytest.raises(C.CodecError, match="unknown codec 'topp' \\(expected one of topk, topk_is, sampled, dense\\)"):
+        C.get("topp")

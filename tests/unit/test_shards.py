@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tools import inspect_shards
-from trainer.targets import codecs as C
+from trainer.method import codecs as C
 from trainer.targets import shards as SH
 
 V, L = 16, 12

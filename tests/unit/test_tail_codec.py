@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.method import sdtt as S
-from trainer.targets import codecs as C
+from trainer.method import codecs as C
+from trainer.method import divergences as Dv
 
 
 def _teacher_student(n: int = 2000, vocab: int = 64, seed: int = 0, noise: float = 1.0):
@@ -21,7 +21,7 @@ def _teacher_student(n: int = 2000, vocab: int = 64, seed: int = 0, noise: float
 def _code(t: torch.Tensor, codec: str, k: int, seed: int = 0):
     gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(t.shape[0])]
     fields = C.encode_rows(t.float(), [1] * t.shape[0], codec, k, gens)
-    joined = {f: np.concatenate([x[f] for x in fields]) for f in C.FIELDS[codec]}
+    joined = {f: np.concatenate([x[f] for x in fields]) for f in C.get(codec).fields}
     return C.decode(joined, codec, t.shape[1], k)
 
 
@@ -57,8 +57,8 @@ def test_equal_to_dense_at_k_equal_v():
     s, t = _teacher_student(n=50, vocab=16)
     code = _code(t, "topk_is", 16)
     for kind in ("rkl", "fkl"):
-        dense = S.dense_divergence(s, t, kind)
-        coded = S.sparse_divergence(s, code, kind)
+        dense = Dv.dense_divergence(s, t, kind)
+        coded = Dv.sparse_divergence(s, code, kind)
         assert torch.allclose(coded.double(), dense, atol=2e-3, rtol=1e-3), kind  # fp16 stored log-probs
 
 
@@ -66,9 +66,9 @@ def test_equal_to_dense_at_k_equal_v():
 def test_unbiased_for_the_dense_kl(kind):
     """Averaged over independent tail draws, the coded KL is the dense KL of the same teacher."""
     s, t = _teacher_student(n=40, vocab=32, seed=3)
-    dense = S.dense_divergence(s, t, kind)
-    est = torch.stack([S.sparse_divergence(s, _code(t, "topk_is", 4, seed=r), kind) for r in range(300)]).mean(0)
-    bucket = S.sparse_divergence(s, _code(t, "topk", 4), kind)
+    dense = Dv.dense_divergence(s, t, kind)
+    est = torch.stack([Dv.sparse_divergence(s, _code(t, "topk_is", 4, seed=r), kind) for r in range(300)]).mean(0)
+    bucket = Dv.sparse_divergence(s, _code(t, "topk", 4), kind)
     # the bucket alone is biased low by the whole within-tail term; the estimate is not
     assert (dense - bucket).mean() > 0.05
     assert abs(float((est.double() - dense).mean())) < 0.1 * float((dense - bucket).mean())
@@ -79,12 +79,12 @@ def test_sees_a_collapsed_student_tail_where_the_bucket_does_not():
     s, t = _teacher_student()
     topk, topk_is = _code(t, "topk", 8), _code(t, "topk_is", 8)
     collapsed = _collapse_tail(s, topk.ids)
-    dense_before = S.dense_divergence(s, t, "rkl").mean()
-    dense_after = S.dense_divergence(collapsed, t, "rkl").mean()
-    bucket_before = S.sparse_divergence(s, topk, "rkl").mean()
-    bucket_after = S.sparse_divergence(collapsed, topk, "rkl").mean()
-    is_before = S.sparse_divergence(s, topk_is, "rkl").mean()
-    is_after = S.sparse_divergence(collapsed, topk_is, "rkl").mean()
+    dense_before = Dv.dense_divergence(s, t, "rkl").mean()
+    dense_after = Dv.dense_divergence(collapsed, t, "rkl").mean()
+    bucket_before = Dv.sparse_divergence(s, topk, "rkl").mean()
+    bucket_after = Dv.sparse_divergence(collapsed, topk, "rkl").mean()
+    is_before = Dv.sparse_divergence(s, topk_is, "rkl").mean()
+    is_after = Dv.sparse_divergence(collapsed, topk_is, "rkl").mean()
     assert dense_after > dense_before + 0.5  # collapsing is costly in truth
     assert torch.isclose(bucket_after, bucket_before, rtol=1e-5)  # and invisible to the bucket
     assert is_after > is_before + 0.25 * (dense_after - dense_before)  # the tail draws see it
@@ -96,12 +96,12 @@ def test_gradients_are_finite_and_push_against_collapse(kind):
     s, t = _teacher_student(n=20, vocab=16, seed=4)
     code = _code(t, "topk_is", 4)
     logits = _collapse_tail(s, code.ids).clamp(min=-30).detach().clone().requires_grad_(True)
-    S.sparse_divergence(torch.log_softmax(logits, -1), code, kind).mean().backward()
+    Dv.sparse_divergence(torch.log_softmax(logits, -1), code, kind).mean().backward()
     assert torch.isfinite(logits.grad).all()
     for k in (4, 16):  # and with no tail at all
         c = _code(t, "topk_is", k)
         lg = torch.randn(20, 16, requires_grad=True)
-        S.sparse_divergence(torch.log_softmax(lg, -1), c, kind).mean().backward()
+        Dv.sparse_divergence(torch.log_softmax(lg, -1), c, kind).mean().backward()
         assert torch.isfinite(lg.grad).all()
 
 
@@ -109,7 +109,7 @@ def test_pairing_is_refused_for_tv_and_mse():
     _, t = _teacher_student(n=3, vocab=8)
     code = _code(t, "topk_is", 2)
     with pytest.raises(ValueError, match="topk_is"):
-        S.sparse_divergence(t, code, "mse")
+        Dv.sparse_divergence(t, code, "mse")
     with pytest.raises(ConfigError, match="distill.divergence"):
         load_config(None, ["targets.codec=topk_is", "distill.divergence=tvd"])
     load_config(None, ["targets.codec=topk_is", "distill.divergence=rkl"])

@@ -27,12 +27,12 @@ from tools.benchmarks.common import (
 from tools.benchmarks.timing import table
 from trainer.config import RunConfig, load_config, round_steps
 from trainer.distill.batches import offline_batch
-from trainer.method import sdtt
+from trainer.method import codecs, sdtt
 from trainer.method.losses import mdlm_loss
 from trainer.method.sampling import make_denoiser
 from trainer.model.dit import DiT
 from trainer.runtime.checkpoint import load_model
-from trainer.targets import codecs, shards
+from trainer.targets import shards
 
 
 def cmd_storage(args: argparse.Namespace) -> dict[str, Any]:
@@ -268,7 +268,7 @@ def divergence_kept(probe: DiT, tden: Callable, x0: Tensor, cfg: RunConfig, code
     round's start the student IS the teacher and the dense loss is ~0, so any ratio would be noise):
     (coded loss / dense loss, cosine between the gradients of the coded and the dense loss). The
     value ratio is NaN for the sampled code: its forward KL is off by a student-independent offset
-    (trainer.method.sdtt.sparse_divergence), only its gradient is comparable."""
+    (trainer.method.divergences.sparse_divergence), only its gradient is comparable."""
     V = cfg.model.vocab_size
     idx = range(10**6, 10**6 + x0.shape[0])  # indices no training batch uses
     student = copy.deepcopy(probe).train()

@@ -31,14 +31,14 @@ from trainer.distill.consumed import ConsumedLog
 from trainer.distill.rounds import TeacherRef
 from trainer.errors import StageError
 from trainer.layout import RunLayout
-from trainer.method import sdtt
+from trainer.method import codecs, sdtt
+from trainer.method.codecs import CodecError
 from trainer.method.losses import sdtt_loss
 from trainer.method.sampling import make_denoiser
 from trainer.runtime import dist
 from trainer.runtime.checkpoint import load_model
-from trainer.targets import codecs, header, shards
+from trainer.targets import header, shards
 from trainer.targets import reader as SR
-from trainer.targets.codecs import CodecError
 
 log = logging.getLogger("sdtt")
 

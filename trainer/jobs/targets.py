@@ -26,7 +26,7 @@ from trainer.errors import StageError
 from trainer.jobs import common
 from trainer.jobs.common import log
 from trainer.layout import RunLayout
-from trainer.method import sdtt
+from trainer.method import divergences
 from trainer.runtime import dist
 from trainer.runtime.metrics import MetricsWriter
 from trainer.targets import header, shards
@@ -42,7 +42,7 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     tcfg = cfg.targets
     if not 1 <= round_idx <= cfg.distill.rounds:
         raise StageError(f"--round {round_idx} is outside 1..distill.rounds={cfg.distill.rounds}")
-    sdtt.check_pairing(tcfg.codec, cfg.distill.divergence)
+    divergences.check_pairing(tcfg.codec, cfg.distill.divergence)
 
     # ---- build the data ---------------------------------------------------------------------------
     data_info, train = load_train_split(cfg, layout.root)

@@ -23,10 +23,12 @@ import math
 import torch
 from torch import Tensor
 
+from trainer.config import IDEAL_DIVERGENCES as _IDEAL
+from trainer.config import choice_names
 from trainer.method import sdtt
 from trainer.method.sampling import Denoiser
 
-IDEAL_DIVERGENCES = ("rkl", "fkl")
+IDEAL_DIVERGENCES = choice_names(_IDEAL)  # declared in trainer/config.py
 
 
 def combine_targets(log_targets: Tensor, divergence: str) -> Tensor:

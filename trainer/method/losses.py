@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from trainer.config import RunConfig
-from trainer.method import diffusion, sdtt
-from trainer.targets import codecs
+from trainer.method import codecs, diffusion, divergences
 
 Forward = Callable[..., Tensor]
 
@@ -34,4 +33,4 @@ def sdtt_loss(forward: Forward, xt: Tensor, t: Tensor, targets: codecs.Targets, 
     mask_id, eps = cfg.model.vocab_size, cfg.diffusion.noise_eps
     sigma = diffusion.sigma_of_t(t, eps).to(xt.device) if cfg.model.time_conditioning else None
     student = diffusion.masked_log_probs(forward(xt, sigma, rows=xt == mask_id), mask_id)
-    return sdtt.masked_mean(sdtt.sparse_divergence(student, targets, kind))
+    return divergences.masked_mean(divergences.sparse_divergence(student, targets, kind))

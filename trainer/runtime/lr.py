@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "cosine")
+from trainer.config import Schedule, choice_names
+
+SCHEDULES = choice_names(Schedule)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int,

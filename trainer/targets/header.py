@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import RunConfig, round_steps
-from trainer.method import sdtt
+from trainer.method import divergences, sdtt
 from trainer.targets.shards import FORMAT, ShardError
 
 ROWS = "train[perm(seed, round, i // N)[i % N]]"  # how sample i picks its clean row (trainer/data/rows.py)
@@ -45,7 +45,7 @@ def example_spec(cfg: RunConfig, round_idx: int, *, codec: str | None = None, k:
         dt=sdtt.teacher_dt(round_steps(cfg, round_idx), g.teacher_steps, cfg.diffusion.sampling_eps),
         teacher_steps=g.teacher_steps, mask_id=cfg.model.vocab_size, noise_eps=cfg.diffusion.noise_eps,
         train_eps=cfg.diffusion.train_eps, t_min=cfg.diffusion.sampling_eps,
-        codec=codec if codec is not None else g.codec, k=k if k is not None else g.k)
+        codec=str(codec if codec is not None else g.codec), k=k if k is not None else g.k)  # the plain name
 
 
 def describe(cfg: RunConfig, round_idx: int, teacher: TeacherId, data_info: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def check(manifest: Mapping[str, Any], expected: Mapping[str, Any], where: str |
     if diff:
         raise ManifestMismatch(f"{where}: target set does not fit this student: " + "; ".join(diff))
     try:
-        sdtt.check_pairing(manifest["codec"], divergence)
+        divergences.check_pairing(manifest["codec"], divergence)
     except ValueError as e:
         raise ManifestMismatch(f"{where}: field 'codec' ({manifest['codec']!r}, k={manifest['k']}): {e}") from None
     if not 1 <= int(manifest["k"]) <= int(manifest["vocab_size"]):

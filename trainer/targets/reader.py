@@ -46,9 +46,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer import fileio
-from trainer.config import ConfigError
+from trainer.config import ConfigError, VerifyPolicy, choice_names
+from trainer.method import codecs
 from trainer.runtime import dist
-from trainer.targets import codecs, shards
+from trainer.targets import shards
 from trainer.targets.shards import BadShard, ShardError
 
 ORDER_DOMAIN = 0x5D79  # separates the order's seeds from every other use of (seed, round, ...)
@@ -65,8 +66,9 @@ def _check_shard(root: Path, entry: Mapping[str, Any]) -> BadShard | None:
 def verify_shards(root: str | Path, manifest: Mapping[str, Any], policy: str) -> list[BadShard]:
     """Check every listed shard (rank r hashes shards r, r + W, ...; a collective: call on every
     rank). ``fail``: raise naming the bad shard(s); ``skip``: return them (sorted by name)."""
-    if policy not in ("fail", "skip"):
-        raise ConfigError(f"bad config key 'targets.verify': '{policy}' is not one of fail, skip")
+    allowed = choice_names(VerifyPolicy)
+    if policy not in allowed:
+        raise ConfigError(f"bad config key 'targets.verify': '{policy}' is not one of {', '.join(allowed)}")
     root = Path(root)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = [b for e in manifest["shards"][rank::world] if (b := _check_shard(root, e)) is not None]
@@ -322,8 +324,7 @@ class RankReader:
 # --------------------------------------------------------------------------------------------------
 def _positions(fields: Mapping[str, np.ndarray], codec: str) -> int:
     """How many masked positions a sample's codec fields describe."""
-    key = {"dense": "logp", "topk": "logtail", "topk_is": "logtail", "sampled": "nuniq"}[codec]
-    return int(np.asarray(fields[key]).shape[0])
+    return int(np.asarray(fields[codecs.get(codec).positions_field]).shape[0])
 
 
 def collate_fields(samples: Sequence[Mapping[str, Any]], codec: str, mask_id: int, seq_len: int
@@ -333,7 +334,7 @@ def collate_fields(samples: Sequence[Mapping[str, Any]], codec: str, mask_id: in
     (``DiT(rows=xt == MASK)``) (the ragged sampled code
     concatenates too: its ``nuniq`` says where each position's ids end)."""
     xts, ts = [], []
-    parts: dict[str, list[np.ndarray]] = {f: [] for f in codecs.FIELDS[codec]}
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in codecs.get(codec).fields}
     for s in samples:
         where = f"sample {s.get('key')!r}"
         xt = np.asarray(s["xt"])

@@ -8,7 +8,7 @@ A target set is a folder (``<run>/round_<r>/targets/``) holding
   skip the complete ones, and the shard's bytes are the same whoever wrote it (deterministic tar
   headers): shards of two runs compare by sha256;
 * one sample per noised sequence, its files contiguous: ``<key>.xt.npy`` (int32 [L], MASK = V),
-  the codec's fields ``<key>.<field>.npy`` (trainer/targets/codecs.py) for the M masked positions in
+  the codec's fields ``<key>.<field>.npy`` (trainer/method/codecs/) for the M masked positions in
   position order, and ``<key>.meta.json`` (index, round, t, num_masked); key = index, 10 digits;
 * ``plan.json``: the header (what produces the set) written before any shard; a rerun with other
   settings is refused instead of mixing two target sets;
@@ -45,7 +45,7 @@ import numpy as np
 from trainer import fileio
 from trainer.errors import BadInput
 from trainer.fileio import atomic_write_json, fsync_dir, sha256_file
-from trainer.targets import codecs
+from trainer.method import codecs
 
 FORMAT = "sdtt-targets/1"
 MANIFEST = "manifest.json"
@@ -68,7 +68,7 @@ def max_sample_bytes(codec: str, k: int, vocab: int, seq_len: int) -> int:
     """An upper bound of one sample's bytes in a tar (all L positions masked, worst-case code)."""
     payload = {"xt": 4 * seq_len}
     per_pos = codecs.bytes_per_position(codec, k, vocab)
-    for name in codecs.FIELDS[codec]:  # bound every field by the whole per-position payload
+    for name in codecs.get(codec).fields:  # bound every field by the whole per-position payload
         payload[name] = int(math.ceil(per_pos * seq_len))
     payload["meta"] = _META_MAX
     total = 0
