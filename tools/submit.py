@@ -237,7 +237,7 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
         print(f"job environment: {key}={value}")
     for line in cfg.slurm.setup:
         print(f"job setup: {line}")
-    from cluster.slurm import KILL_ON_BAD_EXIT
+    from cluster.submission import KILL_ON_BAD_EXIT
 
     print(f"job step: srun ... {' '.join([KILL_ON_BAD_EXIT, *cfg.slurm.srun_args])}")
     for st in stages:
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
                 print(f"\npipeline finished in {time.time() - t0:.0f}s; report: {run_dir / 'report.md'}\n")
                 print((run_dir / "report.md").read_text())
                 return 0
-            from cluster.slurm import submit_chain
+            from cluster.submission import submit_chain
 
             # The chain's jobs hold the lock from before they can start until the last one ends.
             submit_chain(stages, cfg, spec, run_dir, REPO,

@@ -89,7 +89,7 @@ def _all_reduce_job() -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from cluster.slurm import task_rendezvous
+    from cluster.stage_job import task_rendezvous
 
     r = task_rendezvous()  # submitit's reading of the SLURM task, as StageJob uses it
     os.environ.update(r.torchrun_env())

@@ -34,7 +34,9 @@ import submitit
 
 from cluster import pipeline
 from cluster.resources import ClusterSpec, stage_resources
-from cluster.slurm import CODE_DIRS, StageJob, downstream, snapshot_code
+from cluster.snapshot import CODE_DIRS, snapshot_code
+from cluster.stage_job import StageJob
+from cluster.submission import downstream
 from tests.conftest import LocalPipeline, LocalSlurm
 from tests.helpers import PIPELINE_OVERRIDES as OVERRIDES
 from tests.helpers import REPO, TINY, env

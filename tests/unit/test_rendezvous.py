@@ -15,7 +15,8 @@ from submitit.core.job_environment import SignalHandler
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from cluster import pipeline
-from cluster.slurm import SLURM_PORT_BASE, SLURM_PORT_SPAN, StageJob, sigterm_proof_requeue, task_rendezvous
+from cluster.slurm import sigterm_proof_requeue
+from cluster.stage_job import SLURM_PORT_BASE, SLURM_PORT_SPAN, StageJob, task_rendezvous
 from tests.helpers import REPO, TINY
 from trainer.config import load_config
 from trainer.runtime.dist import read_env

@@ -165,7 +165,7 @@ def test_site_hooks_reach_the_dry_run() -> None:
 
 
 def test_executor_gets_the_setup_environment_and_kill_on_invalid_dep(tmp_path: Path) -> None:
-    from cluster.slurm import executor_parameters
+    from cluster.submission import executor_parameters
 
     cfg = load_config(TINY, ["slurm.setup=[module load nccl]", "slurm.additional={exclusive: ''}"])
     st = pipeline.build_chain(cfg)[1]
@@ -183,7 +183,7 @@ def test_srun_args_reach_the_job_step_of_the_script_submitit_writes(tmp_path: Pa
     line that starts the tasks, after the setup lines, which run outside the container."""
     import submitit
 
-    from cluster.slurm import executor_parameters
+    from cluster.submission import executor_parameters
 
     image = ["--container-image=/images/sdtt.sqsh", "--container-mounts=/data:/data,/runs:/runs"]
     override = "slurm.srun_args=[" + ",".join(f"'{a}'" for a in image) + "]"
