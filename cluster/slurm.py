@@ -68,7 +68,7 @@ def job_states(ids: Sequence[str]) -> dict[str, str]:
     disabled) and some job is not in the queue."""
     ids = [str(i) for i in ids]
     out = {j: (f"{st} ({why})" if st == "PENDING" and why not in ("", "None") else st)
-           for j, (st, why) in _queued(ids, live_only=False).items()}
+           for j, (st, why) in queued(ids, live_only=False).items()}
     rest = [i for i in ids if i not in out]
     if rest:
         out.update(_sacct_states(rest))
@@ -89,7 +89,7 @@ def _sacct_states(ids: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _job_state(job_id: str) -> str:
+def job_state(job_id: str) -> str:
     """One job's state word (RUNNING, CANCELLED, ...): sacct, else squeue; UNKNOWN if neither knows.
     sacct first: while a cancelled job's processes are killed squeue only says COMPLETING."""
     try:
@@ -105,7 +105,7 @@ def _job_state(job_id: str) -> str:
         return "UNKNOWN"
 
 
-def _queued(ids: Sequence[str], live_only: bool = True) -> dict[str, tuple[str, str]]:
+def queued(ids: Sequence[str], live_only: bool = True) -> dict[str, tuple[str, str]]:
     """Jobs among ``ids`` that slurmctld still lists: {id: (state, reason)}, only those that may still
     run unless ``live_only`` is False. squeue, not sacct: it needs no accounting, and is current."""
     ids = [str(i) for i in ids]

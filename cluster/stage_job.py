@@ -1,4 +1,4 @@
-"""What runs inside each SLURM job of the chain.
+"""What runs inside each SLURM job of the chain (cluster/submission.py submits them).
 
 Inside a job, :class:`StageJob` (a submitit Checkpointable) runs in every task: it computes the
 rendezvous from submitit's view of the SLURM task (:func:`task_rendezvous`), starts ``python -m <stage module> --run-dir
@@ -40,7 +40,7 @@ from submitit.core.utils import DelayedSubmission
 
 from cluster import pipeline
 from cluster.pipeline import Stage
-from cluster.slurm import _job_state, requeue_job, sigterm_proof_requeue
+from cluster.slurm import job_state, requeue_job, sigterm_proof_requeue
 from trainer.layout import EXIT_PREEMPTED
 from trainer.runlock import CHAIN_JOB_ENV, end_of_chain
 
@@ -53,14 +53,13 @@ def _say(msg: str) -> None:
     print(f"[sdtt-slurm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-
 # --------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------
 _last_error_line = pipeline.last_error_line  # one home: cluster/pipeline.py (--local reads logs too)
 
 
-def _mark_cancelled(run_dir: Path, name: str, entry: Mapping[str, Any], why: str) -> None:
+def mark_cancelled(run_dir: Path, name: str, entry: Mapping[str, Any], why: str) -> None:
     """Mark stage ``name`` cancelled, keeping where its job was (mark replaces the whole entry)."""
     keep = {k: entry[k] for k in ("job_id", "folder", "code") if k in entry}
     pipeline.mark(run_dir, Stage(name, ""), "cancelled", reason=why, **keep)
@@ -261,7 +260,7 @@ class StageJob(submitit.helpers.Checkpointable):
         victims = {n: str(state[n]["job_id"]) for n in self.dependants
                    if state.get(n, {}).get("status") in ("submitted", "running") and "job_id" in state[n]}
         for name in victims:
-            _mark_cancelled(run_dir, name, state[name], why)
+            mark_cancelled(run_dir, name, state[name], why)
         return [f"{n} (job {j})" for n, j in victims.items()]
 
     def _mark(self, task: _Task, status: str, **extra: Any) -> None:
@@ -298,7 +297,7 @@ class StageJob(submitit.helpers.Checkpointable):
         Measured on the local cluster: during ``scancel``'s KillWait, squeue and scontrol only say
         COMPLETING while sacct already says CANCELLED, hence sacct first.
         """
-        state = _job_state(task.job_id)
+        state = job_state(task.job_id)
         why = f"child stopped (exit {rc}, signal {self._signalled or 'none'}), SLURM reports the job {state}"
         if state == "CANCELLED":
             raise self._fail(task, f"the job was cancelled while running ({why}); resubmit the run to resume "

@@ -17,9 +17,9 @@ dependencies:
   (two jobs of one stage would write the same files), except jobs that can never start
   (``DependencyNeverSatisfied``), which are cancelled.
 
-This module imports nothing from ``trainer/`` except ``trainer.config`` (the import rule tools ->
-cluster -> trainer.config, which a test checks): the few trainer constants it needs are repeated
-below and a test checks they agree.
+What runs inside each job is cluster/stage_job.py; SLURM's commands are cluster/slurm.py; the code
+snapshot is cluster/snapshot.py. Of trainer/, cluster/ imports only what tests/unit/test_layering.py
+allows (config, layout, errors, fileio, runlock: no torch).
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ import submitit
 from cluster import pipeline
 from cluster.pipeline import Stage
 from cluster.resources import ClusterSpec, StageResources, job_environment, stage_resources
-from cluster.slurm import _queued, scancel
+from cluster.slurm import queued, scancel
 from cluster.snapshot import snapshot_code
-from cluster.stage_job import StageJob, _mark_cancelled
+from cluster.stage_job import StageJob, mark_cancelled
 from trainer.config import RunConfig
 
 # Launcher variables a job must NOT inherit from the submitting shell: sbatch copies its environment
@@ -140,7 +140,7 @@ def submit_chain(stages: list[Stage], cfg: RunConfig, spec: ClusterSpec, run_dir
         scancel(submitted.values())  # all still held: none of them ran
         now = pipeline.read_state(run_dir)["stages"]
         for name in submitted:
-            _mark_cancelled(run_dir, name, now.get(name, {}), "submission of the chain failed")
+            mark_cancelled(run_dir, name, now.get(name, {}), "submission of the chain failed")
         where = next((s.name for s in todo if s.name not in submitted), "?")
         raise RuntimeError(f"submitting stage '{where}' failed: {e}"
                            + (f"; cancelled the {len(submitted)} job(s) already submitted" if submitted else "")) from e
@@ -182,7 +182,7 @@ def _clear_queue(run_dir: Path, todo: list[Stage], log: Callable[[str], None]) -
     """Refuse to submit a stage whose previous job may still run; cancel those that never can."""
     state = pipeline.read_state(run_dir)["stages"]
     recorded = {str(state[s.name]["job_id"]): s.name for s in todo if "job_id" in state.get(s.name, {})}
-    live = _queued(list(recorded))
+    live = queued(list(recorded))
     orphans = {j: v for j, v in live.items() if v[0] == "PENDING" and v[1] == "DependencyNeverSatisfied"}
     if orphans:
         scancel(orphans)

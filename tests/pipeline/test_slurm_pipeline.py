@@ -546,7 +546,7 @@ def test_scancel_of_a_running_stage_cancels_it_and_its_dependants(slurm_cluster:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pieces of cluster/slurm.py that need no cluster
+# Pieces of the SLURM submission and job wrapper that need no cluster
 # --------------------------------------------------------------------------------------------------
 def test_code_snapshot_is_reused_until_the_code_changes(tmp_path: Path) -> None:
     repo, run = tmp_path / "repo", tmp_path / "run"
