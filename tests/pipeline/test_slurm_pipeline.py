@@ -57,7 +57,8 @@ SLURM_FLAGS = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", 
 FIT = ["slurm.cpus_per_task=1", "slurm.mem_gb_per_task=1"]
 STEP_DELAY_S = "0.25"
 RUN_TIMEOUT_S = 1200
-SPEC = ClusterSpec(nodes=2, gpus_per_node=0, cpu_slots_per_node=1, partition="debug", time_min=60)
+SPEC = ClusterSpec(nodes=2, gpus_per_node=0, cpu_slots_per_node=1)
+LAUNCH = ["slurm.partition=debug", "slurm.time_min=60"]  # what --partition and --time of SLURM_FLAGS write
 
 
 def submit(*args: str, extra_env: dict[str, str] | None = None, check: bool = True,
@@ -333,7 +334,7 @@ def test_status_shows_slurm_states(slurm_run: SlurmRun) -> None:
 @on_slurm
 def test_jobs_get_the_resources_dry_run_shows(slurm_run: SlurmRun) -> None:
     """What --dry-run prints is what was submitted (dependencies as job ids instead of names)."""
-    cfg = load_config(slurm_run.run / "config.yaml")
+    cfg = load_config(slurm_run.run / "config.yaml", LAUNCH)
     st = state(slurm_run.run)
     for stage in stages_of(slurm_run.run):
         entry = st[stage.name]
