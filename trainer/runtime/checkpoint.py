@@ -1,5 +1,8 @@
 """Train state that is not DeepSpeed's business, and the exported-weights format every job loads.
 
+* The checkpoint folder's protocol (:class:`CheckpointDir`): where a save is written, how it is
+  published (manifest, swap, ``latest``), which checkpoints are kept, what is swept. The engine
+  writes DeepSpeed's files into it and calls it; readers (resume, round planning) read it.
 * RNG state (python, numpy, torch CPU, CUDA) as JSON-able plain values, so it can sit in a JSON
   file next to a checkpoint instead of inside a pickle.
 * Exports: ``<dir>/model.safetensors`` (raw), ``ema.safetensors``, ``config.yaml`` (the resolved
