@@ -1,6 +1,6 @@
-"""What each stage asks SLURM for: pure functions from the cluster flags and config to sbatch
-parameters, shared by ``--dry-run`` (which prints them) and the real submission (which passes them
-to submitit), so what a user reviews is exactly what gets submitted.
+"""What each stage asks SLURM for: pure functions from the allocation's shape (ClusterSpec) and the
+config's ``slurm`` section to sbatch parameters, shared by ``--dry-run`` (which prints them) and the
+real submission (which passes them to submitit), so what a user reviews is exactly what gets submitted.
 
 Per kind of stage (``slurm.stages.<kind>``, kinds in ``trainer.config.STAGE_KINDS``):
 
@@ -24,17 +24,13 @@ from trainer.config import ConfigError, RunConfig, StageSlurmConfig, format_slur
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    """The allocation's shape: the physical part of a launch. Every other launch option (partition,
+    account, time limit, extra sbatch options, ...) is a ``slurm.*`` config key, which
+    ``tools/submit.py``'s flags override (one place for launch options)."""
+
     nodes: int = 1
-    gpus_per_node: int = 8  # 0 = CPU-only nodes: one task per CPU slot
+    gpus_per_node: int = 8  # 0 = CPU-only nodes: one task per CPU slot (submit: --gpus-per-node / slurm.gpus_per_node)
     cpu_slots_per_node: int = 1  # tasks per node when there are no GPUs (--tasks-per-node)
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    time_min: int = 240
-    constraint: str = ""
-    exclude: str = ""
-    reservation: str = ""
-    additional: tuple[tuple[str, str], ...] = ()  # --sbatch KEY=VALUE flags, on top of slurm.additional
 
     @property
     def tasks_per_node(self) -> int:
@@ -103,11 +99,11 @@ def _stage_cfg(cfg: RunConfig, name: str) -> StageSlurmConfig:
     return cfg.slurm.stages.get(_stage_key(cfg, name)) or StageSlurmConfig()
 
 
-def _time_min(cfg: RunConfig, spec: ClusterSpec, name: str) -> int:
+def _time_min(cfg: RunConfig, name: str) -> int:
     own = _stage_cfg(cfg, name).time
     if own:
         return parse_slurm_time(own, f"bad config key 'slurm.stages.{_stage_key(cfg, name)}.time'")
-    return spec.time_min
+    return cfg.slurm.time_min
 
 
 def validate_fit(cfg: RunConfig, spec: ClusterSpec, stages: list[Stage] | None = None) -> None:
@@ -116,8 +112,9 @@ def validate_fit(cfg: RunConfig, spec: ClusterSpec, stages: list[Stage] | None =
         raise ConfigError("bad flag '--nodes': must be at least 1")
     if spec.gpus_per_node < 0:
         raise ConfigError("bad flag '--gpus-per-node': must be >= 0")
-    if spec.time_min * 60 <= cfg.slurm.signal_lead_s:
-        raise ConfigError(f"bad flag '--time': {spec.time_min} min leaves no time before the USR2 signal "
+    # The config's own slurm.time_min was checked at load; only --time (tools/submit.py) can get here.
+    if cfg.slurm.time_min * 60 <= cfg.slurm.signal_lead_s:
+        raise ConfigError(f"bad flag '--time': {cfg.slurm.time_min} min leaves no time before the USR2 signal "
                           f"lead slurm.signal_lead_s={cfg.slurm.signal_lead_s}")
     if stages is None:
         from cluster.pipeline import build_chain
@@ -162,20 +159,17 @@ def stage_resources(stage: Stage, cfg: RunConfig, spec: ClusterSpec, run_name: s
         tasks = 1
     sl = cfg.slurm
     extra: dict[str, str] = {}
-    for key, value in (("partition", own.partition or spec.partition or sl.partition),
-                       ("account", spec.account or sl.account), ("qos", spec.qos or sl.qos),
-                       ("constraint", "" if own.constraint == "none" else
-                        (own.constraint or spec.constraint or sl.constraint)),
-                       ("exclude", spec.exclude or sl.exclude), ("reservation", spec.reservation or sl.reservation)):
+    for key, value in (("partition", own.partition or sl.partition), ("account", sl.account), ("qos", sl.qos),
+                       ("constraint", "" if own.constraint == "none" else (own.constraint or sl.constraint)),
+                       ("exclude", sl.exclude), ("reservation", sl.reservation)):
         if value:
             extra[key] = value
     extra.update(sl.additional)
-    extra.update(dict(spec.additional))
     dep = f"afterok:{':'.join(stage.depends)}" if stage.depends else ""
     return StageResources(stage=stage.name, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus,
                           cpus_per_task=own.cpus_per_task or sl.cpus_per_task,
                           mem_gb_per_task=own.mem_gb_per_task or sl.mem_gb_per_task,
-                          time_min=_time_min(cfg, spec, stage.name), signal=f"USR2@{sl.signal_lead_s}",
+                          time_min=_time_min(cfg, stage.name), signal=f"USR2@{sl.signal_lead_s}",
                           requeue=True, dependency=dep, job_name=f"{run_name}-{stage.name}", extra=extra)
 
 

@@ -16,6 +16,10 @@ never inside a queued job. eval.judge may also be a Hugging Face hub name (e.g. 
 that exists, or starts with / ./ ../ ~, is a path; others are names, resolved here to their snapshot in
 the local HF cache (no network) or refused with the `hf download` command that fetches them.
 
+Launch flags are shorthands for slurm.* config keys (--partition: slurm.partition, --time:
+slurm.time_min, --sbatch KEY=VALUE: slurm.additional.KEY, ...); given, they win over the config for
+this submission (docs/cluster.md). --nodes and --tasks-per-node shape the allocation.
+
 --time and slurm.stages.<kind>.time follow sbatch's grammar: 30 = 30:00 = 30 minutes, 4:00:00,
 1-12 (36 hours), 2-00:00:00.
 
@@ -26,11 +30,13 @@ stages that are done and resumes the rest; a config that differs from the folder
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -60,11 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: slurm.gpus_per_node")
     p.add_argument("--tasks-per-node", type=int, default=1, help="tasks per node on CPU-only nodes")
-    p.add_argument("--partition", default=None)
+    p.add_argument("--partition", default=None, help="sbatch --partition (default: slurm.partition)")
     p.add_argument("--time", default=None, help="time limit per job, sbatch grammar: 30 or 30:00 = 30 minutes, "
                    "HH:MM:SS, D-HH[:MM[:SS]] (default: slurm.time_min; slurm.stages.<kind>.time wins)")
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
+    p.add_argument("--account", default=None, help="sbatch --account (default: slurm.account)")
+    p.add_argument("--qos", default=None, help="sbatch --qos (default: slurm.qos)")
     p.add_argument("--constraint", default=None, help="sbatch --constraint (default: slurm.constraint)")
     p.add_argument("--exclude", default=None, help="sbatch --exclude NODES (default: slurm.exclude)")
     p.add_argument("--reservation", default=None, help="sbatch --reservation (default: slurm.reservation)")
@@ -128,27 +134,45 @@ def _diff(a: RunConfig, b: RunConfig) -> list[str]:
     return sorted(k for k in fa if fa[k] != fb.get(k))
 
 
-def cluster_spec(args: argparse.Namespace, cfg: RunConfig) -> ClusterSpec:
-    gpus = cfg.slurm.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
-    extra = []
+# The flags that are slurm.* config keys of the same name: the flag, when given and not empty, wins
+# over the config (--gpus-per-node, --time and --sbatch are the other three, below).
+SLURM_FLAGS = ("partition", "account", "qos", "constraint", "exclude", "reservation")
+
+
+def launch_overrides(args: argparse.Namespace, cfg: RunConfig) -> dict[str, Any]:
+    """The launch flags as the ``slurm.*`` values they override: {key: value}. One place for launch
+    options: the flags are shorthands for these keys (--time in sbatch's grammar becomes
+    slurm.time_min, --sbatch KEY=VALUE an entry of slurm.additional that wins over the config's).
+
+    Typed values, not ``key=value`` strings: OmegaConf would retype an sbatch value (``mem=0``) or
+    refuse an empty one (``exclusive=``)."""
+    extra = {}
     for item in args.sbatch:
         key, eq, value = item.partition("=")
         key = key.strip().lstrip("-")
         if not eq or not key:
             raise ConfigError(f"bad flag '--sbatch': '{item}' is not KEY=VALUE (KEY= for a bare flag, e.g. exclusive=)")
-        extra.append((key, value))
+        extra[key] = value
+    out: dict[str, Any] = {key: getattr(args, key) for key in SLURM_FLAGS if getattr(args, key)}
+    if args.gpus_per_node is not None:
+        out["gpus_per_node"] = args.gpus_per_node
+    if args.time:
+        out["time_min"] = parse_slurm_time(args.time, "bad flag '--time'")
+    if extra:
+        out["additional"] = {**cfg.slurm.additional, **extra}
+    return out
 
-    def pick(flag: str, default: str) -> str:
-        value = getattr(args, flag)
-        return value if value is not None else default
 
-    return ClusterSpec(nodes=args.nodes, gpus_per_node=gpus, cpu_slots_per_node=args.tasks_per_node,
-                       partition=pick("partition", cfg.slurm.partition), account=pick("account", cfg.slurm.account),
-                       qos=pick("qos", cfg.slurm.qos), constraint=pick("constraint", cfg.slurm.constraint),
-                       exclude=pick("exclude", cfg.slurm.exclude),
-                       reservation=pick("reservation", cfg.slurm.reservation),
-                       additional=tuple(extra),
-                       time_min=parse_slurm_time(args.time, "bad flag '--time'") if args.time else cfg.slurm.time_min)
+def launch_config(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the launch flags written into its ``slurm`` section. What the run folder keeps is
+    ``cfg`` itself: a resubmission may change where and how long the jobs run, not what they compute."""
+    over = launch_overrides(args, cfg)
+    return dataclasses.replace(cfg, slurm=dataclasses.replace(cfg.slurm, **over)) if over else cfg
+
+
+def cluster_spec(args: argparse.Namespace, cfg: RunConfig) -> ClusterSpec:
+    """The allocation's shape; ``cfg`` is the launch config (``slurm.gpus_per_node`` with --gpus-per-node)."""
+    return ClusterSpec(nodes=args.nodes, gpus_per_node=cfg.slurm.gpus_per_node, cpu_slots_per_node=args.tasks_per_node)
 
 
 def parameter_count(cfg: RunConfig) -> int:
@@ -239,7 +263,7 @@ def dry_run(cfg: RunConfig, spec: ClusterSpec, run_dir: Path, local_nproc: int =
         print(f"job environment: {key}={value}")
     for line in cfg.slurm.setup:
         print(f"job setup: {line}")
-    from cluster.slurm import KILL_ON_BAD_EXIT
+    from cluster.submission import KILL_ON_BAD_EXIT
 
     print(f"job step: srun ... {' '.join([KILL_ON_BAD_EXIT, *cfg.slurm.srun_args])}")
     for st in stages:
@@ -310,10 +334,14 @@ def main(argv=None) -> int:
                                   f"{cfg.engine.global_batch_size} and distill.global_batch_size="
                                   f"{cfg.distill.global_batch_size}")
         else:
-            spec = cluster_spec(args, cfg)
-            validate_fit(cfg, spec)
+            launch = launch_config(args, cfg)
+            spec = cluster_spec(args, launch)
+            validate_fit(launch, spec)
         if args.dry_run:
-            dry_run(cfg, None if args.local else spec, run_dir, local_nproc=args.nproc if args.local else 0)
+            if args.local:
+                dry_run(cfg, None, run_dir, local_nproc=args.nproc)
+            else:
+                dry_run(launch, spec, run_dir)
             if problems:
                 print("\nthe submission would fail now:\n  " + "\n  ".join(problems), file=sys.stderr)
                 return 2
@@ -333,10 +361,10 @@ def main(argv=None) -> int:
                 print(f"\npipeline finished in {time.time() - t0:.0f}s; report: {run_dir / 'report.md'}\n")
                 print((run_dir / "report.md").read_text())
                 return 0
-            from cluster.slurm import submit_chain
+            from cluster.submission import submit_chain
 
             # The chain's jobs hold the lock from before they can start until the last one ends.
-            submit_chain(stages, cfg, spec, run_dir, REPO,
+            submit_chain(stages, launch, spec, run_dir, REPO,
                          on_recorded=lambda ids: lock.hand_to_jobs(list(ids.values()), "tools/submit.py"))
             return 0
     except (ConfigError, RuntimeError, FileNotFoundError, BadInput) as e:  # BadInput: a folder in use, a full disk

@@ -397,6 +397,10 @@ STAGE_KINDS = ("prepare", "teacher", "ar", "targets", "distill", "eval", "contro
 
 @dataclass
 class SlurmConfig:
+    """Where and how every job runs on SLURM: the one place for launch options. tools/submit.py's
+    launch flags (--partition, --time, --sbatch, ...) are shorthands that override these keys for one
+    submission; only the allocation's shape (--nodes, --tasks-per-node) is not a key here."""
+
     partition: str = ""
     account: str = ""
     qos: str = ""

@@ -8,7 +8,7 @@ the same checkpoints, shards and state file. So every writer takes the run folde
   their own chain's.
 * ``tools/submit.py`` for SLURM takes it as its process while it submits, then, before the held jobs
   are released, hands it to the chain: the holder becomes the chain's job ids. A job recognises it as
-  its own by its job id (``SDTT_SLURM_JOB``, set by the job wrapper in cluster/slurm.py). The
+  its own by its job id (``SDTT_SLURM_JOB``, set by the job wrapper in cluster/stage_job.py). The
   chain's last job releases it when it is done. A failing job does not (SLURM may still requeue it:
   a lost node's job fails in its surviving tasks, then is requeued NODE_FAIL, docs/reliability.md):
   once none of the chain's jobs is pending or running, the lock is stale.
@@ -47,7 +47,7 @@ from trainer.fileio import atomic_write_json
 from trainer.layout import RunLayout
 
 TOKEN_ENV = "SDTT_RUN_LOCK"  # the holder's token, inherited by the processes of a --local chain
-CHAIN_JOB_ENV = "SDTT_SLURM_JOB"  # the SLURM job id of a stage's process (cluster/slurm.py sets it)
+CHAIN_JOB_ENV = "SDTT_SLURM_JOB"  # the SLURM job id of a stage's process (cluster/stage_job.py sets it)
 # squeue states of a job that may still run (everything else is final or unknown).
 LIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
                          "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",

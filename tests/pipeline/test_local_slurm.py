@@ -81,7 +81,7 @@ def test_srun_runs_one_task_on_each_node(slurm_cluster: LocalSlurm) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# (b) submitit + its rendezvous (cluster.slurm.task_rendezvous) + gloo across the two nodes
+# (b) submitit + its rendezvous (cluster.stage_job.task_rendezvous) + gloo across the two nodes
 # --------------------------------------------------------------------------------------------------
 def _all_reduce_job() -> dict[str, Any]:
     import socket
@@ -89,7 +89,7 @@ def _all_reduce_job() -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from cluster.slurm import task_rendezvous
+    from cluster.stage_job import task_rendezvous
 
     r = task_rendezvous()  # submitit's reading of the SLURM task, as StageJob uses it
     os.environ.update(r.torchrun_env())

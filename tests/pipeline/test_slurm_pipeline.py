@@ -34,7 +34,9 @@ import submitit
 
 from cluster import pipeline
 from cluster.resources import ClusterSpec, stage_resources
-from cluster.slurm import CODE_DIRS, StageJob, downstream, snapshot_code
+from cluster.snapshot import CODE_DIRS, snapshot_code
+from cluster.stage_job import StageJob
+from cluster.submission import downstream
 from tests.helpers import PIPELINE_OVERRIDES as OVERRIDES
 from tests.helpers import TINY
 from tests.helpers.slurm import (
@@ -55,7 +57,8 @@ from trainer.config import load_config, parse_slurm_time
 
 STEP_DELAY_S = "0.25"
 RUN_TIMEOUT_S = 1200
-SPEC = ClusterSpec(nodes=2, gpus_per_node=0, cpu_slots_per_node=1, partition="debug", time_min=60)
+SPEC = ClusterSpec(nodes=2, gpus_per_node=0, cpu_slots_per_node=1)
+LAUNCH = ["slurm.partition=debug", "slurm.time_min=60"]  # what --partition and --time of SLURM_FLAGS write
 
 
 def sacct(ids: list[str]) -> dict[str, str]:
@@ -273,7 +276,7 @@ def test_status_shows_slurm_states(slurm_run: SlurmRun) -> None:
 @on_slurm
 def test_jobs_get_the_resources_dry_run_shows(slurm_run: SlurmRun) -> None:
     """What --dry-run prints is what was submitted (dependencies as job ids instead of names)."""
-    cfg = load_config(slurm_run.run / "config.yaml")
+    cfg = load_config(slurm_run.run / "config.yaml", LAUNCH)
     st = state(slurm_run.run)
     for stage in stages_of(slurm_run.run):
         entry = st[stage.name]
@@ -486,7 +489,7 @@ def test_scancel_of_a_running_stage_cancels_it_and_its_dependants(slurm_cluster:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pieces of cluster/slurm.py that need no cluster
+# Pieces of the SLURM submission and job wrapper that need no cluster
 # --------------------------------------------------------------------------------------------------
 def test_code_snapshot_is_reused_until_the_code_changes(tmp_path: Path) -> None:
     repo, run = tmp_path / "repo", tmp_path / "run"

@@ -66,7 +66,7 @@ def test_env_torchrun_and_single():
     r = read_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                   "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
     assert (r.rank, r.local_rank, r.world_size, r.local_world_size, r.source) == (3, 1, 8, 4, "torchrun")
-    # SLURM's variables are read by the job wrapper (cluster/slurm.py task_rendezvous), not here: the
+    # SLURM's variables are read by the job wrapper (cluster/stage_job.py task_rendezvous), not here: the
     # batch script (SLURM_PROCID=0, the job's SLURM_NTASKS, no step) and a one-task step are one process.
     r = read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16"})
     assert (r.rank, r.world_size, r.source) == (0, 1, "single")

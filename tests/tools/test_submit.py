@@ -65,6 +65,33 @@ def test_time_30_00_is_30_minutes_in_the_job_request() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# One place for launch options: the flags write slurm.* keys
+# --------------------------------------------------------------------------------------------------
+def test_launch_flags_are_the_slurm_keys_they_name() -> None:
+    """Each flag sets its slurm.* key (an empty one keeps the config's); --sbatch entries win over the
+    config's slurm.additional; ClusterSpec keeps only the allocation's shape."""
+    tool = _tool()
+    cfg = load_config(TINY, ["slurm.partition=cfg", "slurm.account=acct", "slurm.additional.comment=cfg",
+                             "slurm.additional.mem=0"])
+    args = tool.parse_args(["--config", str(TINY), "--nodes", "2", "--gpus-per-node", "4", "--tasks-per-node", "3",
+                            "--partition", "gpu", "--account", "", "--qos", "high", "--constraint", "h100",
+                            "--exclude", "n[1-2]", "--reservation", "r", "--time", "1-12",
+                            "--sbatch", "exclusive=", "--sbatch", "comment=flag"])
+    launch = tool.launch_config(args, cfg)
+    by_keys = load_config(TINY, ["slurm.partition=gpu", "slurm.account=acct", "slurm.qos=high",
+                                 "slurm.constraint=h100", "slurm.exclude=n[1-2]", "slurm.reservation=r",
+                                 "slurm.time_min=2160", "slurm.gpus_per_node=4", "slurm.additional.mem=0",
+                                 "slurm.additional.comment=flag"])
+    assert launch.slurm == tool.dataclasses.replace(by_keys.slurm, additional={**by_keys.slurm.additional,
+                                                                               "exclusive": ""})
+    assert list(launch.slurm.additional) == ["comment", "mem", "exclusive"]  # the sbatch lines' order
+    assert launch.model == cfg.model and cfg.slurm.partition == "cfg"  # the given config is left as it was
+    assert tool.cluster_spec(args, launch) == ClusterSpec(nodes=2, gpus_per_node=4, cpu_slots_per_node=3)
+    no_flags = tool.parse_args(["--config", str(TINY)])
+    assert tool.launch_config(no_flags, cfg) is cfg
+
+
+# --------------------------------------------------------------------------------------------------
 # Per-stage resources, job names, site hooks
 # --------------------------------------------------------------------------------------------------
 def test_small_on_8_nodes_prints_resources_and_budget_and_names_the_missing_tokenizer() -> None:
@@ -91,8 +118,8 @@ def test_stage_overrides_time_nodes_gpus_partition() -> None:
     cfg = load_config(TINY, ["slurm.stages.eval.time=1-00:00:00", "slurm.stages.eval.gpus_per_node=2",
                              "slurm.stages.distill.nodes=1", "slurm.stages.prepare.partition=cpu",
                              "slurm.constraint=h100", "slurm.stages.prepare.constraint=none",
-                             "slurm.mem_gb_per_task=0"])
-    spec = ClusterSpec(nodes=2, gpus_per_node=4, time_min=90)
+                             "slurm.mem_gb_per_task=0", "slurm.time_min=90"])
+    spec = ClusterSpec(nodes=2, gpus_per_node=4)
     res = {s.name: stage_resources(s, cfg, spec, "myrun") for s in pipeline.build_chain(cfg)}
     assert (res["eval_1"].time_min, res["eval_1"].gpus_per_node, res["eval_1"].nodes) == (1440, 2, 1)
     assert (res["distill_2"].nodes, res["distill_2"].tasks_per_node) == (1, 4)
@@ -172,7 +199,7 @@ def test_site_hooks_reach_the_dry_run() -> None:
 
 
 def test_executor_gets_the_setup_environment_and_kill_on_invalid_dep(tmp_path: Path) -> None:
-    from cluster.slurm import executor_parameters
+    from cluster.submission import executor_parameters
 
     cfg = load_config(TINY, ["slurm.setup=[module load nccl]", "slurm.additional={exclusive: ''}"])
     st = pipeline.build_chain(cfg)[1]
@@ -190,7 +217,7 @@ def test_srun_args_reach_the_job_step_of_the_script_submitit_writes(tmp_path: Pa
     line that starts the tasks, after the setup lines, which run outside the container."""
     import submitit
 
-    from cluster.slurm import executor_parameters
+    from cluster.submission import executor_parameters
 
     image = ["--container-image=/images/sdtt.sqsh", "--container-mounts=/data:/data,/runs:/runs"]
     override = "slurm.srun_args=[" + ",".join(f"'{a}'" for a in image) + "]"
@@ -329,8 +356,8 @@ def test_budget_matches_a_hand_computation() -> None:
     """configs/tiny.yaml on 2 nodes x 4 GPUs, 60 minutes: every number below is worked out by hand
     from the config (tiny.yaml values in the comments); only N comes from the model."""
     tool = _tool()
-    cfg = load_config(TINY)
-    spec = ClusterSpec(nodes=2, gpus_per_node=4, time_min=60)
+    cfg = load_config(TINY, ["slurm.time_min=60"])
+    spec = ClusterSpec(nodes=2, gpus_per_node=4)
     stages = pipeline.build_chain(cfg)
     n = tool.parameter_count(cfg)
     b = {s.stage: s for s in budget(stages, cfg, spec, n, tool.target_size(cfg), eval_plan=eval_plan).stages}

@@ -61,6 +61,6 @@ def test_pipeline_products_are_the_layouts():
 
 
 def test_the_preemption_code_is_one_constant():
-    import cluster.slurm
+    import cluster.stage_job
 
-    assert cluster.slurm.EXIT_PREEMPTED is EXIT_PREEMPTED == 75
+    assert cluster.stage_job.EXIT_PREEMPTED is EXIT_PREEMPTED == 75

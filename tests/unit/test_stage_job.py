@@ -1,4 +1,4 @@
-"""The launch environment has one reader: submitit's view of a SLURM task (cluster.slurm.task_rendezvous),
+"""The launch environment has one reader: submitit's view of a SLURM task (cluster.stage_job.task_rendezvous),
 turned into the torchrun variables that the trainer (trainer.runtime.dist.read_env) reads. And the one
 private submitit method the requeue fix replaces is still there, with the signature it is called with.
 
@@ -15,7 +15,8 @@ from submitit.core.job_environment import SignalHandler
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from cluster import pipeline
-from cluster.slurm import SLURM_PORT_BASE, SLURM_PORT_SPAN, StageJob, sigterm_proof_requeue, task_rendezvous
+from cluster.slurm import sigterm_proof_requeue
+from cluster.stage_job import SLURM_PORT_BASE, SLURM_PORT_SPAN, StageJob, task_rendezvous
 from tests.helpers import REPO, TINY
 from trainer.config import load_config
 from trainer.runtime.dist import read_env
@@ -51,7 +52,7 @@ def test_the_trainer_reads_back_what_the_job_wrapper_writes(slurm_task: dict[str
 
 
 def test_no_second_parser_of_slurm_variables() -> None:
-    """SLURM's task variables are read in one place, submitit (called by cluster/slurm.py). The one
+    """SLURM's task variables are read in one place, submitit (called by cluster/stage_job.py). The one
     exception is dist.read_env's guard that refuses a multi-task srun launch without torchrun variables."""
     reads = re.compile(r'(environ|env)(\.get\(|\[)\s*"SLURM_(PROCID|LOCALID|NTASKS|STEP_NUM_TASKS|JOB_NODELIST|'
                        r'NODELIST|NODEID|TASKS_PER_NODE|STEP_TASKS_PER_NODE|JOB_ID|ARRAY_JOB_ID)')

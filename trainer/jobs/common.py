@@ -35,7 +35,7 @@ def parse_args(description: str, with_round: bool = False, argv: list[str] | Non
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/slurm.py)
+    rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/stage_job.py)
     # Rank 0 tells the story; the others speak up only for warnings and errors.
     level = logging.INFO if rank == "0" else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
@@ -106,7 +106,7 @@ def entry(main) -> None:
 
 
 def _one_line(message: object, code: int) -> None:
-    rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/slurm.py)
+    rank = os.environ.get("RANK", "0")  # set by torchrun or the SLURM job wrapper (cluster/stage_job.py)
     try:
         print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
     except OSError:  # stderr is a log file on the full disk: the exit code still says it

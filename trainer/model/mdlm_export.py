@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from trainer.config import ModelConfig
+from trainer.fileio import replace_dir
 from trainer.model.dit import DiT
 from trainer.model.mdlm_import import CONFIG_FILE, INV_FREQ_KEY, PREFIX, WEIGHTS_FILE
 
@@ -108,14 +109,7 @@ def export_mdlm(out_dir: str | Path, state_dict: Mapping[str, Tensor], cfg: Mode
         if extra:
             (tmp / "sdtt_export.json").write_text(json.dumps(dict(extra), indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)
-        # trainer.fileio.replace_dir's swap, written out: model/ does no I/O through trainer's modules.
-        if out_dir.exists():
-            old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

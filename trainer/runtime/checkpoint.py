@@ -1,5 +1,8 @@
 """Train state that is not DeepSpeed's business, and the exported-weights format every job loads.
 
+* The checkpoint folder's protocol (:class:`CheckpointDir`): where a save is written, how it is
+  published (manifest, swap, ``latest``), which checkpoints are kept, what is swept. The engine
+  writes DeepSpeed's files into it and calls it; readers (resume, round planning) read it.
 * RNG state (python, numpy, torch CPU, CUDA) as JSON-able plain values, so it can sit in a JSON
   file next to a checkpoint instead of inside a pickle.
 * Exports: ``<dir>/model.safetensors`` (raw), ``ema.safetensors``, ``config.yaml`` (the resolved
@@ -27,13 +30,21 @@ from safetensors.torch import load_file, save_file
 from trainer import fileio
 from trainer.config import ModelConfig, RunConfig, load_config, save_config, to_dict
 from trainer.errors import BadInput
-from trainer.fileio import atomic_write_json, fsync_dir, publish_mode, replace_dir, sha256_file, writing
+from trainer.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    publish_mode,
+    replace_dir,
+    sha256_file,
+    writing,
+)
 
 EXPORT_FORMAT = 1
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
 
 # A checkpoint folder (``<model>/checkpoints``): one sub-folder per tag (DeepSpeed's files plus the
-# ones below) and ``latest``, the tag of the newest complete checkpoint, written last (engine.py).
+# ones below) and ``latest``, the tag of the newest complete checkpoint, written last (CheckpointDir).
 LATEST = "latest"
 META = "engine_meta.json"  # step, world size, ZeRO stage, model config, sha256 of every file
 CLIENT = "client_state.json"  # the job's JSON state (data position, round, init)
@@ -53,7 +64,12 @@ def read_json(path: str | Path) -> Any:
 
 @dataclass(frozen=True)
 class CheckpointDir:
-    """Read access to a checkpoint folder's protocol files (the engine writes them)."""
+    """A checkpoint folder's protocol: where a save is written, how it is published, what is kept.
+
+    A save is written (by every rank, into :meth:`tmp`) then handed to :meth:`publish` on one rank:
+    the manifest goes in last, the folder is swapped into place, ``latest`` names it, old
+    checkpoints beyond ``keep`` are retained away and the leftovers of interrupted saves swept. A
+    reader therefore sees a whole checkpoint or the previous one, never a mix."""
 
     root: Path
 
@@ -70,6 +86,67 @@ class CheckpointDir:
 
     def client_state(self, tag: str) -> dict[str, Any]:
         return read_json(self.client_state_path(tag))
+
+    # ---- writing (the engine: every rank writes into tmp(tag), one rank publishes) ---------------
+    def tmp(self, tag: str) -> Path:
+        """Where a save of ``tag`` is written; nothing reads it, and the next save or sweep removes it."""
+        return self.root / f".tmp-{tag}"
+
+    def universal(self, tag: str) -> Path:
+        """The universal-checkpoint conversion of ``tag`` (made on demand at a new world size)."""
+        return self.root / f"{tag}.universal"
+
+    def begin(self, tag: str) -> Path:
+        """Make the folder and clear a leftover of an interrupted save of ``tag``; returns :meth:`tmp`.
+        One rank, before any rank writes."""
+        tmp = self.tmp(tag)
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return tmp
+
+    def publish(self, tmp: Path, tag: str, manifest: Mapping[str, Any], keep: int = 0) -> Path:
+        """Publish the finished save in ``tmp`` as ``tag``; one rank, after every rank has written.
+
+        ``manifest`` (engine_meta.json: the sha256 of every file) is written last inside ``tmp``; the
+        folder is then swapped into place (re-saving a tag replaces it whole), the conversion derived
+        from an older ``tag`` dropped, ``latest`` rewritten; ``keep`` > 0 deletes all but the newest
+        ``keep`` checkpoints (never the latest); leftovers are swept."""
+        atomic_write_json(tmp / META, dict(manifest))
+        final = self.root / tag
+        replace_dir(tmp, final)
+        shutil.rmtree(self.universal(tag), ignore_errors=True)  # derived from the old one
+        atomic_write_text(self.root / LATEST, tag + "\n")
+        if keep > 0:
+            self.retain(keep)
+        self.sweep()
+        return final
+
+    def retain(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` complete checkpoints, never the one `latest` names."""
+        latest = self.latest()
+        found = []
+        for d in self.root.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and (d / META).is_file():
+                try:
+                    step = int(read_json(d / META)["step"])
+                except (CheckpointError, KeyError, ValueError):
+                    step = -1
+                found.append((step, d.stat().st_mtime, d.name))
+        found.sort(reverse=True)
+        keep_names = {name for _, _, name in found[:keep]} | ({latest} if latest else set())
+        for _, _, name in found:
+            if name not in keep_names:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def sweep(self) -> None:
+        """Remove leftovers of interrupted saves, swaps and conversions, and conversions of deleted
+        checkpoints. Runs at the end of a publish, when no other save or conversion can be in flight.
+        (``.trash-`` is the aside name of swaps made before ``fileio.replace_dir`` did them.)"""
+        for d in self.root.iterdir():
+            if d.name.startswith((".tmp-", ".old-", ".trash-")):
+                shutil.rmtree(d, ignore_errors=True)
+            elif d.name.endswith(".universal") and not (self.root / d.name.removesuffix(".universal")).is_dir():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------

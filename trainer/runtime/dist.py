@@ -2,7 +2,7 @@
 
 The launch environment is read from the torchrun variables only: RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT. torchrun sets them (``--local``), and so does the SLURM
-job wrapper (cluster/slurm.py ``task_rendezvous``: submitit reads SLURM's variables, once, there).
+job wrapper (cluster/stage_job.py ``task_rendezvous``: submitit reads SLURM's variables, once, there).
 Without them the process is a single process; it still gets a (world-size-1) process group, because
 DeepSpeed assumes one exists. A process that srun started as one of several tasks without those
 variables is refused rather than trained alone.

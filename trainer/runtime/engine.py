@@ -30,8 +30,9 @@ Checkpoint layout (one folder per tag under ``ckpt_root``)::
     <tag>.universal/        universal-checkpoint conversion, made on demand at a new world size
 
 A save goes to ``.tmp-<tag>`` and is renamed to ``<tag>`` only once complete; ``latest`` is then
-replaced. An interrupted save leaves a ``.tmp-*`` folder that nothing reads (removed by the next
-save) and ``latest`` on the previous good checkpoint.
+replaced (``checkpoint.CheckpointDir`` owns this protocol: publish, latest, retain, sweep). An
+interrupted save leaves a ``.tmp-*`` folder that nothing reads (removed by the next save) and
+``latest`` on the previous good checkpoint.
 
 Unpickling: DeepSpeed's ``*.pt`` files are pickles and DeepSpeed loads them with
 ``weights_only=False``; we cannot avoid that for its own format. We only hand it files whose size
@@ -68,6 +69,7 @@ from trainer.runtime.checkpoint import (
     LATEST,
     META,
     RNG,
+    CheckpointDir,
     CheckpointError,
     capture_rng,
     model_mismatch,
@@ -307,27 +309,26 @@ class Engine:
         ``keep`` > 0 deletes all but the newest ``keep`` checkpoints (never the latest).
 
         A full disk on a rank raises ``DiskFull`` naming the checkpoint: the partial save is only in
-        ``.tmp-<tag>`` (nothing reads it; the next save of the tag or ``_sweep`` removes it) and
+        ``.tmp-<tag>`` (nothing reads it; the next save of the tag or ``CheckpointDir.sweep`` removes it) and
         ``latest`` still names the previous complete checkpoint."""
         with writing(Path(ckpt_root) / tag):
             return self._save(ckpt_root, tag, client_state, config=config, keep=keep)
 
     def _save(self, ckpt_root: str | Path, tag: str, client_state: Mapping[str, Any] | None, *,
               config: RunConfig | None, keep: int) -> Path:
-        root = Path(ckpt_root)
+        ckpt = CheckpointDir(Path(ckpt_root))
         _check_tag(tag)
         client = dict(client_state or {})
         client_text = _to_json_text(client, "client_state")
-        tmp, final = root / f".tmp-{tag}", root / tag
+        tmp = ckpt.tmp(tag)
         if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted save of this tag
+            ckpt.begin(tag)  # clears a leftover of an interrupted save of this tag
         rngs = dist.all_gather_object(capture_rng())
         dist.barrier()
 
         # DeepSpeed writes its shards from every rank; it must not touch `latest` (we do, last).
         with _quiet():
-            self.ds.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
+            self.ds.save_checkpoint(str(ckpt.root), tag=tmp.name, client_state={}, save_latest=False)
         if self.rank == 0:
             atomic_write_text(tmp / CLIENT, client_text)
             atomic_write_json(tmp / RNG, {"world_size": self.world_size, "ranks": rngs})
@@ -339,7 +340,7 @@ class Engine:
                 save_config(config, tmp / CONFIG)
         dist.barrier()
 
-        # Hash in parallel: rank r hashes every world_size-th file. Rank 0 writes the manifest.
+        # Hash in parallel: rank r hashes every world_size-th file. Rank 0 publishes with the manifest.
         files = _list_files(tmp)
         mine = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
                 for f in files[self.rank::self.world_size]}
@@ -353,21 +354,9 @@ class Engine:
                 "model": to_dict(config.model) if config is not None else None,
                 "has_ema": self.ema is not None, "files": manifest, "time": time.time(),
             }
-            atomic_write_json(tmp / META, meta)
-            if final.exists():  # re-saving a tag: never leave `latest` pointing at a missing folder for long
-                trash = root / f".trash-{tag}-{os.getpid()}"
-                os.replace(final, trash)
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            shutil.rmtree(root / f"{tag}.universal", ignore_errors=True)  # derived from the old one
-            atomic_write_text(root / LATEST, tag + "\n")
-            if keep > 0:
-                _retain(root, keep)
-            _sweep(root)
+            ckpt.publish(tmp, tag, meta, keep)
         dist.barrier()
-        return final
+        return ckpt.root / tag
 
     def load(self, ckpt_root: str | Path, *, expect_model: ModelConfig | None = None,
              tag: str | None = None) -> dict[str, Any] | None:
@@ -375,11 +364,12 @@ class Engine:
         no checkpoint. Call on EVERY rank. A different world size goes through a universal
         checkpoint (ZeRO 1-3; stage 0 state is not sharded and loads directly), after which the
         weights are checked against the checkpoint's consolidated fp32 weights."""
-        root = Path(ckpt_root)
+        ckpt = CheckpointDir(Path(ckpt_root))
+        root = ckpt.root
         if tag is None:
-            if not (root / LATEST).is_file():
+            tag = ckpt.latest()
+            if tag is None:
                 return None
-            tag = (root / LATEST).read_text().strip()
         tag_dir = root / tag
         meta = _collective(lambda: self._check_meta(tag_dir, expect_model), "checkpoint metadata")
         _collective(lambda: self._verify_files(tag_dir, meta["files"]), "checkpoint files")
@@ -388,7 +378,7 @@ class Engine:
         if cross and self.zero_stage > 0:
             _collective(lambda: self._universal(root, tag) if self.rank == 0 else None,
                         "universal checkpoint conversion")
-            uc_root = root / f"{tag}.universal"
+            uc_root = ckpt.universal(tag)
             self.ds._config.load_universal_checkpoint = True  # read per call by DeepSpeed
             try:
                 with _quiet():
@@ -450,12 +440,12 @@ class Engine:
 
     def _universal(self, root: Path, tag: str) -> Path:
         """Convert ``<tag>`` to ``<tag>.universal/uc`` once (rank 0; temp folder then rename)."""
-        out = root / f"{tag}.universal"
+        out = CheckpointDir(root).universal(tag)
         if (out / _UNIVERSAL_TAG).is_dir():
             return out
         from deepspeed.checkpoint import ds_to_universal
 
-        tmp = root / f".tmp-{tag}.universal"
+        tmp = CheckpointDir(root).tmp(out.name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         args = Namespace(input_folder=str(root / tag), output_folder=str(tmp / _UNIVERSAL_TAG),
@@ -602,31 +592,3 @@ def _collective(fn: Callable[[], Any], what: str) -> Any:
     if errors:
         raise CheckpointError(errors[0]) from cause
     return out
-
-
-def _retain(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, never the one `latest` names."""
-    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    found = []
-    for d in root.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and (d / META).is_file():
-            try:
-                step = int(read_json(d / META)["step"])
-            except (CheckpointError, KeyError, ValueError):
-                step = -1
-            found.append((step, d.stat().st_mtime, d.name))
-    found.sort(reverse=True)
-    keep_names = {name for _, _, name in found[:keep]} | ({latest} if latest else set())
-    for _, _, name in found:
-        if name not in keep_names:
-            shutil.rmtree(root / name, ignore_errors=True)
-
-
-def _sweep(root: Path) -> None:
-    """Remove leftovers of interrupted saves/conversions and conversions of deleted checkpoints.
-    Runs on rank 0 at the end of a save, when no other save or conversion can be in flight."""
-    for d in root.iterdir():
-        if d.name.startswith((".tmp-", ".trash-")):
-            shutil.rmtree(d, ignore_errors=True)
-        elif d.name.endswith(".universal") and not (root / d.name.removesuffix(".universal")).is_dir():
-            shutil.rmtree(d, ignore_errors=True)
