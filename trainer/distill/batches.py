@@ -25,20 +25,17 @@ import torch
 from torch import Tensor
 
 from trainer.config import RunConfig
-from trainer.data.prepared import data_dir, load_split
 from trainer.data.rows import RowPicker
 from trainer.distill.consumed import ConsumedLog
 from trainer.distill.rounds import TeacherRef
-from trainer.errors import StageError
 from trainer.layout import RunLayout
 from trainer.method import sdtt
 from trainer.method.losses import sdtt_loss
-from trainer.method.sampling import make_denoiser
 from trainer.runtime import dist
-from trainer.runtime.checkpoint import load_model
 from trainer.targets import codecs, header, shards
 from trainer.targets import reader as SR
 from trainer.targets.codecs import CodecError
+from trainer.targets.inputs import load_train_split, teacher_denoiser
 
 log = logging.getLogger("sdtt")
 
@@ -116,10 +113,7 @@ def check_round_data(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher:
     every differing field) and every shard's checksum under ``targets.verify`` (a collective: call on
     every rank). Online: the units the targets job would have written, targets dense."""
     if cfg.distill.mode == "online":
-        g = cfg.targets
-        per_shard = shards.samples_per_shard(g.samples_per_shard, g.shard_max_bytes, shards.max_sample_bytes(
-            g.codec, g.k, cfg.model.vocab_size, cfg.data.seq_len))
-        units = SR.planned_units(shards.ShardPlan(g.num_samples, per_shard))
+        units = SR.planned_units(shards.plan_for(cfg))
         return RoundData(units, [], "online", "dense", cfg.model.vocab_size)
     tset = layout.targets(round_idx)
     manifest = shards.read_manifest(tset)
@@ -220,16 +214,11 @@ def round_source(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher: Tea
     """The round's micro-batches by ``distill.mode``: offline from its target set, or online from the
     teacher (DENSE targets for the same samples in the same order)."""
     dcfg = cfg.distill
-    ddir = data_dir(cfg.data, layout.root)
-    if dcfg.mode == "online":
-        tmodel = load_model(teacher.export, teacher.weights, cfg.model)[0].to(device).requires_grad_(False)
-        rows = load_split(ddir, "train")
-        if rows.shape[1] != cfg.data.seq_len:
-            raise StageError(f"{ddir}: sequences of length {rows.shape[1]}, data.seq_len={cfg.data.seq_len}")
-        source = OnlineBatches(make_denoiser(tmodel, cfg.model.vocab_size, cfg.diffusion.noise_eps,
-                                             cfg.model.time_conditioning),
-                               header.example_spec(cfg, round_idx, codec="dense", k=cfg.model.vocab_size), rows,
-                               RowPicker(rows.shape[0], cfg.seed, round_idx), order, geo, device,
+    if dcfg.mode == "online":  # the targets job's inputs (trainer/targets/inputs.py), its checks included
+        denoise = teacher_denoiser(teacher, cfg, device)
+        _, rows = load_train_split(cfg, layout.root)
+        spec = header.example_spec(cfg, round_idx, codec="dense", k=cfg.model.vocab_size)
+        source = OnlineBatches(denoise, spec, rows, RowPicker(rows.shape[0], cfg.seed, round_idx), order, geo, device,
                                micro_batch, round_start, consumed)
     else:
         source = OfflineBatches(layout.targets(round_idx), order, geo, dcfg.loader_workers, rd.codec, rd.k, cfg,
