@@ -7,14 +7,18 @@ of the same seed; only its targets are dense. The online teacher runs inside ``b
 counts as data time (``train/data_wait_frac``) in both modes.
 
     source.batches(step) -> list[Batch]   this rank's micro-batches of an optimizer step
-    source.probe()       -> Batch         a fixed micro-batch (this rank's first of the round)
+    source.probe()       -> Batch         a fixed micro-batch (this rank's first of the round), made once
     source.samples, source.epoch          what this rank has consumed since it started, the last epoch
     source.close()
+
+What the training loop reads (trainer/runtime/loop.py) is a ``RoundStream``: a source plus the
+round's checkpoint state (``state(step)``: the round, its init and its data position).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ from torch import Tensor
 from trainer.config import RunConfig
 from trainer.data.rows import RowPicker
 from trainer.distill.consumed import ConsumedLog
-from trainer.distill.rounds import TeacherRef
+from trainer.distill.rounds import Init, TeacherRef, data_position
 from trainer.layout import RunLayout
 from trainer.method import sdtt
 from trainer.method.losses import sdtt_loss
@@ -138,13 +142,23 @@ class BatchSource(Protocol):
 
 
 class _Counted:
-    """The bookkeeping both sources share: samples and epoch consumed, the optional consumed log."""
+    """The bookkeeping both sources share: samples and epoch consumed, the optional consumed log, the
+    probe batch (made at the first call, as evaluation first asks for it)."""
 
     def __init__(self, order: SR.SampleOrder, geo: SR.Geometry, micro_batch: int, round_start: int,
                  consumed: ConsumedLog | None):
         self.order, self.geo, self.micro, self.round_start = order, geo, micro_batch, round_start
         self.consumed = consumed
         self.samples, self.epoch = 0, 0
+        self._probe: Batch | None = None
+
+    def probe(self) -> Batch:
+        if self._probe is None:
+            self._probe = self._first_batch()
+        return self._probe
+
+    def _first_batch(self) -> Batch:
+        raise NotImplementedError
 
     def _count(self, step: int, indices: list[int], epochs: list[int]) -> None:
         if self.consumed is not None:
@@ -172,7 +186,7 @@ class OfflineBatches(_Counted):
         self._count(step, [int(s["meta"]["index"]) for s in samples], [int(s["epoch"]) for s in samples])
         return [self._batch(samples[i:i + self.micro]) for i in range(0, len(samples), self.micro)]
 
-    def probe(self) -> Batch:
+    def _first_batch(self) -> Batch:
         _, _, samples = next(iter(SR.TargetStream(self.root, self.order, self.geo, 0)))
         return self._batch(samples[:self.micro])
 
@@ -200,7 +214,7 @@ class OnlineBatches(_Counted):
         self._count(step, indices, epochs)
         return [self._batch(indices[i:i + self.micro]) for i in range(0, len(indices), self.micro)]
 
-    def probe(self) -> Batch:
+    def _first_batch(self) -> Batch:
         return self._batch([i for i, _ in self.order.step_indices(self.geo, 0)][:self.micro])
 
     def _batch(self, idx: list[int]) -> Batch:
@@ -224,3 +238,32 @@ def round_source(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher: Tea
         source = OfflineBatches(layout.targets(round_idx), order, geo, dcfg.loader_workers, rd.codec, rd.k, cfg,
                                 device, micro_batch, round_start, consumed)
     return source
+
+
+class RoundStream:
+    """What the training loop reads of a round: the source's micro-batches, and in every checkpoint
+    the round, its init and its data position (``rounds.data_position``, checked by
+    ``check_resume`` of trainer/distill/rounds.py on restart). ``delay_s``: a test hook, a sleep per step."""
+
+    def __init__(self, source: BatchSource, cfg: RunConfig, round_idx: int, init: Init, rd: RoundData, streams: int,
+                 consumed_before: int, world_size: int, delay_s: float = 0.0):
+        self.source, self.cfg, self.round_idx, self.init, self.rd = source, cfg, round_idx, init, rd
+        self.streams, self.consumed_before, self.world_size = streams, consumed_before, world_size
+        self.delay_s = delay_s
+
+    def batches(self, step: int) -> list[Batch]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return self.source.batches(step)
+
+    def consumed_total(self) -> int:
+        """Samples consumed by all ranks in this round, the run's earlier attempts included (a collective)."""
+        return self.consumed_before + round(dist.all_reduce_mean(float(self.source.samples)) * self.world_size)
+
+    def state(self, step: int) -> dict[str, Any]:  # a collective (every rank saves)
+        return {"round": self.round_idx, "round_start": self.init.round_start, "init": self.init.record,
+                "data": data_position(self.cfg, step - self.init.round_start, self.streams, self.rd.digest,
+                                      self.rd.bad, self.consumed_total())}
+
+    def close(self) -> None:
+        self.source.close()

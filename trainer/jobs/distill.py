@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 
 import numpy as np
 
 from trainer.config import RunConfig, round_steps
 from trainer.data.prepared import MarkovSource, data_dir, load_data_info
 from trainer.distill import rounds
-from trainer.distill.batches import check_round_data, distill_loss, probe_loss, round_source
+from trainer.distill.batches import RoundStream, check_round_data, distill_loss, probe_loss, round_source
 from trainer.distill.consumed import ConsumedLog
 from trainer.distill.student import build_student
 from trainer.errors import StageError
@@ -81,29 +80,15 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     consumed = ConsumedLog(sdir / "consumed", info.rank, engine.step) if dcfg.log_consumed else None
     source = round_source(cfg, layout, round_idx, teacher, rd, order, geo, engine.device, engine.micro_batch,
                           init.round_start, consumed)
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-
-    def micro_batches(step: int):
-        if delay:
-            time.sleep(delay)
-        return source.batches(step)
-
-    def consumed_total() -> int:  # collective (every rank saves)
-        return consumed_before + round(dist.all_reduce_mean(float(source.samples)) * info.world_size)
-
-    def client_state() -> dict:
-        return {"round": round_idx, "round_start": init.round_start, "init": init.record,
-                "data": rounds.data_position(cfg, engine.step - init.round_start, geo.streams, rd.digest, rd.bad,
-                                             consumed_total())}
+    stream = RoundStream(source, cfg, round_idx, init, rd, geo.streams, consumed_before, info.world_size,
+                         delay_s=float(os.environ.get(STEP_DELAY_ENV, "0") or 0))
 
     # ---- evaluation: probe loss, then samples at the round's student step count --------------------
     markov = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
     eval_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, steps=round_steps(cfg, round_idx)))
-    probe = []
 
-    def evaluate(step: int) -> dict[str, float]:
-        probe[:] = probe or [source.probe()]  # this rank's first samples of the round; scored first
-        scalars = {"eval/probe_loss": probe_loss(engine, probe[0], cfg, dcfg.divergence)}
+    def evaluate(step: int) -> dict[str, float]:  # the probe: this rank's first samples of the round; scored first
+        scalars = {"eval/probe_loss": probe_loss(engine, source.probe(), cfg, dcfg.divergence)}
         sample_scalars, text = sample_report(engine, eval_cfg, markov, engine.device)
         metrics.text(step, "samples", text)
         scalars = {**sample_scalars, **scalars, "data/skipped_shards": float(len(rd.bad))}
@@ -113,20 +98,19 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
 
     # ---- train ------------------------------------------------------------------------------------
     global_batch = dcfg.global_batch_size
-    task = Task(micro_batches=micro_batches, loss=lambda e, b, _g: distill_loss(e, b, cfg, dcfg.divergence),
-                tokens_per_step=global_batch * cfg.data.seq_len, samples_per_step=global_batch,
-                evaluate=evaluate, client_state=client_state)
+    task = Task(source=stream, loss=lambda e, b, _g: distill_loss(e, b, cfg, dcfg.divergence),
+                tokens_per_step=global_batch * cfg.data.seq_len, samples_per_step=global_batch, evaluate=evaluate)
     seed = int(np.random.SeedSequence([cfg.train.seed, round_idx]).generate_state(1)[0])
     try:
         finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, total, seed, desc=f"distill r{round_idx}")
     finally:
-        source.close()
+        stream.close()
     if not finished:
         metrics.close()
         return EXIT_PREEMPTED
 
     # ---- account and export -------------------------------------------------------------------------
-    n = consumed_total()
+    n = stream.consumed_total()  # collective
     if n != (engine.step - init.round_start) * global_batch:  # by construction; a loud check
         raise StageError(f"consumed {n} samples over {engine.step - init.round_start} steps of {global_batch}: "
                          f"expected {(engine.step - init.round_start) * global_batch}")
