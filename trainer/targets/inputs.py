@@ -1,5 +1,7 @@
 """What a round's target set is made from, checked before any shard is written: the prepared train split
 (the targets job does not prepare data: a missing folder is an error naming it) and the round's teacher.
+The online student (``distill.mode=online``, trainer/distill/batches.py) makes its targets from the same
+inputs, with the same checks.
 """
 from __future__ import annotations
 
