@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.config import DataConfig, SyntheticConfig
 from trainer.data.packing import pack_stream
@@ -24,6 +25,7 @@ from trainer.data.prepared import (
     prepare_data,
     split_indices,
 )
+from trainer.data.stream import PretrainBatches
 from trainer.data.synthetic import _period
 from trainer.data.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer
 from trainer.jobs import prepare as prepare_job
@@ -296,6 +298,25 @@ def test_batches_are_disjoint_per_rank_and_resume_exactly():
         next(batches(tokens, 7, 0, 2, seed=0))
     with pytest.raises(DataError, match="fewer than one global batch"):
         next(batches(tokens[:5], 8, 0, 2, seed=0))
+
+
+def test_pretrain_source_reads_data_position_offset_plus_step():
+    """PretrainBatches: step k is the stream's step offset + k (this rank's part, in micro-batches), in
+    order, after a restart at any step (a resume) and after a jump back; the checkpoint state is the step."""
+    tokens = np.arange(37 * 3, dtype=np.int32).reshape(37, 3)
+    world, global_batch, micro, offset = 2, 8, 2, 5
+    expected = [b for _, b in itertools.islice(batches(tokens, global_batch, 1, world, seed=11), 20)]
+
+    def check(source, step):
+        parts = source.batches(step)
+        assert [p.shape for p in parts] == [(micro, 3), (micro, 3)]
+        assert bool((torch.cat(parts) == expected[offset + step]).all())
+
+    source = PretrainBatches(tokens, global_batch, 1, world, seed=11, micro_batch=micro, offset=offset)
+    for step in [0, 1, 2, 3, 9, 10, 4, 5]:  # in order, a restart further on, back
+        check(source, step)
+    check(PretrainBatches(tokens, global_batch, 1, world, seed=11, micro_batch=micro, offset=offset), 7)
+    assert source.state(12) == {"data_step": 12}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import TINY
 from tools import inspect_shards
+from trainer.config import load_config
 from trainer.method import codecs as C
 from trainer.targets import shards as SH
 
@@ -70,6 +72,18 @@ def test_size_limit_rotates_by_a_bound_decided_up_front():
     assert SH.samples_per_shard(256, 10 * worst, worst) == 10
     assert SH.samples_per_shard(4, 10 * worst, worst) == 4
     assert SH.samples_per_shard(256, 1024, worst) == 1  # never zero
+
+
+def test_the_runs_plan_follows_the_config():
+    """plan_for: the count limit, or the byte limit over the configured codec's worst case."""
+    base = ["data.seq_len=64", "model.vocab_size=64", "targets.codec=topk", "targets.k=8", "targets.num_samples=100"]
+    worst = SH.max_sample_bytes("topk", 8, 64, 64)
+    by_count = SH.plan_for(load_config(TINY, [*base, "targets.samples_per_shard=16",
+                                              f"targets.shard_max_bytes={100 * worst}"]))
+    assert (by_count.num_samples, by_count.samples_per_shard, by_count.num_shards) == (100, 16, 7)
+    by_bytes = load_config(TINY, [*base, "targets.samples_per_shard=16", f"targets.shard_max_bytes={3 * worst + 1}"])
+    assert SH.plan_for(by_bytes).samples_per_shard == 3
+    assert SH.plan_for(by_bytes, 10) == SH.ShardPlan(10, 3)  # another sample count, the same shards
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,9 +41,8 @@ def cmd_targets(args: argparse.Namespace) -> dict[str, Any]:
     g = cfg.targets
     n = args.samples
     # The job's plan: samples per shard from the worst-case sample size, teacher batches fixed by index.
-    per_shard = shards.samples_per_shard(g.samples_per_shard, g.shard_max_bytes,
-                                         shards.max_sample_bytes(g.codec, g.k, V, L))
-    plan = shards.ShardPlan(n, per_shard)
+    plan = shards.plan_for(cfg, n)
+    per_shard = plan.samples_per_shard
     header = describe(cfg, args.round, TeacherId("bench", "raw", "0" * 64), {"digest": "bench", "tokenizer": "bench"})
     header |= sharding(cfg, per_shard, plan.prefix) | {"num_samples": n}
     digest = shards.header_digest(header)

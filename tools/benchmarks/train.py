@@ -168,7 +168,7 @@ def cmd_train_worker(args: argparse.Namespace) -> dict[str, Any] | None:
             waited, t0 = 0.0, time.perf_counter()
             for _ in range(args.steps):
                 tw = time.perf_counter()
-                b = next_batch()  # read + decode + collate, as the job's micro_batches()
+                b = next_batch()  # read + decode + collate, as the job's source.batches(step)
                 waited += time.perf_counter() - tw
                 losses[mode] = steppers[mode](b)
             dist.barrier()

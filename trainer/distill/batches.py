@@ -7,14 +7,18 @@ of the same seed; only its targets are dense. The online teacher runs inside ``b
 counts as data time (``train/data_wait_frac``) in both modes.
 
     source.batches(step) -> list[Batch]   this rank's micro-batches of an optimizer step
-    source.probe()       -> Batch         a fixed micro-batch (this rank's first of the round)
+    source.probe()       -> Batch         a fixed micro-batch (this rank's first of the round), made once
     source.samples, source.epoch          what this rank has consumed since it started, the last epoch
     source.close()
+
+What the training loop reads (trainer/runtime/loop.py) is a ``RoundStream``: a source plus the
+round's checkpoint state (``state(step)``: the round, its init and its data position).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +29,17 @@ import torch
 from torch import Tensor
 
 from trainer.config import RunConfig
-from trainer.data.prepared import data_dir, load_split
 from trainer.data.rows import RowPicker
 from trainer.distill.consumed import ConsumedLog
-from trainer.distill.rounds import TeacherRef
-from trainer.errors import StageError
+from trainer.distill.rounds import Init, TeacherRef, data_position
 from trainer.layout import RunLayout
 from trainer.method import codecs, sdtt
 from trainer.method.codecs import CodecError
 from trainer.method.losses import sdtt_loss
-from trainer.method.sampling import make_denoiser
 from trainer.runtime import dist
-from trainer.runtime.checkpoint import load_model
 from trainer.targets import header, shards
-from trainer.targets import reader as SR
+from trainer.targets import reader
+from trainer.targets.inputs import load_train_split, teacher_denoiser
 
 log = logging.getLogger("sdtt")
 
@@ -89,7 +90,7 @@ def offline_batch(samples: list[dict[str, Any]], codec: str, k: int, cfg: RunCon
     """Decoded target-set samples -> one micro-batch (collate + codec decode); a bad sample is a
     ShardError naming the sample keys."""
     mask_id = cfg.model.vocab_size
-    xt, t, fields = SR.collate_fields(samples, codec, mask_id, cfg.data.seq_len)
+    xt, t, fields = reader.collate_fields(samples, codec, mask_id, cfg.data.seq_len)
     try:
         targets = codecs.decode(fields, codec, mask_id, k, device=device)
     except CodecError as e:
@@ -103,7 +104,7 @@ class RoundData:
     """What round r trains on, checked: the order's units, the shards left out, the set's digest
     (``online`` for the online student) and the codec/K of its targets."""
 
-    units: list[SR.Unit]
+    units: list[reader.Unit]
     bad: list[shards.BadShard]
     digest: str
     codec: str
@@ -116,20 +117,17 @@ def check_round_data(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher:
     every differing field) and every shard's checksum under ``targets.verify`` (a collective: call on
     every rank). Online: the units the targets job would have written, targets dense."""
     if cfg.distill.mode == "online":
-        g = cfg.targets
-        per_shard = shards.samples_per_shard(g.samples_per_shard, g.shard_max_bytes, shards.max_sample_bytes(
-            g.codec, g.k, cfg.model.vocab_size, cfg.data.seq_len))
-        units = SR.planned_units(shards.ShardPlan(g.num_samples, per_shard))
+        units = reader.planned_units(shards.plan_for(cfg))
         return RoundData(units, [], "online", "dense", cfg.model.vocab_size)
     tset = layout.targets(round_idx)
     manifest = shards.read_manifest(tset)
     header.check(manifest, header.describe(cfg, round_idx, teacher.id(layout), data_info), tset / shards.MANIFEST,
                  cfg.distill.divergence, header.sources(data_json, teacher.file))
-    bad = SR.verify_shards(tset, manifest, cfg.targets.verify)  # collective
+    bad = reader.verify_shards(tset, manifest, cfg.targets.verify)  # collective
     for b in bad:
         log.warning("skipping shard %s: %s (targets.verify=skip)", tset / b.name, b.reason)
     digest = shards.header_digest({k: v for k, v in manifest.items() if k not in ("shards", "totals")})
-    return RoundData(SR.units_of(manifest, [b.name for b in bad]), bad, digest, manifest["codec"], int(manifest["k"]))
+    return RoundData(reader.units_of(manifest, [b.name for b in bad]), bad, digest, manifest["codec"], int(manifest["k"]))
 
 
 class BatchSource(Protocol):
@@ -144,13 +142,23 @@ class BatchSource(Protocol):
 
 
 class _Counted:
-    """The bookkeeping both sources share: samples and epoch consumed, the optional consumed log."""
+    """The bookkeeping both sources share: samples and epoch consumed, the optional consumed log, the
+    probe batch (made at the first call, as evaluation first asks for it)."""
 
-    def __init__(self, order: SR.SampleOrder, geo: SR.Geometry, micro_batch: int, round_start: int,
+    def __init__(self, order: reader.SampleOrder, geo: reader.Geometry, micro_batch: int, round_start: int,
                  consumed: ConsumedLog | None):
         self.order, self.geo, self.micro, self.round_start = order, geo, micro_batch, round_start
         self.consumed = consumed
         self.samples, self.epoch = 0, 0
+        self._probe: Batch | None = None
+
+    def probe(self) -> Batch:
+        if self._probe is None:
+            self._probe = self._first_batch()
+        return self._probe
+
+    def _first_batch(self) -> Batch:
+        raise NotImplementedError
 
     def _count(self, step: int, indices: list[int], epochs: list[int]) -> None:
         if self.consumed is not None:
@@ -166,20 +174,20 @@ class _Counted:
 class OfflineBatches(_Counted):
     """Round r's target set, streamed by this rank's ``RankReader`` (WebDataset, DataLoader workers)."""
 
-    def __init__(self, root: Path, order: SR.SampleOrder, geo: SR.Geometry, workers: int, codec: str, k: int,
+    def __init__(self, root: Path, order: reader.SampleOrder, geo: reader.Geometry, workers: int, codec: str, k: int,
                  cfg: RunConfig, device: torch.device, micro_batch: int, round_start: int,
                  consumed: ConsumedLog | None = None):
         super().__init__(order, geo, micro_batch, round_start, consumed)
         self.root, self.codec, self.k, self.cfg, self.device = root, codec, k, cfg, device
-        self.reader = SR.RankReader(root, order, geo, workers)
+        self.reader = reader.RankReader(root, order, geo, workers)
 
     def batches(self, step: int) -> list[Batch]:
         samples = self.reader.batch(step - self.round_start)
         self._count(step, [int(s["meta"]["index"]) for s in samples], [int(s["epoch"]) for s in samples])
         return [self._batch(samples[i:i + self.micro]) for i in range(0, len(samples), self.micro)]
 
-    def probe(self) -> Batch:
-        _, _, samples = next(iter(SR.TargetStream(self.root, self.order, self.geo, 0)))
+    def _first_batch(self) -> Batch:
+        _, _, samples = next(iter(reader.TargetStream(self.root, self.order, self.geo, 0)))
         return self._batch(samples[:self.micro])
 
     def _batch(self, samples: list[dict[str, Any]]) -> Batch:
@@ -195,7 +203,7 @@ class OnlineBatches(_Counted):
     DENSE targets made on the fly for the same sample indices."""
 
     def __init__(self, denoise: sdtt.Denoiser, spec: sdtt.ExampleSpec, rows: np.ndarray, picker: RowPicker,
-                 order: SR.SampleOrder, geo: SR.Geometry, device: torch.device, micro_batch: int, round_start: int,
+                 order: reader.SampleOrder, geo: reader.Geometry, device: torch.device, micro_batch: int, round_start: int,
                  consumed: ConsumedLog | None = None):
         super().__init__(order, geo, micro_batch, round_start, consumed)
         self.denoise, self.spec, self.rows, self.picker, self.device = denoise, spec, rows, picker, device
@@ -206,7 +214,7 @@ class OnlineBatches(_Counted):
         self._count(step, indices, epochs)
         return [self._batch(indices[i:i + self.micro]) for i in range(0, len(indices), self.micro)]
 
-    def probe(self) -> Batch:
+    def _first_batch(self) -> Batch:
         return self._batch([i for i, _ in self.order.step_indices(self.geo, 0)][:self.micro])
 
     def _batch(self, idx: list[int]) -> Batch:
@@ -215,23 +223,47 @@ class OnlineBatches(_Counted):
 
 
 def round_source(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher: TeacherRef, rd: RoundData,
-                 order: SR.SampleOrder, geo: SR.Geometry, device: torch.device, micro_batch: int, round_start: int,
+                 order: reader.SampleOrder, geo: reader.Geometry, device: torch.device, micro_batch: int, round_start: int,
                  consumed: ConsumedLog | None) -> BatchSource:
     """The round's micro-batches by ``distill.mode``: offline from its target set, or online from the
     teacher (DENSE targets for the same samples in the same order)."""
     dcfg = cfg.distill
-    ddir = data_dir(cfg.data, layout.root)
-    if dcfg.mode == "online":
-        tmodel = load_model(teacher.export, teacher.weights, cfg.model)[0].to(device).requires_grad_(False)
-        rows = load_split(ddir, "train")
-        if rows.shape[1] != cfg.data.seq_len:
-            raise StageError(f"{ddir}: sequences of length {rows.shape[1]}, data.seq_len={cfg.data.seq_len}")
-        source = OnlineBatches(make_denoiser(tmodel, cfg.model.vocab_size, cfg.diffusion.noise_eps,
-                                             cfg.model.time_conditioning),
-                               header.example_spec(cfg, round_idx, codec="dense", k=cfg.model.vocab_size), rows,
-                               RowPicker(rows.shape[0], cfg.seed, round_idx), order, geo, device,
+    if dcfg.mode == "online":  # the targets job's inputs (trainer/targets/inputs.py), its checks included
+        denoise = teacher_denoiser(teacher, cfg, device)
+        _, rows = load_train_split(cfg, layout.root)
+        spec = header.example_spec(cfg, round_idx, codec="dense", k=cfg.model.vocab_size)
+        source = OnlineBatches(denoise, spec, rows, RowPicker(rows.shape[0], cfg.seed, round_idx), order, geo, device,
                                micro_batch, round_start, consumed)
     else:
         source = OfflineBatches(layout.targets(round_idx), order, geo, dcfg.loader_workers, rd.codec, rd.k, cfg,
                                 device, micro_batch, round_start, consumed)
     return source
+
+
+class RoundStream:
+    """What the training loop reads of a round: the source's micro-batches, and in every checkpoint
+    the round, its init and its data position (``rounds.data_position``, checked by
+    ``check_resume`` of trainer/distill/rounds.py on restart). ``delay_s``: a test hook, a sleep per step."""
+
+    def __init__(self, source: BatchSource, cfg: RunConfig, round_idx: int, init: Init, rd: RoundData, streams: int,
+                 consumed_before: int, world_size: int, delay_s: float = 0.0):
+        self.source, self.cfg, self.round_idx, self.init, self.rd = source, cfg, round_idx, init, rd
+        self.streams, self.consumed_before, self.world_size = streams, consumed_before, world_size
+        self.delay_s = delay_s
+
+    def batches(self, step: int) -> list[Batch]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return self.source.batches(step)
+
+    def consumed_total(self) -> int:
+        """Samples consumed by all ranks in this round, the run's earlier attempts included (a collective)."""
+        return self.consumed_before + round(dist.all_reduce_mean(float(self.source.samples)) * self.world_size)
+
+    def state(self, step: int) -> dict[str, Any]:  # a collective (every rank saves)
+        return {"round": self.round_idx, "round_start": self.init.round_start, "init": self.init.record,
+                "data": data_position(self.cfg, step - self.init.round_start, self.streams, self.rd.digest,
+                                      self.rd.bad, self.consumed_total())}
+
+    def close(self) -> None:
+        self.source.close()

@@ -44,7 +44,8 @@ def control_noise_seed(train_seed: int) -> int:
 def control_stream(cfg: RunConfig, control: bool) -> tuple[int, int]:
     """(data offset, noise seed) of this invocation's training stream.
 
-    data offset: the first step of ``batches`` (at the stage's global batch) it reads. The control
+    data offset: the first step of ``batches`` (at the stage's global batch) it reads, the offset of
+    pretraining's batch source (``PretrainBatches``, trainer/data/stream.py). The control
     continues the teacher's data stream where the teacher stopped (train.steps x its batch examples,
     rounded up to the control's batch: never re-reading the teacher's last ones) instead of replaying
     the teacher's first batches. The rows themselves are not new: the stream cycles epochs over the

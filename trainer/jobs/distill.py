@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from trainer.config import RunConfig, round_steps
 from trainer.data.prepared import data_dir, load_data_info
 from trainer.data.synthetic import MarkovSource
 from trainer.distill import rounds
-from trainer.distill.batches import check_round_data, distill_loss, probe_loss, round_source
+from trainer.distill.batches import RoundStream, check_round_data, distill_loss, probe_loss, round_source
 from trainer.distill.consumed import ConsumedLog
 from trainer.distill.student import build_student
 from trainer.errors import StageError
@@ -35,7 +34,7 @@ from trainer.runtime import dist
 from trainer.runtime.checkpoint import export_weights
 from trainer.runtime.loop import Task, train
 from trainer.runtime.metrics import MetricsWriter
-from trainer.targets import reader as SR
+from trainer.targets import reader
 
 log = logging.getLogger("sdtt")
 
@@ -55,8 +54,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
 
     # ---- check the data before anything trains ---------------------------------------------------
     rd = check_round_data(cfg, layout, round_idx, teacher, data_info, ddir / "data.json")  # collective
-    geo = SR.geometry(dcfg.global_batch_size, info.world_size, info.rank, dcfg.streams, dcfg.loader_workers)
-    order = SR.SampleOrder(rd.units, geo.streams, cfg.seed, round_idx, resample=dcfg.resample)
+    geo = reader.geometry(dcfg.global_batch_size, info.world_size, info.rank, dcfg.streams, dcfg.loader_workers)
+    order = reader.SampleOrder(rd.units, geo.streams, cfg.seed, round_idx, resample=dcfg.resample)
 
     # ---- build the student: its init (planned on rank 0, agreed by all), engine, resume position ------
     init = rounds.agree_init(cfg, layout, round_idx, teacher.file)
@@ -75,36 +74,22 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
              "batch %d = %d ranks x %d x %d accumulation); teacher %s (%s, %s...); data: %s; skipped shards: %d",
              round_idx, dcfg.mode, rd.codec, dcfg.divergence, count_parameters(model), init.describe(), engine.step,
              total, total - init.round_start, dcfg.global_batch_size, info.world_size, engine.micro_batch,
-             engine.grad_accum, teacher.export, teacher.weights, teacher.sha256[:12], SR.describe(order, geo),
+             engine.grad_accum, teacher.export, teacher.weights, teacher.sha256[:12], reader.describe(order, geo),
              len(rd.bad))
 
     # ---- build the data: complete micro-batches, offline or online -------------------------------
     consumed = ConsumedLog(sdir / "consumed", info.rank, engine.step) if dcfg.log_consumed else None
     source = round_source(cfg, layout, round_idx, teacher, rd, order, geo, engine.device, engine.micro_batch,
                           init.round_start, consumed)
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-
-    def micro_batches(step: int):
-        if delay:
-            time.sleep(delay)
-        return source.batches(step)
-
-    def consumed_total() -> int:  # collective (every rank saves)
-        return consumed_before + round(dist.all_reduce_mean(float(source.samples)) * info.world_size)
-
-    def client_state() -> dict:
-        return {"round": round_idx, "round_start": init.round_start, "init": init.record,
-                "data": rounds.data_position(cfg, engine.step - init.round_start, geo.streams, rd.digest, rd.bad,
-                                             consumed_total())}
+    stream = RoundStream(source, cfg, round_idx, init, rd, geo.streams, consumed_before, info.world_size,
+                         delay_s=float(os.environ.get(STEP_DELAY_ENV, "0") or 0))
 
     # ---- evaluation: probe loss, then samples at the round's student step count --------------------
     markov = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
     eval_cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, steps=round_steps(cfg, round_idx)))
-    probe = []
 
-    def evaluate(step: int) -> dict[str, float]:
-        probe[:] = probe or [source.probe()]  # this rank's first samples of the round; scored first
-        scalars = {"eval/probe_loss": probe_loss(engine, probe[0], cfg, dcfg.divergence)}
+    def evaluate(step: int) -> dict[str, float]:  # the probe: this rank's first samples of the round; scored first
+        scalars = {"eval/probe_loss": probe_loss(engine, source.probe(), cfg, dcfg.divergence)}
         sample_scalars, text = sample_report(engine, eval_cfg, markov, engine.device)
         metrics.text(step, "samples", text)
         scalars = {**sample_scalars, **scalars, "data/skipped_shards": float(len(rd.bad))}
@@ -114,20 +99,19 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
 
     # ---- train ------------------------------------------------------------------------------------
     global_batch = dcfg.global_batch_size
-    task = Task(micro_batches=micro_batches, loss=lambda e, b, _g: distill_loss(e, b, cfg, dcfg.divergence),
-                tokens_per_step=global_batch * cfg.data.seq_len, samples_per_step=global_batch,
-                evaluate=evaluate, client_state=client_state)
+    task = Task(source=stream, loss=lambda e, b, _g: distill_loss(e, b, cfg, dcfg.divergence),
+                tokens_per_step=global_batch * cfg.data.seq_len, samples_per_step=global_batch, evaluate=evaluate)
     seed = int(np.random.SeedSequence([cfg.train.seed, round_idx]).generate_state(1)[0])
     try:
         finished = train(engine, task, cfg.train, cfg, ckpt_root, metrics, total, seed, desc=f"distill r{round_idx}")
     finally:
-        source.close()
+        stream.close()
     if not finished:
         metrics.close()
         return EXIT_PREEMPTED
 
     # ---- account and export -------------------------------------------------------------------------
-    n = consumed_total()
+    n = stream.consumed_total()  # collective
     if n != (engine.step - init.round_start) * global_batch:  # by construction; a loud check
         raise StageError(f"consumed {n} samples over {engine.step - init.round_start} steps of {global_batch}: "
                          f"expected {(engine.step - init.round_start) * global_batch}")

@@ -28,7 +28,8 @@ import os
 import torch
 
 from trainer.config import RunConfig
-from trainer.data.prepared import batches, data_dir, load_split, prepare_data
+from trainer.data.prepared import data_dir, load_split, prepare_data
+from trainer.data.stream import PretrainBatches
 from trainer.data.synthetic import MarkovSource
 from trainer.distill.control import control_stream, round_ends, stage
 from trainer.distill.rounds import fresh_start, round_teacher
@@ -101,16 +102,8 @@ def _train(cfg: RunConfig, args, info: dist.DistInfo) -> int:
              total_steps)
 
     source = MarkovSource(cfg.data.synthetic) if cfg.data.source == "synthetic" else None
-    stream = {"it": None, "step": -1}
-
-    def micro_batches(step: int) -> list[torch.Tensor]:
-        # batches() is a pure function of the step: (re)start it wherever the loop is.
-        if stream["step"] != step - 1 or stream["it"] is None:
-            stream["it"] = batches(train_tokens, setup.global_batch_size, info.rank, info.world_size,
-                                   cfg.data.seed, start_step=data_offset + step)
-        _, local = next(stream["it"])
-        stream["step"] = step
-        return list(local.split(engine.micro_batch))
+    stream = PretrainBatches(train_tokens, setup.global_batch_size, info.rank, info.world_size, cfg.data.seed,
+                             engine.micro_batch, offset=data_offset)
 
     def evaluate(step: int) -> dict[str, float]:
         if args.ar:
@@ -123,9 +116,9 @@ def _train(cfg: RunConfig, args, info: dist.DistInfo) -> int:
     # ---- train ------------------------------------------------------------------------------------
     loss = (lambda e, x0, g: ar_loss(e, x0.to(e.device), cfg.model.vocab_size)) if args.ar else \
         (lambda e, x0, g: mdlm_loss(e, x0.to(e.device), g, cfg))
-    task = Task(micro_batches=micro_batches, loss=loss,
+    task = Task(source=stream, loss=loss,
                 tokens_per_step=setup.global_batch_size * cfg.data.seq_len, samples_per_step=setup.global_batch_size,
-                evaluate=evaluate, client_state=lambda: {"data_step": engine.step})
+                evaluate=evaluate)
     # The control stops at every round's update count and is exported there (control@r: the round-r
     # student's match); the teacher and the AR model run in one piece.
     ends = round_ends(cfg) if args.control else [total_steps]

@@ -54,10 +54,8 @@ def run(cfg: RunConfig, layout: RunLayout, round_idx: int, info: dist.DistInfo) 
     # ---- plan the set: its header, shards and digest ---------------------------------------------------
     spec = header.example_spec(cfg, round_idx)
     student_steps = round_steps(cfg, round_idx)
-    per_shard = shards.samples_per_shard(
-        tcfg.samples_per_shard, tcfg.shard_max_bytes,
-        shards.max_sample_bytes(tcfg.codec, tcfg.k, cfg.model.vocab_size, cfg.data.seq_len))
-    plan = shards.ShardPlan(tcfg.num_samples, per_shard)
+    plan = shards.plan_for(cfg)
+    per_shard = plan.samples_per_shard
     head = header.describe(cfg, round_idx, teacher.id(layout), data_info) | header.sharding(cfg, per_shard, plan.prefix)
     digest = shards.header_digest(head)
     out = layout.targets(round_idx)

@@ -1,9 +1,10 @@
 """The training loop shared by pretraining and distillation.
 
 It owns the cadence (log, evaluate, checkpoint), resumption, preemption and throughput accounting;
-the job supplies what differs: where micro-batches come from, the loss, the evaluation and the
-state that locates the data stream. Randomness per step comes from a generator seeded by
-(seed, step, rank), so a resumed run draws exactly what an uninterrupted one would have.
+the job supplies what differs (a ``Task``): the batch source, which also names the data position
+saved in every checkpoint, the loss and the evaluation. Randomness per step comes from a generator
+seeded by (seed, step, rank) and the data position is the step, so a resumed run draws and reads
+exactly what an uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,16 +34,29 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(entropy[0] >> np.uint64(1)))
 
 
+class StepSource(Protocol):
+    """Where a job's micro-batches come from: pretraining's ``PretrainBatches`` (trainer/data/stream.py),
+    distillation's ``RoundStream`` (trainer/distill/batches.py)."""
+
+    def batches(self, step: int) -> list[Any]:
+        """This rank's grad_accum micro-batches of optimizer step ``step`` (a function of the step)."""
+        ...
+
+    def state(self, step: int) -> dict[str, Any]:
+        """The JSON state saved with the checkpoint after ``step`` optimizer steps: what a restart
+        needs to check and locate the stream (may be a collective: every rank calls it)."""
+        ...
+
+
 @dataclass
 class Task:
     """What a job plugs into the loop."""
 
-    micro_batches: Callable[[int], list[Any]]  # optimizer step -> this rank's grad_accum micro-batches
-    loss: Callable[[Engine, Any, torch.Generator], torch.Tensor]  # mean loss of one micro-batch
+    source: StepSource
+    loss: Callable[[Engine, Any, torch.Generator], torch.Tensor]  # (forward, micro-batch, step generator) -> mean loss
     tokens_per_step: int  # global tokens per optimizer step (throughput)
     samples_per_step: int
     evaluate: Callable[[int], dict[str, float]] | None = None  # collective; scalars for TensorBoard
-    client_state: Callable[[], dict] = dict  # JSON state saved with each checkpoint (data position)
 
 
 def train(engine: Engine, task: Task, train_cfg: TrainConfig, cfg: RunConfig, ckpt_root: Path,
@@ -59,7 +73,7 @@ def train(engine: Engine, task: Task, train_cfg: TrainConfig, cfg: RunConfig, ck
         step = engine.step
         gen = step_generator(seed, step, rank)
         with wait.waiting():
-            micro = task.micro_batches(step)
+            micro = task.source.batches(step)
         stats = engine.train_step(lambda e, mb: task.loss(e, mb, gen), micro)  # noqa: B023 (called within this step)
         tput.add(task.samples_per_step, task.tokens_per_step)
         bar.update(1)
@@ -80,11 +94,12 @@ def train(engine: Engine, task: Task, train_cfg: TrainConfig, cfg: RunConfig, ck
             tput.reset()  # evaluation time is not training throughput
             wait.reset()
         if done % train_cfg.ckpt_every == 0 or done == total_steps:
-            engine.save(ckpt_root, f"step_{done:08d}", task.client_state(), config=cfg, keep=train_cfg.keep_checkpoints)
+            engine.save(ckpt_root, f"step_{done:08d}", task.source.state(done), config=cfg,
+                        keep=train_cfg.keep_checkpoints)
             last_saved = done
         if stop.should_stop() or (train_cfg.stop_after and done - start >= train_cfg.stop_after):
             if last_saved != done:
-                engine.save(ckpt_root, f"step_{done:08d}", task.client_state(), config=cfg,
+                engine.save(ckpt_root, f"step_{done:08d}", task.source.state(done), config=cfg,
                             keep=train_cfg.keep_checkpoints)
             why = f"signal {stop.received}" if stop.received else f"train.stop_after={train_cfg.stop_after}"
             log.warning("stopping at step %d (%s): checkpoint saved, a restart resumes here", done, why)

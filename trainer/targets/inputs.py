@@ -1,5 +1,7 @@
 """What a round's target set is made from, checked before any shard is written: the prepared train split
 (the targets job does not prepare data: a missing folder is an error naming it) and the round's teacher.
+The online student (``distill.mode=online``, trainer/distill/batches.py) makes its targets from the same
+inputs, with the same checks.
 """
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ def load_train_split(cfg: RunConfig, root: Path) -> tuple[dict[str, Any], np.nda
 
 
 def teacher_denoiser(teacher, cfg: RunConfig, device: torch.device) -> sdtt.Denoiser:
-    """The round's teacher (a trainer.distill.rounds.TeacherRef) loaded on ``device``, as a denoiser; a
-    weight file that does not fit the model is an error naming it."""
+    """The round's teacher (a trainer.distill.rounds.TeacherRef) loaded on ``device``, frozen, as a denoiser
+    (the targets job's and the online student's); a weight file that does not fit the model is an error
+    naming it."""
     try:
-        model = load_model(teacher.export, teacher.weights, cfg.model)[0].to(device)
+        model = load_model(teacher.export, teacher.weights, cfg.model)[0].to(device).requires_grad_(False)
     except CheckpointError:
         raise
     except RuntimeError as e:  # load_state_dict: names or shapes differ

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from trainer import fileio
+from trainer.config import RunConfig
 from trainer.errors import BadInput
 from trainer.fileio import atomic_write_json, fsync_dir, sha256_file
 from trainer.method import codecs
@@ -86,6 +87,17 @@ def samples_per_shard(count_limit: int, max_bytes: int, sample_bytes: int) -> in
     the shard could pass ``max_bytes``: decided once, from bounds, so the sample -> shard map stays
     a function of the index (a size-triggered rotation at write time would depend on content)."""
     return max(1, min(count_limit, max_bytes // max(1, sample_bytes)))
+
+
+def plan_for(cfg: RunConfig, num_samples: int | None = None) -> ShardPlan:
+    """The run's sharding plan: ``num_samples`` (default ``targets.num_samples``) in shards of
+    ``samples_per_shard`` under the codec's worst-case sample size. The one home of the rule: the
+    targets job writes by it, the online student reads the units an offline student would, and
+    ``tools/bench.py targets`` times it."""
+    g = cfg.targets
+    per_shard = samples_per_shard(g.samples_per_shard, g.shard_max_bytes,
+                                  max_sample_bytes(g.codec, g.k, cfg.model.vocab_size, cfg.data.seq_len))
+    return ShardPlan(g.num_samples if num_samples is None else num_samples, per_shard)
 
 
 @dataclass(frozen=True)
