@@ -37,8 +37,7 @@ from trainer.method import codecs, sdtt
 from trainer.method.codecs import CodecError
 from trainer.method.losses import sdtt_loss
 from trainer.runtime import dist
-from trainer.targets import header, shards
-from trainer.targets import reader
+from trainer.targets import header, reader, shards
 from trainer.targets.inputs import load_train_split, teacher_denoiser
 
 log = logging.getLogger("sdtt")
@@ -127,7 +126,8 @@ def check_round_data(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher:
     for b in bad:
         log.warning("skipping shard %s: %s (targets.verify=skip)", tset / b.name, b.reason)
     digest = shards.header_digest({k: v for k, v in manifest.items() if k not in ("shards", "totals")})
-    return RoundData(reader.units_of(manifest, [b.name for b in bad]), bad, digest, manifest["codec"], int(manifest["k"]))
+    return RoundData(reader.units_of(manifest, [b.name for b in bad]), bad, digest, manifest["codec"],
+                     int(manifest["k"]))
 
 
 class BatchSource(Protocol):
@@ -203,8 +203,8 @@ class OnlineBatches(_Counted):
     DENSE targets made on the fly for the same sample indices."""
 
     def __init__(self, denoise: sdtt.Denoiser, spec: sdtt.ExampleSpec, rows: np.ndarray, picker: RowPicker,
-                 order: reader.SampleOrder, geo: reader.Geometry, device: torch.device, micro_batch: int, round_start: int,
-                 consumed: ConsumedLog | None = None):
+                 order: reader.SampleOrder, geo: reader.Geometry, device: torch.device, micro_batch: int,
+                 round_start: int, consumed: ConsumedLog | None = None):
         super().__init__(order, geo, micro_batch, round_start, consumed)
         self.denoise, self.spec, self.rows, self.picker, self.device = denoise, spec, rows, picker, device
 
@@ -223,8 +223,8 @@ class OnlineBatches(_Counted):
 
 
 def round_source(cfg: RunConfig, layout: RunLayout, round_idx: int, teacher: TeacherRef, rd: RoundData,
-                 order: reader.SampleOrder, geo: reader.Geometry, device: torch.device, micro_batch: int, round_start: int,
-                 consumed: ConsumedLog | None) -> BatchSource:
+                 order: reader.SampleOrder, geo: reader.Geometry, device: torch.device, micro_batch: int,
+                 round_start: int, consumed: ConsumedLog | None) -> BatchSource:
     """The round's micro-batches by ``distill.mode``: offline from its target set, or online from the
     teacher (DENSE targets for the same samples in the same order)."""
     dcfg = cfg.distill
