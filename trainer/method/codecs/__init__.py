@@ -5,9 +5,10 @@ that is ~200 KB per position in fp32, so the offline target set needs a sparse c
 (measured trade-offs: docs/benchmarks.md, storage). Four codecs, chosen by ``targets.codec``, one
 module each: ``dense`` (exact), ``topk`` (top-K + the tail's mass), ``topk_is`` (topk + K
 importance-sampled tail ids), ``sampled`` (K draws, stored as distinct ids and counts). Each module
-holds one ``Codec`` object (its fields, bytes per position, encode, decode) and its decoded
-``Targets`` (which know the divergence their code serves); ``REGISTRY`` maps the names declared in
-trainer.config.Codec to them, and trainer.config.PAIRS says which divergences each serves.
+holds one ``Codec`` object, ``CODEC`` (its fields, bytes per position, encode, decode), and its decoded
+``Targets`` (which know the divergence their code serves). ``REGISTRY`` is found, not listed: for each
+name declared in trainer.config.Codec, the module of that name here and its ``CODEC``;
+trainer.config.PAIRS says which divergences each serves.
 
 All codecs encode only the M masked positions of a sequence, in position order. Ids are stored as
 uint16 when the vocabulary fits (V <= 65,536, GPT-2 included: 2 bytes instead of 4 per id) and as
@@ -20,6 +21,7 @@ live in trainer/method/divergences.py, so the pairing is tested in one place.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -28,7 +30,6 @@ from torch import Tensor
 
 from trainer.config import Codec as CodecName
 from trainer.config import choice_names
-from trainer.method.codecs import dense, sampled, topk, topk_is
 from trainer.method.codecs.base import GPT2_VOCAB, Codec, CodecError, Targets, count_dtype, id_dtype
 from trainer.method.codecs.dense import DenseTargets
 from trainer.method.codecs.sampled import SampledTargets
@@ -39,8 +40,19 @@ __all__ = ["CODECS", "GPT2_VOCAB", "REGISTRY", "Codec", "CodecError", "DenseTarg
            "Targets", "TopKISTargets", "TopKTargets", "bytes_per_position", "count_dtype", "decode", "encode",
            "encode_rows", "expected_distinct", "get", "id_dtype", "stats"]
 
-REGISTRY: dict[str, Codec] = {c.name.value: c for c in (topk.CODEC, topk_is.CODEC, sampled.CODEC, dense.CODEC)}
-CODECS = choice_names(CodecName)  # declared in trainer/config.py; tests/unit/test_codecs.py: = REGISTRY's names
+CODECS = choice_names(CodecName)  # declared in trainer/config.py
+
+
+def _registered(name: str) -> Codec:
+    """Codec ``name``: ``CODEC`` of this package's module of that name (a new codec is a module here
+    and its name in trainer.config.Codec, with no list of codecs to edit)."""
+    codec = importlib.import_module(f"{__name__}.{name}").CODEC
+    if codec.name != name:
+        raise CodecError(f"{__name__}.{name}.CODEC is named '{codec.name}', not '{name}'")
+    return codec
+
+
+REGISTRY: dict[str, Codec] = {name: _registered(name) for name in CODECS}
 
 
 def get(codec: str) -> Codec:
