@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from trainer.config import PLAIN_SAMPLER  # noqa: E402
 from trainer.evaluation.paired import t_interval  # noqa: E402
 from trainer.layout import RunLayout  # noqa: E402
 
@@ -46,7 +47,7 @@ MEASURES = (("trained_teacher", "trained teacher"), ("exact_teacher", "exact tea
 def _teacher_row(rows: list[dict], steps: int) -> dict | None:
     """The teacher's plain sampler at ``steps`` and temperature 1."""
     return next((r for r in rows if r["model"] == "teacher" and int(r["round"]) == 0 and r["steps"] == steps
-                 and abs(r["temperature"] - 1.0) < 1e-9 and not r.get("sampler")), None)
+                 and abs(r["temperature"] - 1.0) < 1e-9 and r.get("sampler") == PLAIN_SAMPLER), None)
 
 
 def _minus(a: float | None, b: float | None) -> float | None:

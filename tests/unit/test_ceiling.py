@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 
 from tools import ceiling
+from trainer.config import PLAIN_SAMPLER
 from trainer.layout import RunLayout
 
 
@@ -15,7 +16,7 @@ def _report(summary: dict, round_steps: dict) -> dict:
 
 
 def _teacher_eval(run, per_sample: dict[int, list[float]]) -> None:
-    rows = [{"model": "teacher", "round": 0, "steps": n, "temperature": 1.0, "sampler": None,
+    rows = [{"model": "teacher", "round": 0, "steps": n, "temperature": 1.0, "sampler": PLAIN_SAMPLER,
              "nll_per_sample": v} for n, v in per_sample.items()]
     rows.append({"model": "teacher", "round": 0, "steps": 8, "temperature": 1.0, "sampler": "min_p-0.1",
                  "nll_per_sample": [0.0] * 4})  # a free sampler's row: not the teacher's plain row
