@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -174,6 +175,36 @@ def pending(run_dir: Path, stages: list[Stage]) -> list[Stage]:
         if not need:
             return todo
         forced |= need
+
+
+# The stages that come before the first round: what a run on the same data with the same teacher
+# shares, whatever its distillation (the budget curve of docs/sdtt-results.md reuses them).
+TEACHER_STAGES = ("prepare", "teacher", "ar", "eval_0")
+
+
+def adopt(src: Path, dst: Path, stages: list[Stage]) -> list[str]:
+    """Start run ``dst`` from run ``src``'s finished teacher stages (TEACHER_STAGES): copy the top
+    folder of each one's product (data/, teacher/, ar/) and its done record, so that ``dst`` runs only
+    its own rounds. The caller checks that both configs agree on everything those stages read.
+    Refuses a ``dst`` that has a state already; returns the stages adopted."""
+    src, dst = Path(src), Path(dst)
+    if (dst / STATE_FILE).exists():
+        raise RuntimeError(f"{dst / STATE_FILE}: the run has started already; adopt only into a new run folder")
+    chosen = [st for st in stages if st.name in TEACHER_STAGES]
+    missing = [st.name for st in chosen if not is_done(src, st)]
+    if missing:
+        raise RuntimeError(f"{src}: stage(s) {', '.join(missing)} not done there; nothing to adopt")
+    for top in sorted({Path(st.product).parts[0] for st in chosen if not Path(st.product).is_absolute()}):
+        if not (dst / top).exists():
+            shutil.copytree(src / top, dst / top)
+    records = read_state(src)["stages"]
+    with _locked_state(dst) as state:
+        for st in chosen:
+            state["stages"][st.name] = {**records[st.name], "adopted_from": str(src)}
+    bad = [st.name for st in chosen if not is_done(dst, st)]
+    if bad:
+        raise RuntimeError(f"{dst}: adopted stage(s) {', '.join(bad)} do not match their records")
+    return [st.name for st in chosen]
 
 
 RELEASED = "RELEASED.json"

@@ -15,10 +15,14 @@ several ``data.synthetic.seed`` values for the chain's share).
 
 An override may name the seed as ``{seed}``: ``teacher.init_from=runs/regime/seed-{seed}/teacher/export``
 distils seed s from the exact teacher, starting from the trained teacher of the same seed.
+``--teacher-from runs/regime`` starts each new seed from that run's seed of the same number: its
+prepared data, teacher and teacher evaluation are adopted (cluster/pipeline.py adopt), so only the
+rounds run; the two configs may differ only under ``distill.`` and ``targets.``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cluster.pipeline import STATE_FILE, adopt, build_chain  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluation.paired import t_interval  # noqa: E402
 
@@ -67,11 +72,44 @@ def seed_overrides(overrides: list[str], seed: int) -> list[str]:
     return [o.replace("{seed}", str(seed)) for o in overrides]
 
 
-def run_seed(config: str, run_dir: Path, seed: int, overrides: list[str], nproc: int | None) -> float:
+def seed_args(config: str, overrides: list[str], seed: int) -> list[str]:
+    """Every override of training seed ``seed``: its seeds, then the shared ``overrides``."""
     overrides = seed_overrides(overrides, seed)
+    return [f"seed={seed}", f"train.seed={seed}", f"data.seed={seed}", *overrides,
+            f"eval.seed={eval_seed(config, overrides, seed)}"]
+
+
+# What a run may change and still adopt another run's teacher stages (--teacher-from): how it distils.
+ADOPT_MAY_DIFFER = ("distill.", "targets.")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def adopt_teacher(config: str, overrides: list[str], seed: int, src: Path, dst: Path) -> None:
+    """Start seed ``seed``'s run ``dst`` from run ``src``'s teacher (cluster/pipeline.py adopt), after
+    checking that the two configs differ only in how they distil (ADOPT_MAY_DIFFER)."""
+    saved = src / "config.yaml"
+    if not saved.exists():
+        raise SystemExit(f"[seeds] --teacher-from: {saved} does not exist")
+    new = load_config(config, seed_args(config, overrides, seed))
+    old = _flat(dataclasses.asdict(load_config(saved)))
+    differ = [k for k, v in _flat(dataclasses.asdict(new)).items()
+              if old.get(k) != v and not k.startswith(ADOPT_MAY_DIFFER)]
+    if differ:
+        raise SystemExit(f"[seeds] --teacher-from: {saved} differs at {', '.join(differ)}; only keys under "
+                         f"{', '.join(ADOPT_MAY_DIFFER)} may differ from the run whose teacher is reused")
+    names = adopt(src, dst, build_chain(new))
+    print(f"[seeds] seed {seed}: adopted {', '.join(names)} from {src}", flush=True)
+
+
+def run_seed(config: str, run_dir: Path, seed: int, overrides: list[str], nproc: int | None) -> float:
     cmd = [sys.executable, str(ROOT / "tools" / "submit.py"), "--config", config, "--local", "--run-dir",
-           str(run_dir), f"seed={seed}", f"train.seed={seed}", f"data.seed={seed}", *overrides,
-           f"eval.seed={eval_seed(config, overrides, seed)}"]
+           str(run_dir), *seed_args(config, overrides, seed)]
     if nproc:
         cmd[4:4] = ["--nproc", str(nproc)]
     t0 = time.time()
@@ -140,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--nproc", type=int, default=None, help="processes per distributed stage (submit.py --nproc)")
     p.add_argument("--aggregate-only", action="store_true", help="aggregate the seed-* folders that have a report")
+    p.add_argument("--teacher-from", type=Path, default=None,
+                   help="a seeds run folder whose seed-<s> teacher each new seed reuses (only distill.* and "
+                        "targets.* may differ): its data, teacher and teacher evaluation, not retrained")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every seed")
     args = p.parse_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             if (d / "report.json").exists():
                 print(f"[seeds] seed {s}: report exists, skipped", flush=True)
                 continue
+            if args.teacher_from and not (d / STATE_FILE).exists():
+                adopt_teacher(args.config, args.overrides, s, args.teacher_from / f"seed-{s}", d)
             timings[s] = round(run_seed(args.config, d, s, args.overrides, args.nproc), 1)
             print(f"[seeds] seed {s}: done in {timings[s]:.0f} s", flush=True)
     reports = {}
