@@ -1,6 +1,7 @@
 """SDTT against its own ceiling, over source chains and training seeds: one table per round.
 
     python tools/ceiling.py --run-dir runs/p19
+    python tools/ceiling.py --run-dir runs/p19 --budget
 
 reads ``<run-dir>/chain-<C>/trained/seed-<s>/`` (a `tools/seeds.py` run of a trained teacher: the
 teacher, the control matched per round, the students, the teacher's training-free samplers) and
@@ -10,6 +11,12 @@ it). Per round r at its step count N, at temperature 1 and at the data's entropy
 and the differences that answer the issue's questions, each as a mean and a 95% t-interval over the
 seeds of each chain and over all (chain, seed) runs (an interval over two chains understates the
 chain's share: read the per-chain rows too). Writes ``ceiling.json`` and ``ceiling.md`` there.
+
+``--budget`` writes the budget curve instead (``budget.json``, ``budget.md``): the round-1 student's gain
+over its teacher at each ``distill.steps_per_round`` B, from ``<run-dir>/budget-<B>/chain-<C>/{exact,
+trained}/seed-<s>/`` (one-round runs) and, for the config's own budget, the runs above, restricted to
+the (chain, seed) pairs the other budgets have, so every budget's row covers the same runs; each
+budget's change from the first one is paired per run.
 
 The exact teacher and the trained one of a seed share the evaluation seed, so their samples are
 paired; their difference is the mean of per-sample differences either way (a valid SE if not).
@@ -27,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from trainer.config import PLAIN_SAMPLER  # noqa: E402
+from trainer.config import PLAIN_SAMPLER, load_config  # noqa: E402
 from trainer.evaluation.paired import t_interval  # noqa: E402
 from trainer.layout import RunLayout  # noqa: E402
 
@@ -152,10 +159,98 @@ def markdown(agg: dict, chains: dict[str, dict[int, dict]], steps: dict[str, int
     return "\n".join(lines)
 
 
+# The budget curve: the round-1 student at its N against its own teacher, per budget.
+BUDGET_MEASURES = (("exact_gain", "gain over the exact teacher"),
+                   ("exact_achieved_over_ideal", "achieved / ideal (exact teacher)"),
+                   ("trained_gain", "gain over the trained teacher"))
+
+
+def budget_record(exact: Path | None, trained: Path | None) -> dict[str, float | None]:
+    """One (chain, seed) run's round-1 measures of BUDGET_MEASURES (and their ``_at_H``)."""
+    def summary(run: Path | None) -> dict:
+        done = run is not None and (run / "report.json").exists()
+        return json.loads((run / "report.json").read_text())["summary"] if done else {}
+
+    xs, ts = summary(exact), summary(trained)
+    rec: dict[str, float | None] = {}
+    for h in ("", "_at_H"):
+        rec[f"exact_gain{h}"] = _minus(xs.get(f"r1/teacher_nll{h}"), xs.get(f"r1/student_nll{h}"))
+        rec[f"exact_achieved_over_ideal{h}"] = xs.get(f"r1/achieved_over_ideal{h}")
+        gap = ts.get(f"r1/student_minus_teacher{h}")
+        rec[f"trained_gain{h}"] = None if gap is None else -gap
+    return rec
+
+
+def collect_budget(run_dir: Path, own_budget: int) -> dict[int, dict[str, dict[int, dict]]]:
+    """{budget: {chain: {seed: budget_record}}}; ``own_budget``'s runs are the ceiling runs' round 1."""
+    out: dict[int, dict[str, dict[int, dict]]] = {}
+    for folder in run_dir.glob("budget-*"):
+        b = int(folder.name.split("-", 1)[1])
+        for seed_dir in sorted(folder.glob("chain-*/*/seed-*")):
+            if (seed_dir / "report.json").exists():
+                chain, seed = seed_dir.parts[-3].split("-", 1)[1], int(seed_dir.name.split("-", 1)[1])
+                out.setdefault(b, {}).setdefault(chain, {})[seed] = None
+    pairs = {(c, s) for per in out.values() for c, seeds in per.items() for s in seeds}
+    out[own_budget] = {c: {s: None for cc, s in pairs if cc == c} for c, _ in pairs}
+    for b, per in out.items():
+        base = run_dir if b == own_budget else run_dir / f"budget-{b}"
+        for c, seeds in per.items():
+            for s in seeds:
+                arm = base / f"chain-{c}"
+                seeds[s] = budget_record(arm / "exact" / f"seed-{s}", arm / "trained" / f"seed-{s}")
+    return dict(sorted(out.items()))
+
+
+def aggregate_budget(curve: dict[int, dict[str, dict[int, dict]]]) -> dict:
+    """Per budget and measure: a t-interval per chain and over all runs; and the change from the first
+    budget, paired per (chain, seed)."""
+    first = next(iter(curve))
+    out: dict = {}
+    for b, per in curve.items():
+        runs = [(c, s, rec) for c, seeds in per.items() for s, rec in seeds.items()]
+        out[b] = {}
+        for k, _ in BUDGET_MEASURES:
+            for h in ("", "_at_H"):
+                key = f"{k}{h}"
+                change = [_minus(rec.get(key), curve[first].get(c, {}).get(s, {}).get(key)) for c, s, rec in runs]
+                out[b][key] = {"all": t_interval([rec.get(key) for _, _, rec in runs]),
+                               "change": t_interval(change),
+                               **{c: t_interval([rec.get(key) for rec in seeds.values()]) for c, seeds in per.items()}}
+    return out
+
+
+def budget_markdown(agg: dict, curve: dict) -> str:
+    chains = sorted({c for per in curve.values() for c in per})
+    first = next(iter(agg))
+    lines = ["# The budget curve: the round-1 student against its teacher, per distill.steps_per_round", "",
+             "Runs per budget: " + "; ".join(
+                 f"{b}: " + ", ".join(f"chain {c} seeds {sorted(per[c])}" for c in sorted(per))
+                 for b, per in curve.items()) + ".",
+             "Gains in nats/token (positive: the student is better); mean [95% t-interval] (n runs). "
+             f"'change' is each run's value minus its own at {first} updates.", ""]
+    for h, title in (("", "temperature 1"), ("_at_H", "the data's entropy")):
+        lines += [f"## At {title}", "",
+                  "| budget | measure | " + " | ".join(f"chain {c}" for c in chains) + " | all | change from "
+                  + f"{first} |", "|---|---|" + "---|" * (len(chains) + 2)]
+        for b, per in agg.items():
+            for k, label in BUDGET_MEASURES:
+                a, pct = per[f"{k}{h}"], k.endswith("over_ideal")
+                cells = [_cell(a.get(c), pct) for c in chains] + [_cell(a["all"], pct),
+                                                                  _cell(a["change"], pct) if b != first else "-"]
+                if all(c == "-" for c in cells):
+                    continue
+                lines.append(f"| {b} | {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools/ceiling.py", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--budget", action="store_true", help="the budget curve (budget-<B>/ folders) instead")
     args = p.parse_args(argv)
+    if args.budget:
+        return main_budget(args.run_dir)
     chains = collect(args.run_dir)
     if not chains:
         raise SystemExit(f"[ceiling] no chain-*/trained/seed-*/report.json under {args.run_dir}")
@@ -165,6 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     (args.run_dir / "ceiling.json").write_text(json.dumps({"runs": chains, "aggregate": agg}, indent=1))
     text = markdown(agg, chains, steps)
     (args.run_dir / "ceiling.md").write_text(text)
+    print(text)
+    return 0
+
+
+def main_budget(run_dir: Path) -> int:
+    some = next(run_dir.glob("chain-*/trained/seed-*/config.yaml"), None)
+    if some is None or not any(run_dir.glob("budget-*/chain-*/*/seed-*/report.json")):
+        raise SystemExit(f"[ceiling] --budget needs chain-*/trained/seed-*/ and budget-*/ runs under {run_dir}")
+    curve = collect_budget(run_dir, load_config(some).distill.steps_per_round)
+    agg = aggregate_budget(curve)
+    (run_dir / "budget.json").write_text(json.dumps({"runs": curve, "aggregate": agg}, indent=1))
+    text = budget_markdown(agg, curve)
+    (run_dir / "budget.md").write_text(text)
     print(text)
     return 0
 

@@ -6,8 +6,9 @@ import shutil
 
 import numpy as np
 
+from tests.helpers import REPO
 from tools import ceiling
-from trainer.config import PLAIN_SAMPLER
+from trainer.config import PLAIN_SAMPLER, load_config, save_config
 from trainer.layout import RunLayout
 
 
@@ -70,3 +71,31 @@ def test_a_seed_without_its_exact_arm_has_no_exact_cells(tmp_path):
     r1 = ceiling.collect(tmp_path)["1"][0]["r1"]
     assert r1["exact_teacher"] is None and r1["ideal"] is None and "trained_minus_exact_teacher" not in r1
     assert np.isclose(r1["student"], 1.4)
+
+
+def _one_round(run, summary):
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps(_report(summary, {"0": 16, "1": 8})))
+
+
+def test_the_budget_curve_compares_the_same_runs_at_every_budget(tmp_path):
+    for s in (0, 1, 2):  # the ceiling runs (400 updates); seed 2 has no larger budget
+        for arm, gain in (("exact", 0.01 * s), ("trained", 0.05)):
+            _one_round(tmp_path / "chain-7" / arm / f"seed-{s}",
+                       {"r1/teacher_nll": 1.3, "r1/student_nll": 1.3 - gain, "r1/student_minus_teacher": -gain,
+                        "r1/achieved_over_ideal": gain / 0.1})
+    save_config(load_config(REPO / "configs" / "tiny-regime.yaml"), tmp_path / "chain-7/trained/seed-0/config.yaml")
+    for s in (0, 1):
+        _one_round(tmp_path / "budget-1600/chain-7/exact" / f"seed-{s}",
+                   {"r1/teacher_nll": 1.3, "r1/student_nll": 1.2 - 0.01 * s, "r1/achieved_over_ideal": 1.0 + 0.1 * s})
+        _one_round(tmp_path / "budget-1600/chain-7/trained" / f"seed-{s}", {"r1/student_minus_teacher": -0.08})
+    curve = ceiling.collect_budget(tmp_path, 400)
+    assert list(curve) == [400, 1600] and sorted(curve[400]["7"]) == [0, 1]  # seed 2: not at every budget
+    assert np.isclose(curve[1600]["7"][1]["exact_gain"], 0.11) and np.isclose(curve[400]["7"][1]["trained_gain"], 0.05)
+    agg = ceiling.aggregate_budget(curve)
+    assert np.isclose(agg[1600]["exact_gain"]["change"]["mean"], np.mean([0.1 - 0.0, 0.11 - 0.01]))
+    assert np.isclose(agg[1600]["trained_gain"]["change"]["mean"], 0.03)
+    assert agg[400]["exact_achieved_over_ideal"]["all"]["n"] == 2
+    assert ceiling.main(["--run-dir", str(tmp_path), "--budget"]) == 0
+    text = (tmp_path / "budget.md").read_text()
+    assert "| 1600 | achieved / ideal (exact teacher) | 105.0% [" in text
