@@ -87,6 +87,71 @@ class VerifyPolicy(StrEnum):
     skip = "skip"
 
 
+class DataSource(StrEnum):
+    """data.source: where the rows come from (trainer/data/)."""
+
+    synthetic = "synthetic"
+    text = "text"
+    hf = "hf"
+
+
+# teacher.source: pretrain (trainer.jobs.pretrain), import (a published MDLM checkpoint,
+# trainer.jobs.import_teacher) or oracle (the exact denoiser of a synthetic source,
+# trainer.jobs.oracle_teacher). Built by name because "import" is a Python keyword.
+TeacherSource = StrEnum("TeacherSource", [("pretrain", "pretrain"), ("import", "import"), ("oracle", "oracle")])
+
+
+class Precision(StrEnum):
+    """engine.precision: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16 (trainer/runtime/engine.py)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class DistillMode(StrEnum):
+    """distill.mode: offline (target shards) or online (the teacher in the loop, dense)."""
+
+    offline = "offline"
+    online = "online"
+
+
+class EvalWeights(StrEnum):
+    """eval.weights: which exported weights are evaluated."""
+
+    ema = "ema"
+    raw = "raw"
+
+
+class GenPPL(StrEnum):
+    """eval.gen_ppl: which judge tokens gen-PPL scores (trainer/evaluation/protocols.py)."""
+
+    mdlm = "mdlm"
+    sdtt = "sdtt"
+    first_doc = "first_doc"
+
+
+class MauveProtocol(StrEnum):
+    """eval.mauve_protocol: MAUVE's prompts and references (trainer/evaluation/mauve_protocol.py)."""
+
+    heldout = "heldout"
+    sdtt = "sdtt"
+
+
+class UnmaskOrder(StrEnum):
+    """sampling.order: which masked positions a step reveals (trainer/method/diffusion.py)."""
+
+    random = "random"
+    confidence = "confidence"
+
+
+class TimeGrid(StrEnum):
+    """sampling.grid: the sampler's time steps (trainer/method/diffusion.py)."""
+
+    linear = "linear"
+    cosine = "cosine"
+
+
 def choice_names(choices: Iterable[StrEnum]) -> tuple[str, ...]:
     """The plain strings of a choice list (an enum, or some of its members), in order."""
     return tuple(c.value for c in choices)
@@ -129,7 +194,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | text | hf
+    source: DataSource = DataSource.synthetic
     seq_len: int = 64
     tokenizer: str = "byte"  # "byte" or a local directory holding a Hugging Face tokenizer
     paths: list[str] = field(default_factory=list)  # globs of .txt / .jsonl files (source=text)
@@ -178,8 +243,8 @@ class SamplingConfig:
     # defaults are MDLM's.
     top_p: float = 1.0  # nucleus: keep the smallest set of likeliest tokens with mass >= top_p (1 = off)
     min_p: float = 0.0  # keep tokens with probability >= min_p x the likeliest's (0 = off)
-    order: str = "random"  # random (MDLM) | confidence: unmask the most confident, the schedule's count
-    grid: str = "linear"  # linear (MDLM) | cosine: MaskGIT's cosine schedule of the masked fraction
+    order: UnmaskOrder = UnmaskOrder.random  # MDLM's | confidence: unmask the most confident, the schedule's count
+    grid: TimeGrid = TimeGrid.linear  # MDLM's | cosine: MaskGIT's cosine schedule of the masked fraction
 
 
 PLAIN_SAMPLER = "plain"  # the name of the evaluation rows drawn with ``sampling.*`` (each model's own sampler)
@@ -192,8 +257,8 @@ class SamplerConfig:
     name: str = ""
     top_p: float = 1.0
     min_p: float = 0.0
-    order: str = "random"
-    grid: str = "linear"
+    order: UnmaskOrder = UnmaskOrder.random
+    grid: TimeGrid = TimeGrid.linear
     # Its own temperature sweep ([] = eval.temperatures): a truncation lowers the entropy, so reaching
     # the data's entropy by interpolation may need temperatures above 1. Include 1.0 for the read at
     # temperature 1.
@@ -217,7 +282,7 @@ class EngineConfig:
     """DeepSpeed ZeRO and batch geometry. micro x accumulation x world = global batch."""
 
     zero_stage: int = 2
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Precision = Precision.auto  # auto: bf16 on GPU, fp32 on CPU
     global_batch_size: int = 512
     micro_batch_size: int = 0  # per rank; 0 = global / world (no accumulation)
     # How long any rank waits in one collective (all-reduce, barrier, broadcast) before the job ends
@@ -248,7 +313,7 @@ class TrainConfig:
 class TeacherConfig:
     # pretrain | import | oracle: the exact (Bayes-optimal) denoiser of the synthetic Markov source,
     # no training (trainer/model/oracle.py, trainer.jobs.oracle_teacher): the best any teacher can be.
-    source: str = "pretrain"
+    source: TeacherSource = TeacherSource.pretrain
     import_path: str = ""  # local directory in the published MDLM layout (source=import)
     # source=oracle: the exact teacher has no network weights, so round 1's student and the control
     # start from this DiT export (e.g. a trained teacher's <run>/teacher/export; its targets.use_ema
@@ -288,7 +353,7 @@ class DistillConfig:
     start_steps: int = 1024  # sampling steps of the round-1 teacher; halves every round
     steps_per_round: int = 10000
     divergence: Divergence = Divergence.rkl  # rkl | fkl | mse | tvd
-    mode: str = "offline"  # offline (target shards) | online (teacher in the loop, dense)
+    mode: DistillMode = DistillMode.offline  # offline (target shards) | online (teacher in the loop, dense)
     resample: bool = False  # infinite resampled stream instead of exact epochs
     lr: float = 6e-5
     warmup_steps: int = 500
@@ -317,7 +382,7 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512, 1024])
     num_samples: int = 256
     batch_size: int = 64
-    weights: str = "ema"  # which exported weights are evaluated: ema | raw
+    weights: EvalWeights = EvalWeights.ema  # which exported weights are evaluated
     judge: str = ""  # "" (none), "ar" (the project's AR model at ar_path), a local HF model dir or a cached hub name
     ar_path: str = ""  # the AR model's export dir; "" = <run>/ar/export (trainer.jobs.pretrain --ar)
     seed: int = 1
@@ -341,7 +406,7 @@ class EvalConfig:
     # mask: every non-EOS token and the first EOS, positions 1..T-1 of the whole retokenised sample),
     # sdtt (every position 1..T-1; the sample's own ids when the judge shares its vocabulary) or
     # first_doc (up to the first EOS, this project's earlier rule).
-    gen_ppl: str = "mdlm"
+    gen_ppl: GenPPL = GenPPL.mdlm
     # MAUVE's protocol: "heldout" (the cheap default above: continuations of held-out rows after
     # prefix_tokens, one per row, compared without the prefix) or "sdtt" (SDTT's: prompts from the
     # local jsonl mauve_prompts (a 'text' field, e.g. GPT-2's webtext.test.jsonl), documents of at
@@ -349,7 +414,7 @@ class EvalConfig:
     # clamped + mauve_gen_tokens sampled, mauve_continuations per prompt, prefix included in the
     # compared text, MAUVE with seeds 1..mauve_seeds and scaling mauve_scaling, reported as mean and
     # std over seeds; features from the local causal LM at mauve_features, "" = the judge).
-    mauve_protocol: str = "heldout"
+    mauve_protocol: MauveProtocol = MauveProtocol.heldout
     mauve_prompts: str = ""
     mauve_prompt_tokens: int = 50
     mauve_gen_tokens: int = 50
@@ -543,7 +608,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
            "the head dimension must be even for rotary embeddings")
     _check(0.0 <= m.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
 
-    _choice(d.source, ("synthetic", "text", "hf"), source, "data.source")
+    _choice(d.source, choice_names(DataSource), source, "data.source")
     _check(d.seq_len > 1, source, "data.seq_len", "must be at least 2")
     _check(d.seq_len <= m.max_seq_len, source, "data.seq_len",
            f"{d.seq_len} is longer than the model's context model.max_seq_len={m.max_seq_len}")
@@ -589,7 +654,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
 
     e = cfg.engine
     _check(e.zero_stage in (0, 1, 2, 3), source, "engine.zero_stage", f"{e.zero_stage} is not 0, 1, 2 or 3")
-    _choice(e.precision, ("auto", "fp32", "bf16"), source, "engine.precision")
+    _choice(e.precision, choice_names(Precision), source, "engine.precision")
     _check(e.global_batch_size >= 1, source, "engine.global_batch_size", "must be positive")
     _check(e.micro_batch_size >= 0, source, "engine.micro_batch_size", "must be >= 0")
     _check(e.collective_timeout_s > 0, source, "engine.collective_timeout_s", "must be positive (seconds)")
@@ -600,7 +665,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 <= t.ema < 1, source, "train.ema", "must be in [0, 1)")
     _check(t.stop_after >= 0, source, "train.stop_after", "must be >= 0 (0 = no limit)")
 
-    _choice(cfg.teacher.source, ("pretrain", "import", "oracle"), source, "teacher.source")
+    _choice(cfg.teacher.source, choice_names(TeacherSource), source, "teacher.source")
     if cfg.teacher.source == "oracle":
         _check(d.source == "synthetic", source, "teacher.source",
                f"oracle is the exact denoiser of the synthetic Markov source; data.source={d.source}")
@@ -626,7 +691,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
            f"{ds.start_steps} cannot halve distill.rounds={ds.rounds} times to at least one step")
     _check(ds.steps_per_round >= 1, source, "distill.steps_per_round", "must be positive")
     _choice(ds.divergence, choice_names(Divergence), source, "distill.divergence")
-    _choice(ds.mode, ("offline", "online"), source, "distill.mode")
+    _choice(ds.mode, choice_names(DistillMode), source, "distill.mode")
     # Offline, the student reads coded targets: the codec must serve the divergence (PAIRS, with the reasons).
     served = PAIRS[Codec(g.codec)]  # (g.codec is a member, or a plain string in a config built in code)
     _check(ds.mode != "offline" or ds.divergence in served, source, "distill.divergence",
@@ -647,7 +712,7 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
            "must be a non-empty list of positive step counts")
     _check(ev.num_samples >= 2, source, "eval.num_samples", "must be at least 2 (for a standard error)")
     _check(ev.batch_size >= 1, source, "eval.batch_size", "must be positive")
-    _choice(ev.weights, ("ema", "raw"), source, "eval.weights")
+    _choice(ev.weights, choice_names(EvalWeights), source, "eval.weights")
     _check(len(ev.temperatures) > 0 and all(float(x) > 0 for x in ev.temperatures), source, "eval.temperatures",
            "must be a non-empty list of positive sampling temperatures")
     names = [sp.name for sp in ev.samplers]
@@ -665,8 +730,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
     _check(0 <= ev.prefix_tokens < d.seq_len, source, "eval.prefix_tokens",
            f"must be in [0, data.seq_len={d.seq_len}) (0 = a quarter of the row)")
     _check(ev.elbo_rows >= 1, source, "eval.elbo_rows", "must be positive")
-    _choice(ev.gen_ppl, ("mdlm", "sdtt", "first_doc"), source, "eval.gen_ppl")
-    _choice(ev.mauve_protocol, ("heldout", "sdtt"), source, "eval.mauve_protocol")
+    _choice(ev.gen_ppl, choice_names(GenPPL), source, "eval.gen_ppl")
+    _choice(ev.mauve_protocol, choice_names(MauveProtocol), source, "eval.mauve_protocol")
     if ev.mauve_protocol == "sdtt" and ev.mauve_samples > 0:
         _check(bool(ev.mauve_prompts), source, "eval.mauve_prompts",
                "eval.mauve_protocol=sdtt needs a local jsonl of prompts (a 'text' field per line, e.g. "
@@ -887,8 +952,8 @@ def _check_sampler(sp, source: str, key: str) -> None:
     """The training-free sampler options of ``sampling`` or an ``eval.samplers`` entry."""
     _check(0 < sp.top_p <= 1, source, f"{key}.top_p", "must be in (0, 1] (1 = no nucleus cut)")
     _check(0 <= sp.min_p < 1, source, f"{key}.min_p", "must be in [0, 1) (0 = no min-p cut)")
-    _choice(sp.order, ("random", "confidence"), source, f"{key}.order")
-    _choice(sp.grid, ("linear", "cosine"), source, f"{key}.grid")
+    _choice(sp.order, choice_names(UnmaskOrder), source, f"{key}.order")
+    _choice(sp.grid, choice_names(TimeGrid), source, f"{key}.grid")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,15 @@ def test_every_schedule_is_one_the_lr_knows():
     ("distill.divergence=kl", "distill.divergence"),
     ("optim.schedule=linear", "optim.schedule"),
     ("targets.verify=warn", "targets.verify"),
+    ("data.source=csv", "data.source"),
+    ("teacher.source=hub", "teacher.source"),
+    ("engine.precision=fp16", "engine.precision"),
+    ("distill.mode=async", "distill.mode"),
+    ("eval.weights=best", "eval.weights"),
+    ("eval.gen_ppl=gpt2", "eval.gen_ppl"),
+    ("eval.mauve_protocol=webtext", "eval.mauve_protocol"),
+    ("sampling.order=left", "sampling.order"),
+    ("sampling.grid=log", "sampling.grid"),
 ])
 def test_a_value_outside_the_choices_names_the_key_and_the_override(override, key):
     with pytest.raises(ConfigError) as e:
@@ -99,3 +108,23 @@ def test_a_config_built_in_code_with_plain_strings_is_validated_and_written_alik
     with pytest.raises(ConfigError, match=r"bad config key 'targets\.verify': 'warn' is not one of fail, skip"):
         validate(bad)
     assert VerifyPolicy.skip == "skip"
+
+
+def test_the_modules_that_implement_a_choice_accept_exactly_its_names():
+    """The sampler's orders and grids, gen-PPL's protocols and the engine's precisions are read from
+    the config's enums: one list each, and every name is one the implementation runs."""
+    import torch
+
+    from trainer.config import GenPPL, Precision, TimeGrid, UnmaskOrder
+    from trainer.evaluation import protocols
+    from trainer.method import diffusion
+    from trainer.runtime.engine import resolve_precision
+
+    assert diffusion.ORDERS == choice_names(UnmaskOrder) and diffusion.GRIDS == choice_names(TimeGrid)
+    assert protocols.GEN_PPL_PROTOCOLS == choice_names(GenPPL)
+    x, lengths = torch.tensor([[5, 2, 3, 2, 0]]), torch.tensor([5])
+    for protocol in GenPPL:
+        assert protocols.scored_mask(x, lengths, eos_id=2, protocol=protocol).any()
+    assert {resolve_precision(p) for p in Precision} <= {"fp32", "bf16"}
+    with pytest.raises(ValueError, match="engine.precision"):
+        resolve_precision("fp16")

@@ -22,7 +22,9 @@ import math
 import numpy as np
 import torch
 
-GEN_PPL_PROTOCOLS = ("mdlm", "sdtt", "first_doc")
+from trainer.config import GenPPL, choice_names
+
+GEN_PPL_PROTOCOLS = choice_names(GenPPL)
 
 
 def scored_mask(x: torch.Tensor, lengths: torch.Tensor, eos_id: int, protocol: str) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trainer.config import TimeGrid, UnmaskOrder, choice_names
+
 NEG_INF = float("-inf")
 
 
@@ -174,8 +176,8 @@ def truncation_mask(weights: Tensor, top_p: float = 1.0, min_p: float = 0.0) -> 
     return keep
 
 
-ORDERS = ("random", "confidence")
-GRIDS = ("linear", "cosine")
+ORDERS = choice_names(UnmaskOrder)
+GRIDS = choice_names(TimeGrid)
 
 
 def ancestral_update(log_p_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor, mask_id: int, eps: float,

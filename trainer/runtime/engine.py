@@ -59,7 +59,17 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from trainer.config import EngineConfig, ModelConfig, RunConfig, TrainSetup, batch_geometry, save_config, to_dict
+from trainer.config import (
+    EngineConfig,
+    ModelConfig,
+    Precision,
+    RunConfig,
+    TrainSetup,
+    batch_geometry,
+    choice_names,
+    save_config,
+    to_dict,
+)
 from trainer.fileio import atomic_write_json, atomic_write_text, publish_mode, sha256_file, writing
 from trainer.runtime import dist
 from trainer.runtime.checkpoint import (
@@ -107,11 +117,12 @@ _UNIVERSAL_TAG = "uc"
 # Config
 # --------------------------------------------------------------------------------------------------
 def resolve_precision(precision: str) -> str:
-    if precision == "auto":
+    if precision == Precision.auto:
         return "bf16" if torch.cuda.is_available() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"bad config key 'engine.precision': {precision!r} is not auto, fp32 or bf16")
-    return precision
+    if precision not in choice_names(Precision):
+        names = ", ".join(choice_names(Precision))
+        raise ValueError(f"bad config key 'engine.precision': {precision!r} is not one of {names}")
+    return str(precision)
 
 
 def ds_config(setup: TrainSetup, engine: EngineConfig, world_size: int) -> dict[str, Any]:
