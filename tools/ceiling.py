@@ -137,6 +137,46 @@ def _cell(a: dict, pct: bool) -> str:
     return f"{f(a['mean'])}{ci} (n={a['n']})"
 
 
+def start_gap_fit(chains: dict[str, dict[int, dict]]) -> dict | None:
+    """Round 1 from the exact teacher, per run: the gap its student starts from (the trained teacher,
+    whose weights it starts from, minus the exact teacher, at N) against the gain it achieves over the
+    exact teacher; their least-squares line and correlation, and the share of the way from its start
+    to the ideal that the student covers. An analysis chosen after looking at the runs, not part of
+    their fixed protocol: the markdown says so."""
+    runs = [(c, s, rec["r1"]) for c, seeds in chains.items() for s, rec in sorted(seeds.items())
+            if "r1" in rec and all(rec["r1"].get(k) is not None for k in
+                                   ("trained_minus_exact_teacher", "exact_achieved_gain", "ideal", "exact_student"))]
+    if len(runs) < 3:
+        return None
+    gap = np.array([r["trained_minus_exact_teacher"] for _, _, r in runs])
+    gain = np.array([r["exact_achieved_gain"] for _, _, r in runs])
+    if np.ptp(gap) == 0 or np.ptp(gain) == 0:  # no line through constant values
+        return None
+    covered = [(r["trained_teacher"] - r["exact_student"]) / (r["trained_teacher"] - r["ideal"]) for _, _, r in runs]
+    slope, intercept = np.polyfit(gap, gain, 1)
+    ideal = float(np.mean([r["ideal_gain"] for _, _, r in runs]))
+    return {"runs": [{"chain": c, "seed": s, "start_gap": float(g), "gain": float(a), "covered": float(v)}
+                     for (c, s, _), g, a, v in zip(runs, gap, gain, covered)],
+            "slope": float(slope), "intercept": float(intercept), "r": float(np.corrcoef(gap, gain)[0, 1]),
+            "mean_ideal_gain": ideal, "intercept_over_ideal": float(intercept) / ideal,
+            "covered": t_interval(covered)}
+
+
+def _fit_markdown(fit: dict) -> list[str]:
+    lines = ["## Where the student from the exact teacher starts (an analysis chosen after looking)", "",
+             "Round 1 at N, temperature 1, per run: the start gap (the trained teacher whose weights the student "
+             "starts from, minus the exact teacher), the gain achieved over the exact teacher, and the share of "
+             "the way from its start to the ideal student that it covers.", "",
+             "| chain | seed | start gap | achieved gain | covered |", "|---|---|---|---|---|"]
+    lines += [f"| {r['chain']} | {r['seed']} | {r['start_gap']:.3f} | {r['gain']:.3f} | {100 * r['covered']:.0f}% |"
+              for r in fit["runs"]]
+    cov = fit["covered"]
+    lines += ["", f"Least squares: gain = {fit['intercept']:.3f} {fit['slope']:+.3f} x start gap (r = {fit['r']:.2f}); "
+              f"at a start gap of 0 that is {100 * fit['intercept_over_ideal']:.0f}% of the mean ideal gain "
+              f"({fit['mean_ideal_gain']:.3f}). Covered: {_cell(cov, True)}.", ""]
+    return lines
+
+
 def markdown(agg: dict, chains: dict[str, dict[int, dict]], steps: dict[str, int]) -> str:
     names = sorted(chains)
     lines = ["# SDTT against its ceiling", "",
@@ -156,6 +196,9 @@ def markdown(agg: dict, chains: dict[str, dict[int, dict]], steps: dict[str, int
                 continue
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    fit = start_gap_fit(chains)
+    if fit is not None:
+        lines += _fit_markdown(fit)
     return "\n".join(lines)
 
 
@@ -257,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     some = next(args.run_dir.glob("chain-*/trained/seed-*/report.json"))
     steps = json.loads(some.read_text())["round_steps"]
     agg = aggregate(chains)
-    (args.run_dir / "ceiling.json").write_text(json.dumps({"runs": chains, "aggregate": agg}, indent=1))
+    (args.run_dir / "ceiling.json").write_text(json.dumps({"runs": chains, "aggregate": agg,
+                                                           "start_gap_fit": start_gap_fit(chains)}, indent=1))
     text = markdown(agg, chains, steps)
     (args.run_dir / "ceiling.md").write_text(text)
     print(text)

@@ -99,3 +99,16 @@ def test_the_budget_curve_compares_the_same_runs_at_every_budget(tmp_path):
     assert ceiling.main(["--run-dir", str(tmp_path), "--budget"]) == 0
     text = (tmp_path / "budget.md").read_text()
     assert "| 1600 | achieved / ideal (exact teacher) | 105.0% [" in text
+
+
+def test_the_start_gap_fit_recovers_a_known_line_and_the_share_covered():
+    def rec(gap, gain):  # exact teacher 1.3, ideal 1.2, the student starts at the trained teacher 1.3 + gap
+        return {"r1": {"trained_minus_exact_teacher": gap, "exact_achieved_gain": gain, "ideal": 1.2,
+                       "ideal_gain": 0.1, "exact_student": 1.3 - gain, "trained_teacher": 1.3 + gap}}
+    chains = {"1": {s: rec(g, 0.08 - 0.5 * g) for s, g in enumerate((0.0, 0.1, 0.2))}, "2": {0: rec(0.05, 0.055)}}
+    fit = ceiling.start_gap_fit(chains)
+    assert np.isclose(fit["slope"], -0.5) and np.isclose(fit["intercept"], 0.08) and np.isclose(fit["r"], -1.0)
+    assert np.isclose(fit["intercept_over_ideal"], 0.8)
+    assert np.isclose(fit["runs"][1]["covered"], (0.1 + 0.03) / (0.1 + 0.1))  # (start - student) / (start - ideal)
+    assert ceiling.start_gap_fit({"1": {0: rec(0.1, 0.0)}}) is None  # too few runs for a line
+    assert "an analysis chosen after looking" in "\n".join(ceiling._fit_markdown(fit))
