@@ -22,7 +22,6 @@ rounds run; the two configs may differ only under ``distill.`` and ``targets.``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -34,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cluster.pipeline import STATE_FILE, adopt, build_chain  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import config_diff, load_config, resolve_paths  # noqa: E402
 from trainer.evaluation.paired import t_interval  # noqa: E402
 
 # The measures seeds.md shows per round, in this order (the rest are in seeds.json).
@@ -83,23 +82,15 @@ def seed_args(config: str, overrides: list[str], seed: int) -> list[str]:
 ADOPT_MAY_DIFFER = ("distill.", "targets.")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def adopt_teacher(config: str, overrides: list[str], seed: int, src: Path, dst: Path) -> None:
     """Start seed ``seed``'s run ``dst`` from run ``src``'s teacher (cluster/pipeline.py adopt), after
     checking that the two configs differ only in how they distil (ADOPT_MAY_DIFFER)."""
     saved = src / "config.yaml"
     if not saved.exists():
         raise SystemExit(f"[seeds] --teacher-from: {saved} does not exist")
-    new = load_config(config, seed_args(config, overrides, seed))
-    old = _flat(dataclasses.asdict(load_config(saved)))
-    differ = [k for k, v in _flat(dataclasses.asdict(new)).items()
-              if old.get(k) != v and not k.startswith(ADOPT_MAY_DIFFER)]
+    # As tools/submit.py will write it: paths absolute against the folder submit runs in (ROOT).
+    new, _ = resolve_paths(load_config(config, seed_args(config, overrides, seed)), ROOT)
+    differ = [k for k in config_diff(load_config(saved), new) if not k.startswith(ADOPT_MAY_DIFFER)]
     if differ:
         raise SystemExit(f"[seeds] --teacher-from: {saved} differs at {', '.join(differ)}; only keys under "
                          f"{', '.join(ADOPT_MAY_DIFFER)} may differ from the run whose teacher is reused")

@@ -48,6 +48,7 @@ from trainer import runlock  # noqa: E402
 from trainer.config import (  # noqa: E402
     ConfigError,
     RunConfig,
+    config_diff,
     load_config,
     parse_slurm_time,
     resolve_paths,
@@ -107,7 +108,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path, list[str]
         if args.config is None and not args.overrides:
             return stored, run_dir, resolve_paths(stored, run_dir)[1]
         if to_yaml(stored) != to_yaml(cfg):
-            diff = _diff(stored, cfg)
+            diff = config_diff(stored, cfg)
             raise ConfigError(f"{saved}: the run folder was made with another config (differs at "
                               f"{', '.join(diff[:8])}); use a new --run-dir or the folder's own config")
     return cfg, run_dir, problems
@@ -118,20 +119,6 @@ def check_run_dir(run_dir: Path, flag: str = "--run-dir") -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"bad flag '{flag}': {run_dir} exists and is not a folder (a run folder is a directory; "
                           "pick another path)")
-
-
-def _diff(a: RunConfig, b: RunConfig) -> list[str]:
-    from trainer.config import to_dict
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    fa, fb = dict(flat(to_dict(a))), dict(flat(to_dict(b)))
-    return sorted(k for k in fa if fa[k] != fb.get(k))
 
 
 # The flags that are slurm.* config keys of the same name: the flag, when given and not empty, wins

@@ -586,6 +586,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
+    """The dotted keys at which two configs differ, sorted (a key only one of them has counts)."""
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
 # --------------------------------------------------------------------------------------------------
 # Validation: everything OmegaConf's types cannot say
 # --------------------------------------------------------------------------------------------------

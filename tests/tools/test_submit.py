@@ -16,7 +16,7 @@ from cluster import pipeline
 from cluster.budget import budget, model_state_bytes
 from cluster.resources import ClusterSpec, stage_resources
 from tests.helpers import REPO, TINY, env
-from trainer.config import ConfigError, load_config, parse_slurm_time, resolve_paths
+from trainer.config import ConfigError, load_config, parse_slurm_time, resolve_paths, save_config
 from trainer.evaluation.sweep import eval_plan
 
 SMALL = REPO / "configs" / "small.yaml"
@@ -480,3 +480,17 @@ def test_judge_size_counts_parameters_from_the_safetensors_headers(tmp_path: Pat
     (snap / "config.json").write_text((tmp_path / "config.json").read_text())
     assert tool.judge_size(load_config(TINY, [f"eval.judge={snap}"]), 999).name == "openai-community/gpt2-large"
     assert JudgeSize("j", 25, 11, 8, 2).bytes_for(batch=3, length=7) == 4 * 25 + 3 * 7 * 11 * 20 + 3 * 7 * 8 * 4 * 3
+
+
+def test_a_run_folder_refuses_another_config_naming_the_keys(tmp_path: Path) -> None:
+    """Resubmitting into a run folder with other settings is refused, naming what differs; the
+    folder's own config.yaml is left as it was."""
+    tool = _tool()
+    run = tmp_path / "run"
+    cfg, run_dir, _ = tool.resolve_config(tool.parse_args(["--config", str(TINY), "--run-dir", str(run)]))
+    save_config(cfg, run_dir / "config.yaml")
+    before = (run_dir / "config.yaml").read_bytes()
+    args = tool.parse_args(["--config", str(TINY), "--run-dir", str(run), "eval.num_samples=7", "distill.lr=1e-5"])
+    with pytest.raises(ConfigError, match=r"made with another config \(differs at distill\.lr, eval\.num_samples\)"):
+        tool.resolve_config(args)
+    assert (run_dir / "config.yaml").read_bytes() == before

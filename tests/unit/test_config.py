@@ -80,3 +80,12 @@ def test_cross_field_checks_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, override.split())
     assert f"bad config key '{key}'" in str(e.value)
+
+
+def test_config_diff_names_every_differing_key_sorted():
+    from trainer.config import config_diff
+
+    base = load_config(TINY)
+    other = load_config(TINY, ["targets.codec=dense", "eval.temperatures=[0.8,1.0]"])
+    assert config_diff(base, base) == []
+    assert config_diff(base, other) == config_diff(other, base) == ["eval.temperatures", "targets.codec"]
